@@ -1,0 +1,109 @@
+//! The library's error type: every variant says what was expected, what was found and where.
+
+use std::path::PathBuf;
+
+/// Errors from loading, building and verifying models and adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A JSON file did not parse or lacked a required key.
+    #[error("{path}: {msg}")]
+    Json {
+        /// The file involved.
+        path: PathBuf,
+        /// What was wrong, with line and column where serde knows them.
+        msg: String,
+    },
+    /// A model config is inconsistent or asks for something lorasft does not implement.
+    #[error("{path}: invalid model config: {msg}")]
+    Config {
+        /// The config.json involved.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
+    /// A safetensors file could not be parsed.
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors {
+        /// The file involved.
+        path: PathBuf,
+        /// The parser's message.
+        msg: String,
+    },
+    /// A tensor the model needs is absent from the weight files.
+    #[error("{path}: missing tensor `{name}` (expected shape {expected:?})")]
+    MissingTensor {
+        /// The weight file or index searched.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A tensor in the weight files has the wrong shape for the config.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The weight file holding the tensor.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape found in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype that cannot hold model weights.
+    #[error("{path}: tensor `{name}` has dtype {found}, expected a float type")]
+    BadDtype {
+        /// The weight file holding the tensor.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The dtype found.
+        found: String,
+    },
+    /// A hub model could not be found locally and could not be downloaded.
+    #[error(
+        "model `{id}`: `{file}` is not in the Hugging Face cache ({cache}) and could not be downloaded: {reason}. \
+         Download it once with network access, or pass a local directory with --model"
+    )]
+    NotCached {
+        /// The hub id asked for.
+        id: String,
+        /// The first file that was missing.
+        file: String,
+        /// The cache directory searched.
+        cache: PathBuf,
+        /// Why the download did not happen (offline, network error, ...).
+        reason: String,
+    },
+    /// A LoRA hyper-parameter or target is invalid; the message quotes the value given.
+    #[error("invalid LoRA config: {0}")]
+    LoraConfig(String),
+    /// An argument to a library function is out of its domain.
+    #[error("{0}")]
+    Invalid(String),
+    /// An error from candle's tensor operations.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error tagged with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! lorasft: a LoRA fine-tuning trainer for Llama-family models on candle, built around
+//! verification. Modules follow the path of one run (see DESIGN.md): the model and its
+//! adapters, the loss and optimiser, and the checks that prove the base stays frozen.
+
+pub mod error;
+pub mod inspect;
+pub mod model;
+pub mod rng;
+pub mod train;
+pub mod verify;
+
+pub use error::{Error, Result};

@@ -1,0 +1,174 @@
+//! Random Llama models in the Hugging Face layout, generated from a seed, for tests and benches.
+//!
+//! The same seed and shape always give the same bytes: weights come from the project's own
+//! [`Rng`] and safetensors orders its header deterministically.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::config::{LlamaConfig, TokenIds};
+use crate::model::llama::Llama;
+use crate::rng::Rng;
+
+/// The shape of a generated model; `Default` keeps a test step well under a second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FixtureSpec {
+    /// Residual width.
+    pub hidden: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Longest position.
+    pub max_positions: usize,
+    /// Whether lm_head is tied to the embedding.
+    pub tied: bool,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Storage dtype of the written file (f32, bf16 or f16).
+    pub dtype: FixtureDtype,
+}
+
+/// The storage dtype of a generated model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FixtureDtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16, as most hub checkpoints are stored.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl FixtureDtype {
+    fn dtype(self) -> DType {
+        match self {
+            FixtureDtype::F32 => DType::F32,
+            FixtureDtype::Bf16 => DType::BF16,
+            FixtureDtype::F16 => DType::F16,
+        }
+    }
+}
+
+impl Default for FixtureSpec {
+    fn default() -> Self {
+        Self {
+            hidden: 64,
+            intermediate: 160,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 512,
+            max_positions: 256,
+            tied: false,
+            rope_theta: 10000.0,
+            dtype: FixtureDtype::F32,
+        }
+    }
+}
+
+impl FixtureSpec {
+    /// The benchmark "tiny" shape: hidden 256, 4 layers, 8/2 heads, intermediate 688, vocab 32000.
+    pub fn tiny_bench() -> Self {
+        Self {
+            hidden: 256,
+            intermediate: 688,
+            layers: 4,
+            heads: 8,
+            kv_heads: 2,
+            vocab: 32000,
+            max_positions: 2048,
+            ..Self::default()
+        }
+    }
+
+    /// The config.json this spec describes.
+    pub fn config(&self) -> LlamaConfig {
+        LlamaConfig {
+            hidden_size: self.hidden,
+            intermediate_size: self.intermediate,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            num_key_value_heads: Some(self.kv_heads),
+            head_dim: None,
+            rope_theta: Some(self.rope_theta),
+            rope_parameters: None,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            vocab_size: self.vocab,
+            tie_word_embeddings: self.tied,
+            max_position_embeddings: self.max_positions,
+            bos_token_id: Some(TokenIds::One(1)),
+            eos_token_id: Some(TokenIds::One(2)),
+            pad_token_id: None,
+            hidden_act: "silu".into(),
+            attention_bias: false,
+            mlp_bias: false,
+            torch_dtype: Some(match self.dtype {
+                FixtureDtype::F32 => "float32".into(),
+                FixtureDtype::Bf16 => "bfloat16".into(),
+                FixtureDtype::F16 => "float16".into(),
+            }),
+            model_type: Some("llama".into()),
+            architectures: Some(vec!["LlamaForCausalLM".into()]),
+        }
+    }
+
+    /// Generates the weights: linears and embeddings N(0, 0.02²) as transformers initialises
+    /// them; norm weights 1 + N(0, 0.1²) so that the norms' scale matters in every test.
+    pub fn tensors(&self, seed: u64) -> Result<Vec<(String, Tensor)>> {
+        let cfg = self.config();
+        let shape = cfg.shape().map_err(Error::Invalid)?;
+        let mut rng = Rng::derive(seed, "fixture-weights");
+        shape
+            .tensor_specs()
+            .into_iter()
+            .map(|(name, dims)| {
+                let n: usize = dims.iter().product();
+                let vals: Vec<f32> = if dims.len() == 1 {
+                    (0..n).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect()
+                } else {
+                    (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+                };
+                let t = Tensor::from_vec(vals, dims, &Device::Cpu)?.to_dtype(self.dtype.dtype())?;
+                Ok((name, t))
+            })
+            .collect()
+    }
+
+    /// Builds the model in memory (no files) in `dtype` on `dev`.
+    pub fn build(&self, seed: u64, dtype: DType, dev: &Device) -> Result<Llama> {
+        let shape = self.config().shape().map_err(Error::Invalid)?;
+        let mut tensors: HashMap<String, Tensor> = self.tensors(seed)?.into_iter().collect();
+        Llama::from_tensors(shape, |name, _| {
+            let t = tensors
+                .remove(name)
+                .expect("tensors() lists every tensor of the shape");
+            Ok(t.to_dtype(dtype)?.to_device(dev)?)
+        })
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
+    pub fn write(&self, seed: u64, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg_path = dir.join("config.json");
+        let json = serde_json::to_string_pretty(&self.config())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        let tensors: HashMap<String, Tensor> = self.tensors(seed)?.into_iter().collect();
+        let st_path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &st_path)?;
+        Ok(())
+    }
+}

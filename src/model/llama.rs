@@ -1,0 +1,377 @@
+//! The Llama forward written for training: logits at every position, a causal + padding mask
+//! with a finite mask value, grouped-query attention, RoPE in the Hugging Face layout, RMSNorm,
+//! SwiGLU, tied or untied lm_head. Dimension letters: `b` batch, `s` sequence, `h` hidden,
+//! `nh`/`nkv` query/kv heads, `d` head dim, `v` vocab.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::model::config::{ModelShape, Projection};
+use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
+use crate::model::ops::{frozen_linear, rms_norm, rope, softmax_last_dim};
+use crate::rng::Rng;
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// The seven linears, indexed in [`Projection::ALL`] order.
+    proj: Vec<Linear>,
+}
+
+impl Layer {
+    fn proj(&self, p: Projection) -> &Linear {
+        &self.proj[p as usize]
+    }
+}
+
+/// A Llama model: frozen base tensors plus optional LoRA adapters (its only `Var`s).
+#[derive(Debug, Clone)]
+pub struct Llama {
+    shape: ModelShape,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    /// RoPE tables for every position up to `max_positions`, (max_pos, d).
+    cos: Tensor,
+    sin: Tensor,
+    lora: Option<LoraConfig>,
+}
+
+/// The additive value that masks an attention score: the dtype's most negative finite value,
+/// as transformers uses. Finite, so a fully masked row gives a uniform softmax, never NaN.
+pub fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN,
+        DType::BF16 => half::bf16::MIN.to_f64(),
+        DType::F16 => half::f16::MIN.to_f64(),
+        _ => f64::from(f32::MIN),
+    }
+}
+
+/// The causal + padding bias (b, 1, s, s): 0 where query i may attend key j (j <= i and key j
+/// is a real token), the mask value elsewhere. Built once per batch on the host.
+pub fn attention_bias(
+    attention_mask: Option<&Tensor>,
+    b: usize,
+    s: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let keep: Vec<Vec<u32>> = match attention_mask {
+        Some(m) => m.to_dtype(DType::U32)?.to_vec2::<u32>()?,
+        None => vec![vec![1; s]; b],
+    };
+    if keep.len() != b || keep.iter().any(|r| r.len() != s) {
+        return Err(Error::Invalid(format!("attention_mask must be ({b}, {s})")));
+    }
+    let neg = mask_value(dtype);
+    let mut bias = vec![0f64; b * s * s];
+    for (bi, row) in keep.iter().enumerate() {
+        for i in 0..s {
+            for (j, &k) in row.iter().enumerate() {
+                if j > i || k == 0 {
+                    bias[(bi * s + i) * s + j] = neg;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, s, s), dev)?.to_dtype(dtype)?)
+}
+
+/// RoPE cos/sin tables (max_pos, d) as transformers computes them (in f32 unless the model
+/// runs in f64): inv_freq_i = theta^(-2i/d), angle = pos * inv_freq, tables = cat(angle, angle).
+pub fn rope_tables(shape: &ModelShape, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let d = shape.head_dim;
+    let n = shape.max_positions;
+    let (cos, sin): (Vec<f64>, Vec<f64>) = if dtype == DType::F64 {
+        let inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / shape.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        (0..n)
+            .flat_map(|p| (0..d).map(move |j| (p, j)))
+            .map(|(p, j)| {
+                let a = p as f64 * inv[j % (d / 2)];
+                (a.cos(), a.sin())
+            })
+            .unzip()
+    } else {
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (shape.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        (0..n)
+            .flat_map(|p| (0..d).map(move |j| (p, j)))
+            .map(|(p, j)| {
+                let a = p as f32 * inv[j % (d / 2)];
+                (f64::from(a.cos()), f64::from(a.sin()))
+            })
+            .unzip()
+    };
+    let cos = Tensor::from_vec(cos, (n, d), dev)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, d), dev)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+impl Llama {
+    /// Builds the model from base tensors fetched by name; `get(name, expected_shape)` must
+    /// return a tensor of that shape in the model's dtype and device.
+    pub fn from_tensors(
+        shape: ModelShape,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let specs = shape.tensor_specs();
+        let mut it = specs.iter();
+        let mut next = || -> Result<Tensor> {
+            let (name, dims) = it.next().expect("tensor_specs lists every tensor");
+            get(name, dims)
+        };
+        let embed = next()?;
+        let mut layers = Vec::with_capacity(shape.layers);
+        for _ in 0..shape.layers {
+            let input_norm = next()?;
+            let proj = (0..Projection::ALL.len())
+                .map(|_| next().map(Linear::new))
+                .collect::<Result<Vec<_>>>()?;
+            let post_norm = next()?;
+            layers.push(Layer {
+                input_norm,
+                post_norm,
+                proj,
+            });
+        }
+        let norm = next()?;
+        let lm_head = if shape.tied { None } else { Some(next()?) };
+        let (cos, sin) = rope_tables(&shape, embed.dtype(), embed.device())?;
+        Ok(Self {
+            shape,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            lora: None,
+        })
+    }
+
+    /// The model's validated shape.
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    /// The dtype of the base weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// The LoRA config in use, if adapters are attached.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// Every base tensor with its checkpoint name, in checkpoint order.
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        let names = self.shape.tensor_specs();
+        let mut tensors = vec![self.embed.clone()];
+        for l in &self.layers {
+            tensors.push(l.input_norm.clone());
+            tensors.extend(l.proj.iter().map(|p| p.weight().clone()));
+            tensors.push(l.post_norm.clone());
+        }
+        tensors.push(self.norm.clone());
+        tensors.extend(self.lm_head.clone());
+        names.into_iter().map(|(n, _)| n).zip(tensors).collect()
+    }
+
+    /// Attaches fresh adapters (PEFT's init, drawn from `seed`) to every target module.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        cfg.validate()?;
+        let mut rng = Rng::derive(seed, "lora-init");
+        let (dtype, dev) = (self.dtype(), self.device().clone());
+        for layer in &mut self.layers {
+            for p in Projection::ALL {
+                let adapter = if cfg.targets.contains(&p) {
+                    let (out_f, in_f) = p.dims(&self.shape);
+                    Some(LoraAdapter::init(cfg, out_f, in_f, &mut rng, dtype, &dev)?)
+                } else {
+                    None
+                };
+                layer.proj[p as usize].set_lora(adapter);
+            }
+        }
+        self.lora = Some(cfg.clone());
+        Ok(())
+    }
+
+    /// Removes every adapter, leaving the base model.
+    pub fn remove_lora(&mut self) {
+        for layer in &mut self.layers {
+            for p in &mut layer.proj {
+                p.set_lora(None);
+            }
+        }
+        self.lora = None;
+    }
+
+    /// Every adapter tensor with its PEFT name
+    /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), A before B.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                if let Some(l) = layer.proj(p).lora() {
+                    let prefix = format!(
+                        "base_model.model.model.layers.{i}.{}.{}",
+                        p.parent(),
+                        p.name()
+                    );
+                    out.push((format!("{prefix}.lora_A.weight"), l.a.clone()));
+                    out.push((format!("{prefix}.lora_B.weight"), l.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The adapted linear of layer `i`, for checks that need the module itself.
+    pub fn linear(&self, layer: usize, p: Projection) -> Option<&Linear> {
+        self.layers.get(layer).map(|l| l.proj(p))
+    }
+
+    /// Folds every adapter into its weight (the original weights are kept for unmerge).
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for p in &mut layer.proj {
+                p.merge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Llama::merge_lora`], restoring the exact base weights.
+    pub fn unmerge_lora(&mut self) {
+        for layer in &mut self.layers {
+            for p in &mut layer.proj {
+                p.unmerge();
+            }
+        }
+    }
+
+    /// Parameters that training updates (the adapters).
+    pub fn trainable_params(&self) -> u64 {
+        self.lora_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count() as u64)
+            .sum()
+    }
+
+    /// All parameters, base and adapters, as PEFT counts them.
+    pub fn all_params(&self) -> u64 {
+        self.shape.base_params() + self.trainable_params()
+    }
+
+    /// Logits (b, s, v) for token ids (b, s) and an optional attention mask (b, s) of 0/1.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, mode)?;
+        Ok(frozen_linear(
+            &hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+        )?)
+    }
+
+    /// The final normed hidden states (b, s, h), before lm_head.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if s == 0 || s > self.shape.max_positions {
+            return Err(Error::Invalid(format!(
+                "sequence length {s} must be in 1..={} (max_position_embeddings)",
+                self.shape.max_positions
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max_id >= self.shape.vocab {
+            return Err(Error::Invalid(format!(
+                "token id {max_id} is outside the vocabulary of {}",
+                self.shape.vocab
+            )));
+        }
+        let bias = attention_bias(attention_mask, b, s, self.dtype(), self.device())?; // (b, 1, s, s)
+        let cos = self.cos.narrow(0, 0, s)?; // (s, d)
+        let sin = self.sin.narrow(0, 0, s)?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, s, self.shape.hidden))?; // (b, s, h)
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &bias, &cos, &sin, mode)?;
+        }
+        Ok(rms_norm(&x, &self.norm, self.shape.rms_norm_eps)?)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let ModelShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            rms_norm_eps: eps,
+            ..
+        } = self.shape;
+        let (b, s, _h) = x.dims3()?;
+        let rep = nh / nkv;
+
+        let hn = rms_norm(x, &l.input_norm, eps)?; // (b, s, h)
+        let q = l.proj(Projection::QProj).forward(&hn, mode)?; // (b, s, nh*d)
+        let k = l.proj(Projection::KProj).forward(&hn, mode)?; // (b, s, nkv*d)
+        let v = l.proj(Projection::VProj).forward(&hn, mode)?; // (b, s, nkv*d)
+        let q = q.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?; // (b, nh, s, d)
+        let k = k.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?; // (b, nkv, s, d)
+        let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?; // (b, nkv, s, d)
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+
+        // Grouped-query attention without copying K and V: the `rep` query heads that share a
+        // kv head are folded into the row dimension.
+        let qg = q.reshape((b, nkv, rep * s, d))?; // (b, nkv, rep*s, d)
+        let scores = (qg.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nkv, rep*s, s)
+        let scores = scores.reshape((b, nh, s, s))?.broadcast_add(bias)?; // (b, nh, s, s)
+        let probs = softmax_last_dim(&scores)?;
+        let o = probs.reshape((b, nkv, rep * s, s))?.matmul(&v)?; // (b, nkv, rep*s, d)
+        let o = o
+            .reshape((b, nh, s, d))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * d))?; // (b, s, nh*d)
+        let x = (x + l.proj(Projection::OProj).forward(&o, mode)?)?;
+
+        let hn = rms_norm(&x, &l.post_norm, eps)?;
+        let gate = l.proj(Projection::GateProj).forward(&hn, mode)?; // (b, s, i)
+        let up = l.proj(Projection::UpProj).forward(&hn, mode)?; // (b, s, i)
+        let m = (gate.silu()? * up)?;
+        Ok((x + l.proj(Projection::DownProj).forward(&m, mode)?)?)
+    }
+}

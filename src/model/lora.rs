@@ -1,0 +1,258 @@
+//! LoRA with PEFT's semantics: `y = x W^T + dropout(x) A^T B^T * scaling`.
+//!
+//! A is (r, in), initialised Kaiming-uniform with a = sqrt(5), i.e. U(±1/sqrt(in)); B is
+//! (out, r), zeros, so a fresh adapter reproduces the base model exactly. scaling is alpha / r,
+//! or alpha / sqrt(r) with rsLoRA. Dropout acts on the LoRA branch only, in training only.
+//! The adapters' A and B are the model's only `Var`s.
+
+use std::collections::BTreeSet;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::config::Projection;
+use crate::model::ops::frozen_linear;
+use crate::rng::Rng;
+
+/// LoRA hyper-parameters; `Default` is the reference run (r 8, alpha 16, dropout 0.05, q+v).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank of the update.
+    pub r: usize,
+    /// Scale numerator.
+    pub alpha: f64,
+    /// Dropout probability on the LoRA branch's input, in [0, 1).
+    pub dropout: f64,
+    /// Which linear layers get an adapter.
+    pub targets: BTreeSet<Projection>,
+    /// rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: [Projection::QProj, Projection::VProj].into_iter().collect(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Rejects values PEFT would reject, quoting the value given.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::LoraConfig(format!(
+                "r must be a positive integer, got {}",
+                self.r
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::LoraConfig(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::LoraConfig(format!(
+                "alpha must be finite, got {}",
+                self.alpha
+            )));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::LoraConfig("no target modules given".into()));
+        }
+        Ok(())
+    }
+
+    /// The factor applied to `B A x`.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Parses a comma-separated target list such as `q_proj,v_proj` (or `all-linear`).
+    pub fn parse_targets(list: &str) -> Result<BTreeSet<Projection>> {
+        if list.trim() == "all-linear" {
+            return Ok(Projection::ALL.into_iter().collect());
+        }
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                Projection::parse(s).ok_or_else(|| {
+                    Error::LoraConfig(format!(
+                        "unknown target module {s:?}; expected some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Trainable parameters added to one linear of shape (out, in).
+    pub fn params_for(&self, out_f: usize, in_f: usize) -> u64 {
+        (self.r * (in_f + out_f)) as u64
+    }
+}
+
+/// The trainable pair of one adapted linear.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// Down projection, (r, in).
+    pub a: Var,
+    /// Up projection, (out, r).
+    pub b: Var,
+    /// alpha / r (or alpha / sqrt r).
+    pub scaling: f64,
+    /// Dropout probability on the branch input.
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// PEFT's initialisation: A ~ U(±1/sqrt(in)) (kaiming_uniform, a = sqrt 5), B = 0.
+    pub fn init(
+        cfg: &LoraConfig,
+        out_f: usize,
+        in_f: usize,
+        rng: &mut Rng,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_f as f64).sqrt();
+        let a: Vec<f64> = (0..cfg.r * in_f)
+            .map(|_| rng.uniform(-bound, bound))
+            .collect();
+        let a = Tensor::from_vec(a, (cfg.r, in_f), dev)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out_f, cfg.r), dtype, dev)?;
+        Ok(Self {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// The weight update this adapter stands for: `B A * scaling`, (out, in).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?)
+    }
+}
+
+/// Whether a forward is for training (dropout drawn from the given RNG) or evaluation.
+pub enum Mode<'a> {
+    /// Evaluation: no dropout.
+    Eval,
+    /// Training: dropout masks drawn from this generator.
+    Train(&'a mut Rng),
+}
+
+/// A linear layer with a frozen weight and an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Frozen base weight, (out, in). Never a `Var`, never changed by training.
+    weight: Tensor,
+    /// The adapter, when this module is a target.
+    lora: Option<LoraAdapter>,
+    /// `W + delta` while merged; `weight` itself is kept so that unmerge restores it exactly.
+    merged: Option<Tensor>,
+}
+
+impl Linear {
+    /// A frozen linear with no adapter.
+    pub fn new(weight: Tensor) -> Self {
+        Self {
+            weight,
+            lora: None,
+            merged: None,
+        }
+    }
+
+    /// The frozen base weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches (or replaces) the adapter.
+    pub fn set_lora(&mut self, lora: Option<LoraAdapter>) {
+        self.merged = None;
+        self.lora = lora;
+    }
+
+    /// Whether the adapter is folded into the weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
+    /// Folds the adapter into a merged weight `W + B A s`; refuses non-finite results.
+    pub fn merge(&mut self) -> Result<()> {
+        if let Some(lora) = &self.lora {
+            let delta = lora.delta_weight()?.to_dtype(self.weight.dtype())?;
+            let merged = (&self.weight + delta)?;
+            let total = merged.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            if !total.is_finite() {
+                return Err(Error::Invalid(
+                    "merging the adapter gives non-finite weights".into(),
+                ));
+            }
+            self.merged = Some(merged);
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Linear::merge`]: the original weight is restored bit for bit.
+    pub fn unmerge(&mut self) {
+        self.merged = None;
+    }
+
+    /// The weight the forward uses: merged if merged, else the base weight.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match (&self.merged, &self.lora) {
+            (Some(m), _) => Ok(m.clone()),
+            (None, Some(l)) => {
+                Ok((&self.weight + l.delta_weight()?.to_dtype(self.weight.dtype())?)?)
+            }
+            (None, None) => Ok(self.weight.clone()),
+        }
+    }
+
+    /// `x W^T + dropout(x) A^T B^T * scaling`; x is (b, s, in), the result (b, s, out).
+    pub fn forward(&self, x: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+        if let Some(m) = &self.merged {
+            return Ok(frozen_linear(x, m)?);
+        }
+        let base = frozen_linear(x, &self.weight)?;
+        let Some(lora) = &self.lora else {
+            return Ok(base);
+        };
+        let xd = match mode {
+            Mode::Train(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
+            _ => x.clone(),
+        };
+        let down = xd.broadcast_matmul(&lora.a.as_tensor().t()?)?; // (b, s, r)
+        let up = down.broadcast_matmul(&lora.b.as_tensor().t()?)?; // (b, s, out)
+        Ok((base + (up * lora.scaling)?)?)
+    }
+}
+
+/// Inverted dropout with a mask from the project's seeded RNG: keeps each element with
+/// probability 1 - p and scales the kept ones by 1 / (1 - p).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    let keep: Vec<u8> = (0..x.elem_count())
+        .map(|_| u8::from(rng.next_f64() >= p))
+        .collect();
+    let mask =
+        (Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())? * (1.0 / (1.0 - p)))?;
+    Ok((x * mask)?)
+}

@@ -1,0 +1,12 @@
+//! The Llama model for training: config, weights, forward, LoRA adapters and custom ops.
+
+pub mod config;
+pub mod fixture;
+pub mod llama;
+pub mod load;
+pub mod lora;
+pub mod ops;
+
+pub use config::{LlamaConfig, ModelShape, Projection};
+pub use llama::Llama;
+pub use lora::{LoraConfig, Mode};

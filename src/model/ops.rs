@@ -1,0 +1,187 @@
+//! Training ops whose gradients candle does not provide, or provides wastefully.
+//!
+//! candle 0.11's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward and cut the
+//! gradient silently; a plain `matmul` against a frozen weight computes a weight gradient that
+//! is thrown away. Every op here computes its forward on a *detached* input (so the forward can
+//! use any kernel) and re-attaches a hand-written backward with [`attach_backward`]. Each
+//! backward sits right under its forward and is pinned to the composed primitive form and to
+//! finite differences in `tests/ops.rs`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+
+type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// A custom op whose forward returns a precomputed value and whose backward is a closure.
+struct AttachBackward {
+    name: &'static str,
+    /// `bwd(input, output, grad_output) -> grad_input`.
+    bwd: Box<BackwardFn>,
+}
+
+/// Copies the contiguous region of a CPU storage described by `layout`.
+fn copy_contiguous(s: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("attach_backward: value must be contiguous".into())
+    })?;
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+        other => candle_core::bail!("attach_backward: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+impl CustomOp2 for AttachBackward {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        value: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((copy_contiguous(value, vl)?, vl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _value: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.bwd)(input, res, grad)?), None))
+    }
+}
+
+/// Returns `value` (computed from `input.detach()`) as a tensor whose gradient with respect to
+/// `input` is `bwd(input, value, grad_value)`. When `input` needs no gradient, `value` is
+/// returned as is, at no cost.
+pub fn attach_backward(
+    name: &'static str,
+    input: &Tensor,
+    value: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !input.track_op() {
+        return Ok(value);
+    }
+    let value = value.contiguous()?;
+    input.apply_op2(
+        &value,
+        AttachBackward {
+            name,
+            bwd: Box::new(bwd),
+        },
+    )
+}
+
+/// `x @ w^T` for a frozen weight `w` (out, in): the backward computes dX only, never dW.
+/// `x` is (..., in); the result is (..., out).
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let dims = x.dims().to_vec();
+    let last = *dims.last().unwrap_or(&0);
+    if last != in_f {
+        candle_core::bail!(
+            "frozen_linear: input {:?} does not match weight {:?}",
+            x.shape(),
+            w.shape()
+        );
+    }
+    let rows = x.elem_count() / in_f;
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = out_f;
+    let y = x
+        .detach()
+        .reshape((rows, in_f))?
+        .matmul(&w.t()?)?
+        .reshape(out_dims)?; // (..., out)
+    let w = w.clone();
+    attach_backward("frozen-linear", x, y, move |x, _y, g| {
+        // y = x w^T  =>  dx = g w
+        let rows = g.elem_count() / out_f;
+        g.reshape((rows, out_f))?.matmul(&w)?.reshape(x.shape())
+    })
+}
+
+/// RMSNorm with a frozen weight: `y = x / sqrt(mean(x^2) + eps) * w` over the last dim.
+/// The weight gets no gradient; dX is the written backward below.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let xd = x.detach();
+    let rstd = rms_rstd(&xd, eps)?; // (..., 1)
+    let y = xd.broadcast_mul(&rstd)?.broadcast_mul(w)?;
+    let w = w.clone();
+    attach_backward("rms-norm", x, y, move |x, _y, g| {
+        // y = xhat * w with xhat = x * rstd, rstd = (mean(x^2) + eps)^-1/2
+        // dx = rstd * (g w - xhat * mean(g w xhat))
+        let rstd = rms_rstd(x, eps)?;
+        let xhat = x.broadcast_mul(&rstd)?;
+        let gw = g.broadcast_mul(&w)?;
+        let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        gw.sub(&xhat.broadcast_mul(&dot)?)?.broadcast_mul(&rstd)
+    })
+}
+
+fn rms_rstd(x: &Tensor, eps: f64) -> Result<Tensor> {
+    (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()
+}
+
+/// Rotates the two halves of the last dim: `[x1, x2] -> [-x2, x1]` (Hugging Face layout).
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary position embedding in the Hugging Face (non-interleaved) layout:
+/// `y = x cos + rotate_half(x) sin`, with `x` (b, n, s, d) and `cos`, `sin` (s, d).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = rope_apply(&x.detach(), cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.neg()?);
+    attach_backward("rope", x, y, move |_x, _y, g| {
+        // y = R(theta) x is a rotation per frequency pair, so dx = R(-theta) g.
+        rope_apply(g, &cos, &sin)
+    })
+}
+
+fn rope_apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)?
+        .add(&rotate_half(x)?.broadcast_mul(sin)?)
+}
+
+/// Softmax over the last dim, with a written backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let xd = x.detach();
+    let y = match xd.dtype() {
+        // candle's kernel accumulates f64 in f64; for the rest it is also exact enough.
+        DType::F32 | DType::F64 => candle_nn::ops::softmax_last_dim(&xd)?,
+        _ => softmax_composed(&xd)?,
+    };
+    attach_backward("softmax", x, y, |_x, y, g| {
+        // y = softmax(x)  =>  dx = y * (g - sum(g y))
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
+    })
+}
+
+/// Softmax built from primitive ops (the max is detached: it cancels in the derivative).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dim built from primitives (differentiable; max detached).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}

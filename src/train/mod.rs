@@ -1,0 +1,4 @@
+//! Training: the causal-LM loss and the optimiser.
+
+pub mod loss;
+pub mod optim;

@@ -1,0 +1,138 @@
+//! The `lorasft` binary: fixtures and `inspect`.
+
+use std::process::Command;
+
+fn lorasft() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lorasft"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn inspect_config_only_prints_peft_line_for_tinyllama() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tinyllama-1.1b-chat");
+    let out = run_ok(lorasft().args(["inspect", "--model", dir, "--config-only"]));
+    assert!(
+        out.lines().any(|l| l
+            == "trainable params: 1,126,400 || all params: 1,101,174,784 || trainable%: 0.1023"),
+        "{out}"
+    );
+    assert!(
+        out.contains("22 layers, hidden 2048, intermediate 5632, heads 32 (kv 4)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn fixture_is_byte_identical_for_a_seed_and_differs_across_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, seed: &str| {
+        let out = tmp.path().join(name);
+        run_ok(
+            lorasft()
+                .args([
+                    "fixture",
+                    "tiny-llama",
+                    "--seed",
+                    seed,
+                    "--layers",
+                    "1",
+                    "--out",
+                ])
+                .arg(&out),
+        );
+        (
+            std::fs::read(out.join("config.json")).unwrap(),
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+        )
+    };
+    let a = write("a", "3");
+    let b = write("b", "3");
+    let c = write("c", "4");
+    assert_eq!(a, b);
+    assert_eq!(a.0, c.0);
+    assert_ne!(a.1, c.1);
+}
+
+#[test]
+fn inspect_loads_weights_and_counts_the_same_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    run_ok(
+        lorasft()
+            .args(["fixture", "tiny-llama", "--seed", "1", "--tied", "--out"])
+            .arg(tmp.path()),
+    );
+    let m = tmp.path().to_str().unwrap();
+    let config_only = run_ok(lorasft().args([
+        "inspect",
+        "--model",
+        m,
+        "--config-only",
+        "--targets",
+        "all-linear",
+    ]));
+    let loaded = run_ok(lorasft().args(["inspect", "--model", m, "--targets", "all-linear"]));
+    let line = config_only
+        .lines()
+        .find(|l| l.starts_with("trainable params"))
+        .unwrap();
+    assert!(
+        loaded.contains(&format!("counted from loaded tensors: {line}")),
+        "{loaded}"
+    );
+}
+
+#[test]
+fn hub_id_not_cached_offline_names_the_file_and_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = lorasft()
+        .args(["inspect", "--config-only"])
+        .env("HF_HOME", tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TinyLlama/TinyLlama-1.1B-Chat-v1.0") && err.contains("config.json"),
+        "{err}"
+    );
+    assert!(err.contains(tmp.path().to_str().unwrap()), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+}
+
+#[test]
+fn hub_id_found_in_the_cache_is_used_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The hf-hub cache layout: models--{org}--{name}/refs/main + snapshots/{rev}/file.
+    let repo = tmp
+        .path()
+        .join("hub")
+        .join("models--TinyLlama--TinyLlama-1.1B-Chat-v1.0");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+    std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/tinyllama-1.1b-chat/config.json"
+        ),
+        repo.join("snapshots/abc123/config.json"),
+    )
+    .unwrap();
+    let out = run_ok(
+        lorasft()
+            .args(["inspect", "--config-only"])
+            .env("HF_HOME", tmp.path())
+            .env("HF_HUB_OFFLINE", "1"),
+    );
+    assert!(out.contains("trainable params: 1,126,400"), "{out}");
+}

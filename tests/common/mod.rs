@@ -1,0 +1,235 @@
+//! Shared test helpers: fixture models and an independent, plain-Rust f64 Llama forward.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use lorasft::model::Llama;
+use lorasft::model::fixture::FixtureSpec;
+
+/// The default fixture model in `dtype` on the CPU.
+pub fn tiny(seed: u64, dtype: DType) -> Llama {
+    FixtureSpec::default()
+        .build(seed, dtype, &Device::Cpu)
+        .expect("fixture builds")
+}
+
+/// A (b, s) u32 tensor of token ids drawn from a simple formula (no RNG needed).
+pub fn ids(b: usize, s: usize, vocab: usize, salt: usize) -> Tensor {
+    let v: Vec<u32> = (0..b * s)
+        .map(|i| ((i * 7919 + salt * 104_729 + 3) % vocab) as u32)
+        .collect();
+    Tensor::from_vec(v, (b, s), &Device::Cpu).unwrap()
+}
+
+/// Max |a - b| over two tensors of the same shape, in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Raw bytes of a tensor, for bitwise comparisons.
+pub fn bits(t: &Tensor) -> Vec<u64> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|x| u64::from(x.to_bits()))
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(f64::to_bits)
+            .collect(),
+        d => panic!("bits: unsupported {d:?}"),
+    }
+}
+
+/// An independent Llama forward on plain `Vec<f64>`s, written from the transformers source
+/// (LlamaForCausalLM, eager attention) and sharing no code with lorasft's candle forward.
+pub struct Reference {
+    spec: FixtureSpec,
+    w: HashMap<String, (Vec<f64>, Vec<usize>)>,
+}
+
+impl Reference {
+    /// The reference model for a fixture spec and seed (the same weights lorasft builds).
+    pub fn new(spec: &FixtureSpec, seed: u64) -> Self {
+        let w = spec
+            .tensors(seed)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| {
+                let dims = t.dims().to_vec();
+                let v = t
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                (n, (v, dims))
+            })
+            .collect();
+        Self {
+            spec: spec.clone(),
+            w,
+        }
+    }
+
+    fn t(&self, name: &str) -> &[f64] {
+        &self.w[name].0
+    }
+
+    /// y = W x for W (out, in) stored row-major.
+    fn matvec(&self, name: &str, x: &[f64]) -> Vec<f64> {
+        let (w, dims) = &self.w[name];
+        let (out, inp) = (dims[0], dims[1]);
+        assert_eq!(x.len(), inp);
+        (0..out)
+            .map(|o| (0..inp).map(|i| w[o * inp + i] * x[i]).sum())
+            .collect()
+    }
+
+    fn rms(&self, x: &[f64], w: &str) -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + 1e-5).sqrt();
+        x.iter().zip(self.t(w)).map(|(v, g)| v * r * g).collect()
+    }
+
+    fn rope(&self, v: &mut [f64], pos: usize, d: usize) {
+        let half = d / 2;
+        let orig = v.to_vec();
+        for i in 0..half {
+            let inv = 1.0 / self.spec.rope_theta.powf((2 * i) as f64 / d as f64);
+            let (s, c) = (pos as f64 * inv).sin_cos();
+            v[i] = orig[i] * c - orig[i + half] * s;
+            v[i + half] = orig[i + half] * c + orig[i] * s;
+        }
+    }
+
+    /// Logits [b][s][v] for ids and a 0/1 attention mask. A query row with no allowed key
+    /// attends uniformly to every key, which is what a finite mask value gives.
+    pub fn logits(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Vec<Vec<Vec<f64>>> {
+        let sp = &self.spec;
+        let (h, nh, nkv) = (sp.hidden, sp.heads, sp.kv_heads);
+        let d = h / nh;
+        ids.iter()
+            .zip(mask)
+            .map(|(row, m)| {
+                let s = row.len();
+                let emb = self.t("model.embed_tokens.weight");
+                let mut xs: Vec<Vec<f64>> = row
+                    .iter()
+                    .map(|&id| emb[id as usize * h..(id as usize + 1) * h].to_vec())
+                    .collect();
+                for l in 0..sp.layers {
+                    let p = format!("model.layers.{l}");
+                    let hn: Vec<Vec<f64>> = xs
+                        .iter()
+                        .map(|x| self.rms(x, &format!("{p}.input_layernorm.weight")))
+                        .collect();
+                    let mut q: Vec<Vec<f64>> = hn
+                        .iter()
+                        .map(|x| self.matvec(&format!("{p}.self_attn.q_proj.weight"), x))
+                        .collect();
+                    let mut k: Vec<Vec<f64>> = hn
+                        .iter()
+                        .map(|x| self.matvec(&format!("{p}.self_attn.k_proj.weight"), x))
+                        .collect();
+                    let v: Vec<Vec<f64>> = hn
+                        .iter()
+                        .map(|x| self.matvec(&format!("{p}.self_attn.v_proj.weight"), x))
+                        .collect();
+                    for t in 0..s {
+                        for hd in 0..nh {
+                            self.rope(&mut q[t][hd * d..(hd + 1) * d], t, d);
+                        }
+                        for hd in 0..nkv {
+                            self.rope(&mut k[t][hd * d..(hd + 1) * d], t, d);
+                        }
+                    }
+                    let mut attn_out = vec![vec![0.0; nh * d]; s];
+                    for hd in 0..nh {
+                        let kvh = hd / (nh / nkv);
+                        for t in 0..s {
+                            let allowed: Vec<bool> = (0..s).map(|j| j <= t && m[j] == 1).collect();
+                            let any = allowed.iter().any(|&a| a);
+                            let scores: Vec<f64> = (0..s)
+                                .map(|j| {
+                                    (0..d)
+                                        .map(|e| q[t][hd * d + e] * k[j][kvh * d + e])
+                                        .sum::<f64>()
+                                        / (d as f64).sqrt()
+                                })
+                                .collect();
+                            // With no allowed key every score becomes the (finite) mask
+                            // value, so the softmax is uniform over all keys.
+                            let e: Vec<f64> = if any {
+                                let mx = (0..s)
+                                    .filter(|&j| allowed[j])
+                                    .map(|j| scores[j])
+                                    .fold(f64::NEG_INFINITY, f64::max);
+                                (0..s)
+                                    .map(|j| {
+                                        if allowed[j] {
+                                            (scores[j] - mx).exp()
+                                        } else {
+                                            0.0
+                                        }
+                                    })
+                                    .collect()
+                            } else {
+                                vec![1.0; s]
+                            };
+                            let z: f64 = e.iter().sum();
+                            for j in 0..s {
+                                for c in 0..d {
+                                    attn_out[t][hd * d + c] += e[j] / z * v[j][kvh * d + c];
+                                }
+                            }
+                        }
+                    }
+                    for t in 0..s {
+                        let o = self.matvec(&format!("{p}.self_attn.o_proj.weight"), &attn_out[t]);
+                        for (x, y) in xs[t].iter_mut().zip(o) {
+                            *x += y;
+                        }
+                        let hn = self.rms(&xs[t], &format!("{p}.post_attention_layernorm.weight"));
+                        let g = self.matvec(&format!("{p}.mlp.gate_proj.weight"), &hn);
+                        let u = self.matvec(&format!("{p}.mlp.up_proj.weight"), &hn);
+                        let a: Vec<f64> = g
+                            .iter()
+                            .zip(&u)
+                            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                            .collect();
+                        let dn = self.matvec(&format!("{p}.mlp.down_proj.weight"), &a);
+                        for (x, y) in xs[t].iter_mut().zip(dn) {
+                            *x += y;
+                        }
+                    }
+                }
+                let head = if sp.tied {
+                    "model.embed_tokens.weight"
+                } else {
+                    "lm_head.weight"
+                };
+                xs.iter()
+                    .map(|x| self.matvec(head, &self.rms(x, "model.norm.weight")))
+                    .collect()
+            })
+            .collect()
+    }
+}
