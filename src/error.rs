@@ -84,6 +84,48 @@ pub enum Error {
         /// Why the download did not happen (offline, network error, ...).
         reason: String,
     },
+    /// A dataset record is malformed: the message names the file, line, record and field.
+    #[error("{path}:{line}: record {record}{}: {msg}", field_suffix(.field))]
+    Record {
+        /// The dataset file.
+        path: PathBuf,
+        /// 1-based line where the record (or the syntax error) is.
+        line: usize,
+        /// 0-based record index.
+        record: usize,
+        /// The field at fault, when one is.
+        field: Option<&'static str>,
+        /// What was wrong.
+        msg: String,
+    },
+    /// A dataset file is not valid JSON / JSONL at all.
+    #[error("{path}:{line}:{column}: {msg}")]
+    Syntax {
+        /// The dataset file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The parser's message.
+        msg: String,
+    },
+    /// A dataset file holds no records.
+    #[error("{path}: no records (empty file or empty array)")]
+    EmptyDataset {
+        /// The dataset file.
+        path: PathBuf,
+    },
+    /// A dataset file is not UTF-8.
+    #[error("{path}:{line}: invalid UTF-8 at byte offset {offset}")]
+    NotUtf8 {
+        /// The dataset file.
+        path: PathBuf,
+        /// 1-based line of the first invalid byte.
+        line: usize,
+        /// Byte offset of the first invalid byte.
+        offset: usize,
+    },
     /// A LoRA hyper-parameter or target is invalid; the message quotes the value given.
     #[error("invalid LoRA config: {0}")]
     LoraConfig(String),
@@ -97,6 +139,10 @@ pub enum Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn field_suffix(field: &Option<&'static str>) -> String {
+    field.map(|f| format!(", field `{f}`")).unwrap_or_default()
+}
 
 impl Error {
     /// An I/O error tagged with the path it happened on.

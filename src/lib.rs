@@ -2,10 +2,13 @@
 //! verification. Modules follow the path of one run (see DESIGN.md): the model and its
 //! adapters, the loss and optimiser, and the checks that prove the base stays frozen.
 
+pub mod data;
 pub mod error;
+pub mod gguf;
 pub mod inspect;
 pub mod model;
 pub mod rng;
+pub mod tokenizer;
 pub mod train;
 pub mod verify;
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
+use lorasft::data::encode::{EncodeConfig, Encoder, EosPolicy, LabelPolicy, Padding, PaddingSide};
 use lorasft::inspect;
 use lorasft::model::config::LlamaConfig;
 use lorasft::model::fixture::{FixtureDtype, FixtureSpec};
@@ -30,6 +31,101 @@ enum Command {
     Fixture(FixtureCommand),
     /// Print a model's shape and PEFT's trainable-parameter line for a LoRA config.
     Inspect(InspectArgs),
+    /// Build tokenizer.json files with the project's own code.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Inspect datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Convert the vocabulary of a GGUF file into tokenizer.json (+ tokenizer_config.json beside it).
+    FromGguf {
+        /// The GGUF file.
+        file: PathBuf,
+        /// Output tokenizer.json path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train the small Llama-shaped fixture tokenizer on a dataset's formatted text.
+    TrainFixture {
+        /// Dataset (JSON array or JSONL).
+        #[arg(long)]
+        data: PathBuf,
+        /// Vocabulary size.
+        #[arg(long, default_value_t = 512)]
+        vocab: usize,
+        /// Output tokenizer.json path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Record counts, token lengths, truncation and label statistics under an encoding.
+    Stats(StatsArgs),
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    /// Dataset (JSON array or JSONL of {instruction, input?, output}).
+    #[arg(long)]
+    data: PathBuf,
+    /// tokenizer.json (tokenizer_config.json beside it is read for EOS/pad).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[command(flatten)]
+    encode: EncodeArgs,
+    /// Rows per batch when padding to the longest (batches in file order).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Encoding flags shared by the data commands.
+#[derive(Args)]
+struct EncodeArgs {
+    /// Longest row in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Label policy.
+    #[arg(long, value_enum, default_value_t = LabelPolicy::InputIds)]
+    labels: LabelPolicy,
+    /// Padding: `max-length` or `longest`.
+    #[arg(long, default_value = "max-length", value_parser = ["max-length", "longest"])]
+    padding: String,
+    /// With `--padding longest`, round the length up to a multiple of this.
+    #[arg(long)]
+    pad_to_multiple_of: Option<usize>,
+    /// Padding side.
+    #[arg(long, value_enum, default_value_t = PaddingSide::Right)]
+    padding_side: PaddingSide,
+    /// Append EOS after the response.
+    #[arg(long, value_enum, default_value_t = EosPolicy::Omit)]
+    eos: EosPolicy,
+}
+
+impl EncodeArgs {
+    fn config(&self) -> EncodeConfig {
+        EncodeConfig {
+            max_len: self.max_len,
+            padding: if self.padding == "longest" {
+                Padding::Longest {
+                    multiple_of: self.pad_to_multiple_of,
+                }
+            } else {
+                Padding::MaxLength
+            },
+            padding_side: self.padding_side,
+            labels: self.labels,
+            eos: self.eos,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -124,6 +220,46 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} (seed {})", a.out.display(), a.seed);
         }
         Command::Inspect(a) => inspect_cmd(a)?,
+        Command::Tokenizer(TokenizerCommand::FromGguf { file, out }) => {
+            let n = lorasft::tokenizer::from_gguf::convert(&file, &out)?;
+            println!(
+                "wrote {} ({n} tokens) and tokenizer_config.json beside it",
+                out.display()
+            );
+        }
+        Command::Tokenizer(TokenizerCommand::TrainFixture { data, vocab, out }) => {
+            let ds = lorasft::data::dataset::load(&data)?;
+            let texts: Vec<String> = ds
+                .records
+                .iter()
+                .map(|r| lorasft::data::prompt::format(r).text)
+                .collect();
+            let spm = lorasft::tokenizer::train::train_spm_bpe(&texts, vocab)?;
+            let json = serde_json::to_string_pretty(&spm.to_json()?)?;
+            std::fs::write(&out, json + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({} tokens)", out.display(), spm.tokens.len());
+        }
+        Command::Data(DataCommand::Stats(a)) => {
+            let ds = lorasft::data::dataset::load(&a.data)?;
+            let enc = Encoder::from_file(&a.tokenizer, a.encode.config())?;
+            let start = std::time::Instant::now();
+            let (stats, _) = lorasft::data::stats::compute(&ds.records, &enc, a.batch_size)?;
+            let secs = start.elapsed().as_secs_f64();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print!(
+                    "{}",
+                    lorasft::data::stats::render(&stats, &enc, &a.data, &a.tokenizer)
+                );
+                println!(
+                    "encoding time: {:.3} s ({:.0} records/s)",
+                    secs,
+                    stats.records as f64 / secs
+                );
+            }
+        }
     }
     Ok(())
 }

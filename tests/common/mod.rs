@@ -233,3 +233,39 @@ impl Reference {
             .collect()
     }
 }
+
+/// The real-asset cache (`scripts/fetch-assets.sh`), or `None` with a clear note when it is
+/// absent locally. With `LORASFT_REQUIRE_ASSETS=1` (CI) absence is a failure, not a skip.
+pub fn assets() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("LORASFT_ASSETS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
+    let ready = ["vocab/.done", "smollm2/.done", "data/alpaca_en_demo.json"]
+        .iter()
+        .all(|f| dir.join(f).exists());
+    if ready {
+        return Some(dir);
+    }
+    if std::env::var("LORASFT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!(
+            "real assets missing in {} and LORASFT_REQUIRE_ASSETS=1: run scripts/fetch-assets.sh",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: real assets absent in {}; run scripts/fetch-assets.sh (CI requires them)",
+        dir.display()
+    );
+    None
+}
+
+/// Converts a GGUF vocabulary from the asset cache into a tokenizer in a temp dir.
+pub fn converted_tokenizer(
+    assets: &std::path::Path,
+    gguf: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tokenizer.json");
+    lorasft::tokenizer::from_gguf::convert(&assets.join(gguf), &out).unwrap();
+    (tmp, out)
+}

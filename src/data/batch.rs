@@ -1,0 +1,55 @@
+//! Padded rows as tensors ready for the model.
+
+use candle_core::{Device, Tensor};
+
+use crate::data::encode::Row;
+use crate::error::{Error, Result};
+
+/// A batch: `input_ids` (b, s) u32, `attention_mask` (b, s) u32, `labels` (b, s) i64.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids.
+    pub input_ids: Tensor,
+    /// 1 on real tokens.
+    pub attention_mask: Tensor,
+    /// Labels, -100 ignored.
+    pub labels: Tensor,
+    /// Loss targets in the batch (non-ignored labels[1..]).
+    pub targets: usize,
+    /// Real (non-padding) tokens in the batch.
+    pub real_tokens: usize,
+}
+
+impl Batch {
+    /// Stacks rows of equal length into tensors on `dev`.
+    pub fn from_rows(rows: &[Row], dev: &Device) -> Result<Self> {
+        let b = rows.len();
+        let s = rows.first().map_or(0, |r| r.input_ids.len());
+        if b == 0
+            || rows.iter().any(|r| {
+                r.input_ids.len() != s || r.attention_mask.len() != s || r.labels.len() != s
+            })
+        {
+            return Err(Error::Invalid(format!(
+                "cannot batch {b} rows of unequal or zero length"
+            )));
+        }
+        let ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| r.input_ids.iter().copied())
+            .collect();
+        let mask: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| r.attention_mask.iter().copied())
+            .collect();
+        let labels: Vec<i64> = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
+        let real_tokens = mask.iter().filter(|&&m| m == 1).count();
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, s), dev)?,
+            attention_mask: Tensor::from_vec(mask, (b, s), dev)?,
+            labels: Tensor::from_vec(labels, (b, s), dev)?,
+            targets: rows.iter().map(Row::targets).sum(),
+            real_tokens,
+        })
+    }
+}

@@ -1,0 +1,267 @@
+//! Instruction datasets: a JSON array or JSON Lines of `{instruction, input?, output}`.
+//!
+//! Every problem is an error naming the file, the line, the record and the field; nothing is
+//! skipped silently. The train/validation split is seeded and deterministic.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// One instruction-tuning example, with its text verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The task.
+    pub instruction: String,
+    /// Optional context; `None` when absent or null.
+    pub input: Option<String>,
+    /// The desired answer.
+    pub output: String,
+}
+
+impl Record {
+    /// Whether the record has an input block (present and not whitespace-only).
+    pub fn has_input(&self) -> bool {
+        self.input.as_deref().is_some_and(|s| !s.trim().is_empty())
+    }
+}
+
+/// The file format a dataset was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Format {
+    /// A JSON array of objects.
+    JsonArray,
+    /// One JSON object per line.
+    JsonLines,
+}
+
+/// A loaded dataset: records in file order and the line each starts on.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// The file read.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// Records in file order.
+    pub records: Vec<Record>,
+    /// 1-based line on which each record starts.
+    pub lines: Vec<usize>,
+}
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(_) => "string".into(),
+        Value::Array(_) => "array".into(),
+        Value::Object(_) => "object".into(),
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of(bytes: &[u8], offset: usize) -> usize {
+    1 + bytes[..offset.min(bytes.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+}
+
+/// Lines on which each element of a top-level JSON array starts (strings and escapes aware).
+fn element_lines(text: &str) -> Vec<usize> {
+    let mut lines = Vec::new();
+    let (mut depth, mut in_str, mut esc, mut line, mut expect) =
+        (0usize, false, false, 1usize, false);
+    for c in text.chars() {
+        if c == '\n' {
+            line += 1;
+        }
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, '\\') => esc = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        if depth == 1 && expect && !c.is_whitespace() && c != ']' {
+            lines.push(line);
+            expect = false;
+        }
+        match c {
+            '"' => in_str = true,
+            '[' | '{' => {
+                depth += 1;
+                if depth == 1 {
+                    expect = true;
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 1 => expect = true,
+            _ => {}
+        }
+    }
+    lines
+}
+
+fn field<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    name: &'static str,
+    at: &dyn Fn(Option<&'static str>, String) -> Error,
+) -> Result<Option<&'a str>> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(at(
+            Some(name),
+            format!("expected a string, found {}", type_name(other)),
+        )),
+    }
+}
+
+/// Validates one JSON value as a record; `line` and `index` locate it in errors.
+pub fn parse_record(v: &Value, path: &Path, line: usize, index: usize) -> Result<Record> {
+    let at = |field: Option<&'static str>, msg: String| Error::Record {
+        path: path.to_path_buf(),
+        line,
+        record: index,
+        field,
+        msg,
+    };
+    let Value::Object(obj) = v else {
+        return Err(at(
+            None,
+            format!(
+                "expected an object with `instruction` and `output`, found {}",
+                type_name(v)
+            ),
+        ));
+    };
+    let required = |name: &'static str| -> Result<String> {
+        match obj.get(name) {
+            None => Err(at(Some(name), "missing (expected a string)".into())),
+            Some(_) => field(obj, name, &at)?
+                .map(str::to_string)
+                .ok_or_else(|| at(Some(name), "expected a string, found null".into())),
+        }
+    };
+    Ok(Record {
+        instruction: required("instruction")?,
+        input: field(obj, "input", &at)?.map(str::to_string),
+        output: required("output")?,
+    })
+}
+
+/// Loads a dataset, detecting JSON array vs JSON Lines from the first non-blank character.
+pub fn load(path: &Path) -> Result<Dataset> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| Error::NotUtf8 {
+        path: path.to_path_buf(),
+        line: line_of(&bytes, e.valid_up_to()),
+        offset: e.valid_up_to(),
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let syntax = |e: serde_json::Error, line_base: usize| Error::Syntax {
+        path: path.to_path_buf(),
+        line: line_base + e.line(),
+        column: e.column(),
+        msg: e.to_string(),
+    };
+    let (format, records, lines) = match text.trim_start().chars().next() {
+        None => {
+            return Err(Error::EmptyDataset {
+                path: path.to_path_buf(),
+            });
+        }
+        Some('[') => {
+            let values: Vec<Value> = serde_json::from_str(text).map_err(|e| syntax(e, 0))?;
+            let lines = element_lines(text);
+            let records = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| parse_record(v, path, lines.get(i).copied().unwrap_or(1), i))
+                .collect::<Result<Vec<_>>>()?;
+            (Format::JsonArray, records, lines)
+        }
+        Some('{') => {
+            let mut records = Vec::new();
+            let mut lines = Vec::new();
+            for (i, l) in text.lines().enumerate() {
+                if l.trim().is_empty() {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(l).map_err(|e| syntax(e, i))?;
+                records.push(parse_record(&v, path, i + 1, records.len())?);
+                lines.push(i + 1);
+            }
+            (Format::JsonLines, records, lines)
+        }
+        Some(c) => {
+            return Err(Error::Syntax {
+                path: path.to_path_buf(),
+                line: 1,
+                column: 1,
+                msg: format!("expected a JSON array `[` or JSON Lines `{{`, found {c:?}"),
+            });
+        }
+    };
+    if records.is_empty() {
+        return Err(Error::EmptyDataset {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        format,
+        records,
+        lines,
+    })
+}
+
+/// How many records go to validation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitSpec {
+    /// A fraction of the records, rounded up (as `datasets.train_test_split` does).
+    Fraction(f64),
+    /// An exact count.
+    Count(usize),
+}
+
+/// Record indices of the two subsets, each in file order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// Training records.
+    pub train: Vec<usize>,
+    /// Validation records.
+    pub validation: Vec<usize>,
+}
+
+/// A seeded, deterministic split of `n` records.
+pub fn split(n: usize, spec: SplitSpec, seed: u64) -> Result<Split> {
+    let n_val = match spec {
+        SplitSpec::Fraction(f) if (0.0..1.0).contains(&f) => (f * n as f64).ceil() as usize,
+        SplitSpec::Fraction(f) => {
+            return Err(Error::Invalid(format!(
+                "validation fraction must be in [0, 1), got {f}"
+            )));
+        }
+        SplitSpec::Count(c) => c,
+    };
+    if n_val >= n && n > 0 {
+        return Err(Error::Invalid(format!(
+            "validation would take {n_val} of {n} records, leaving none to train on"
+        )));
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    Rng::derive(seed, "split").shuffle(&mut idx);
+    let mut validation = idx[..n_val].to_vec();
+    let mut train = idx[n_val..].to_vec();
+    validation.sort_unstable();
+    train.sort_unstable();
+    Ok(Split { train, validation })
+}

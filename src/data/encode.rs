@@ -1,0 +1,361 @@
+//! Encoding formatted examples into token ids, attention masks and labels.
+//!
+//! Rules (property-tested in `tests/encode_props.rs`):
+//! 1. `input_ids`, `attention_mask`, `labels` have equal length; `max_length` padding makes it
+//!    exactly `max_len`.
+//! 2. Real tokens are the head of the untruncated encoding, `min(len, max_len)` of them.
+//! 3. `attention_mask` is 1 exactly on real tokens.
+//! 4. [`LabelPolicy`] decides labels, by position and never by token id (TinyLlama's pad token
+//!    is its EOS).
+//! 5. With padding masked, extra padding does not change an example's loss.
+//! 6. A record whose labels are all masked is counted, and never makes the loss NaN.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::data::dataset::Record;
+use crate::data::prompt;
+use crate::error::{Error, Result};
+use crate::train::loss::IGNORE_INDEX;
+
+/// Which positions carry a label (the rest are -100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelPolicy {
+    /// The reference rule: labels == input_ids everywhere, padding included.
+    #[default]
+    InputIds,
+    /// Padding positions are -100.
+    MaskPadding,
+    /// Padding and prompt positions are -100: only the response (and EOS) is learned.
+    CompletionOnly,
+}
+
+/// How rows of a batch are padded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Padding {
+    /// Every row padded to `max_len` (the reference's `padding="max_length"`).
+    MaxLength,
+    /// Rows padded to the longest in the batch, rounded up to a multiple if given.
+    Longest {
+        /// Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
+        multiple_of: Option<usize>,
+    },
+}
+
+/// Which side padding goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PaddingSide {
+    /// Pad after the real tokens (the default for training).
+    #[default]
+    Right,
+    /// Pad before the real tokens.
+    Left,
+}
+
+/// Whether an EOS token follows the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EosPolicy {
+    /// No EOS (the reference: the Llama tokenizer adds BOS only).
+    #[default]
+    Omit,
+    /// Append EOS after the response, so the model learns to stop.
+    Append,
+}
+
+/// Encoding settings; `Default` is the reference run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodeConfig {
+    /// Longest row in tokens (truncation keeps the head).
+    pub max_len: usize,
+    /// Padding mode.
+    pub padding: Padding,
+    /// Padding side.
+    pub padding_side: PaddingSide,
+    /// Label policy.
+    pub labels: LabelPolicy,
+    /// EOS after the response.
+    pub eos: EosPolicy,
+}
+
+impl Default for EncodeConfig {
+    fn default() -> Self {
+        Self {
+            max_len: 512,
+            padding: Padding::MaxLength,
+            padding_side: PaddingSide::Right,
+            labels: LabelPolicy::InputIds,
+            eos: EosPolicy::Omit,
+        }
+    }
+}
+
+/// One encoded example before padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids after truncation (BOS included where the tokenizer adds it).
+    pub ids: Vec<u32>,
+    /// How many of the untruncated tokens belong to the prompt (by byte position).
+    pub prompt_tokens: usize,
+    /// Length before truncation.
+    pub full_len: usize,
+}
+
+impl Example {
+    /// Whether truncation cut tokens off.
+    pub fn truncated(&self) -> bool {
+        self.full_len > self.ids.len()
+    }
+}
+
+/// One padded row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    /// Token ids, padded.
+    pub input_ids: Vec<u32>,
+    /// 1 on real tokens, 0 on padding.
+    pub attention_mask: Vec<u32>,
+    /// Labels (-100 = ignored).
+    pub labels: Vec<i64>,
+}
+
+impl Row {
+    /// Number of positions that are loss targets (labels[1..] not ignored).
+    pub fn targets(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
+    }
+
+    /// Number of loss targets that sit on padding.
+    pub fn padding_targets(&self) -> usize {
+        self.labels
+            .iter()
+            .zip(&self.attention_mask)
+            .skip(1)
+            .filter(|(l, m)| **l != IGNORE_INDEX && **m == 0)
+            .count()
+    }
+}
+
+/// Special token ids the encoder needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialIds {
+    /// End of sequence.
+    pub eos: u32,
+    /// Padding (EOS when the tokenizer defines none).
+    pub pad: u32,
+}
+
+/// A tokenizer plus encoding settings: records in, padded rows out.
+#[derive(Clone)]
+pub struct Encoder {
+    tokenizer: Tokenizer,
+    cfg: EncodeConfig,
+    ids: SpecialIds,
+}
+
+fn token_name(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// EOS and pad ids: from `tokenizer_config.json` beside the tokenizer when present, else the
+/// tokenizer's `</s>`; pad falls back to EOS (TinyLlama's own choice).
+pub fn special_ids(tokenizer: &Tokenizer, tokenizer_path: &Path) -> Result<SpecialIds> {
+    let cfg_path = tokenizer_path.with_file_name("tokenizer_config.json");
+    let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
+            path: cfg_path.clone(),
+            msg: e.to_string(),
+        })?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let lookup = |key: &str| -> Result<Option<u32>> {
+        match cfg.get(key).and_then(token_name) {
+            Some(name) => tokenizer.token_to_id(&name).map(Some).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: {key} {name:?} is not in the vocabulary",
+                    cfg_path.display()
+                ))
+            }),
+            None => Ok(None),
+        }
+    };
+    let eos = match lookup("eos_token")? {
+        Some(id) => id,
+        None => tokenizer.token_to_id("</s>").ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: cannot tell the EOS token: no tokenizer_config.json with eos_token beside it and no `</s>`",
+                tokenizer_path.display()
+            ))
+        })?,
+    };
+    let pad = lookup("pad_token")?.unwrap_or(eos);
+    Ok(SpecialIds { eos, pad })
+}
+
+impl Encoder {
+    /// An encoder over a loaded tokenizer. Special-token text inside records (`</s>`, `<s>`) is
+    /// encoded as ordinary text, never as control tokens: user data cannot inject an EOS.
+    pub fn new(mut tokenizer: Tokenizer, cfg: EncodeConfig, ids: SpecialIds) -> Result<Self> {
+        if cfg.max_len < 2 {
+            return Err(Error::Invalid(format!(
+                "max length must be at least 2, got {}",
+                cfg.max_len
+            )));
+        }
+        if let Padding::Longest {
+            multiple_of: Some(0),
+        } = cfg.padding
+        {
+            return Err(Error::Invalid("pad-to-multiple-of must be positive".into()));
+        }
+        tokenizer.set_encode_special_tokens(true);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        tokenizer.with_padding(None);
+        Ok(Self {
+            tokenizer,
+            cfg,
+            ids,
+        })
+    }
+
+    /// Loads `tokenizer.json` (and `tokenizer_config.json` beside it, if any).
+    pub fn from_file(path: &Path, cfg: EncodeConfig) -> Result<Self> {
+        let tokenizer = crate::tokenizer::load(path)?;
+        let ids = special_ids(&tokenizer, path)?;
+        Self::new(tokenizer, cfg, ids)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EncodeConfig {
+        &self.cfg
+    }
+
+    /// The special ids in use.
+    pub fn special_ids(&self) -> SpecialIds {
+        self.ids
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of a text with the tokenizer's own special tokens (BOS), untruncated.
+    pub fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding> {
+        self.tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Invalid(format!("tokenizer failed: {e}")))
+    }
+
+    /// Encodes one record: BOS + prompt + response (+ EOS), truncated to `max_len`.
+    pub fn encode(&self, record: &Record) -> Result<Example> {
+        let f = prompt::format(record);
+        let enc = self.tokenize(&f.text)?;
+        let mut ids = enc.get_ids().to_vec();
+        // A token belongs to the prompt when it starts before the response's first byte;
+        // special tokens added by the post-processor (BOS) have no span and count as prompt.
+        let specials = enc.get_special_tokens_mask();
+        let prompt_tokens = enc
+            .get_offsets()
+            .iter()
+            .zip(specials)
+            .take_while(|((start, _), special)| **special == 1 || *start < f.prompt_len)
+            .count();
+        if self.cfg.eos == EosPolicy::Append {
+            ids.push(self.ids.eos);
+        }
+        let full_len = ids.len();
+        ids.truncate(self.cfg.max_len);
+        Ok(Example {
+            ids,
+            prompt_tokens,
+            full_len,
+        })
+    }
+
+    /// The padded length for a batch of examples.
+    pub fn padded_len(&self, examples: &[&Example]) -> usize {
+        match self.cfg.padding {
+            Padding::MaxLength => self.cfg.max_len,
+            Padding::Longest { multiple_of } => {
+                let longest = examples
+                    .iter()
+                    .map(|e| e.ids.len())
+                    .max()
+                    .unwrap_or(0)
+                    .max(1);
+                match multiple_of {
+                    Some(m) => longest.div_ceil(m) * m,
+                    None => longest,
+                }
+            }
+        }
+    }
+
+    /// Pads one example to `len` and applies the label policy by position.
+    pub fn row(&self, ex: &Example, len: usize) -> Row {
+        let n = ex.ids.len().min(len);
+        let pad = len - n;
+        let real = &ex.ids[..n];
+        let label_at = |i: usize, id: u32| -> i64 {
+            match self.cfg.labels {
+                LabelPolicy::InputIds => i64::from(id),
+                LabelPolicy::CompletionOnly if i < ex.prompt_tokens => IGNORE_INDEX,
+                _ => i64::from(id),
+            }
+        };
+        let real_labels = real.iter().enumerate().map(|(i, &id)| label_at(i, id));
+        let pad_label = match self.cfg.labels {
+            LabelPolicy::InputIds => i64::from(self.ids.pad),
+            _ => IGNORE_INDEX,
+        };
+        let (mut input_ids, mut attention_mask, mut labels) = (
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+        );
+        let pads = |ids: &mut Vec<u32>, mask: &mut Vec<u32>, labels: &mut Vec<i64>| {
+            ids.extend(std::iter::repeat_n(self.ids.pad, pad));
+            mask.extend(std::iter::repeat_n(0, pad));
+            labels.extend(std::iter::repeat_n(pad_label, pad));
+        };
+        if self.cfg.padding_side == PaddingSide::Left {
+            pads(&mut input_ids, &mut attention_mask, &mut labels);
+        }
+        input_ids.extend_from_slice(real);
+        attention_mask.extend(std::iter::repeat_n(1, n));
+        labels.extend(real_labels);
+        if self.cfg.padding_side == PaddingSide::Right {
+            pads(&mut input_ids, &mut attention_mask, &mut labels);
+        }
+        Row {
+            input_ids,
+            attention_mask,
+            labels,
+        }
+    }
+
+    /// Pads a batch of examples to their common length.
+    pub fn collate(&self, examples: &[&Example]) -> Vec<Row> {
+        let len = self.padded_len(examples);
+        examples.iter().map(|e| self.row(e, len)).collect()
+    }
+}

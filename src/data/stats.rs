@@ -1,0 +1,197 @@
+//! Dataset statistics under an encoder: what `lorasft data stats` prints and reports quote.
+
+use serde::Serialize;
+
+use crate::data::dataset::Record;
+use crate::data::encode::{Encoder, Example};
+use crate::error::Result;
+
+/// Percentiles of a length distribution.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lengths {
+    /// Smallest.
+    pub min: usize,
+    /// 50th percentile (nearest rank).
+    pub p50: usize,
+    /// 90th percentile.
+    pub p90: usize,
+    /// 99th percentile.
+    pub p99: usize,
+    /// Largest.
+    pub max: usize,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Lengths {
+    /// Nearest-rank percentiles of `values` (all zeros when empty).
+    pub fn of(values: &[usize]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_unstable();
+        let pct = |p: f64| -> usize {
+            if v.is_empty() {
+                return 0;
+            }
+            let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+            v[rank.min(v.len()) - 1]
+        };
+        let mean = if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<usize>() as f64 / v.len() as f64
+        };
+        Self {
+            min: pct(0.0),
+            p50: pct(50.0),
+            p90: pct(90.0),
+            p99: pct(99.0),
+            max: v.last().copied().unwrap_or(0),
+            mean,
+        }
+    }
+}
+
+/// What a dataset looks like once encoded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataStats {
+    /// Records in the file.
+    pub records: usize,
+    /// Records with a non-blank input.
+    pub with_input: usize,
+    /// Records without one.
+    pub without_input: usize,
+    /// Records whose output is empty.
+    pub empty_output: usize,
+    /// Characters of the formatted text (prompt + response).
+    pub chars: Lengths,
+    /// Tokens before truncation (BOS and EOS included as configured).
+    pub tokens: Lengths,
+    /// Records longer than max length (cut by truncation).
+    pub truncated: usize,
+    /// Records whose response was cut entirely by truncation.
+    pub response_truncated_away: usize,
+    /// Records with no loss target at all under the label policy.
+    pub no_trainable_label: usize,
+    /// Loss targets over the dataset under the policy and padding (batches in file order).
+    pub label_tokens: usize,
+    /// Of those, targets that sit on padding.
+    pub padding_label_tokens: usize,
+    /// Padded tokens over all batches (the compute spent).
+    pub padded_tokens: usize,
+    /// Real tokens over all batches.
+    pub real_tokens: usize,
+}
+
+impl DataStats {
+    /// Share of loss targets that are padding.
+    pub fn padding_label_share(&self) -> f64 {
+        if self.label_tokens == 0 {
+            0.0
+        } else {
+            self.padding_label_tokens as f64 / self.label_tokens as f64
+        }
+    }
+}
+
+/// Encodes every record and collates batches of `batch_size` in file order.
+pub fn compute(
+    records: &[Record],
+    encoder: &Encoder,
+    batch_size: usize,
+) -> Result<(DataStats, Vec<Example>)> {
+    let examples = records
+        .iter()
+        .map(|r| encoder.encode(r))
+        .collect::<Result<Vec<_>>>()?;
+    let chars: Vec<usize> = records
+        .iter()
+        .map(|r| crate::data::prompt::format(r).text.chars().count())
+        .collect();
+    let max_len = encoder.config().max_len;
+    let mut s = DataStats {
+        records: records.len(),
+        with_input: records.iter().filter(|r| r.has_input()).count(),
+        without_input: records.iter().filter(|r| !r.has_input()).count(),
+        empty_output: records.iter().filter(|r| r.output.is_empty()).count(),
+        chars: Lengths::of(&chars),
+        tokens: Lengths::of(&examples.iter().map(|e| e.full_len).collect::<Vec<_>>()),
+        truncated: examples.iter().filter(|e| e.truncated()).count(),
+        response_truncated_away: examples
+            .iter()
+            .filter(|e| e.prompt_tokens >= max_len && e.full_len > e.prompt_tokens)
+            .count(),
+        no_trainable_label: 0,
+        label_tokens: 0,
+        padding_label_tokens: 0,
+        padded_tokens: 0,
+        real_tokens: 0,
+    };
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        for row in encoder.collate(&refs) {
+            let t = row.targets();
+            s.no_trainable_label += usize::from(t == 0);
+            s.label_tokens += t;
+            s.padding_label_tokens += row.padding_targets();
+            s.padded_tokens += row.input_ids.len();
+            s.real_tokens += row.attention_mask.iter().filter(|&&m| m == 1).count();
+        }
+    }
+    Ok((s, examples))
+}
+
+/// The text `lorasft data stats` prints.
+pub fn render(
+    s: &DataStats,
+    enc: &Encoder,
+    data: &std::path::Path,
+    tokenizer: &std::path::Path,
+) -> String {
+    let c = enc.config();
+    let l = |x: &Lengths| {
+        format!(
+            "min {} / p50 {} / p90 {} / p99 {} / max {} (mean {:.1})",
+            x.min, x.p50, x.p90, x.p99, x.max, x.mean
+        )
+    };
+    let pct = |a: usize, b: usize| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    format!(
+        "data: {}\ntokenizer: {}\nencoding: max length {}, padding {:?} ({:?} side), labels {:?}, EOS {:?}\n\
+         records: {} ({} with input, {} without; {} with empty output)\n\
+         characters per record: {}\ntokens per record (untruncated): {}\n\
+         records truncated at {}: {} ({:.1}%), response cut entirely: {}\n\
+         records with no trainable label: {}\n\
+         loss targets: {}, of which padding: {} ({:.2}%)\n\
+         padded tokens: {}, real: {} ({:.1}% of compute on padding)\n",
+        data.display(),
+        tokenizer.display(),
+        c.max_len,
+        c.padding,
+        c.padding_side,
+        c.labels,
+        c.eos,
+        s.records,
+        s.with_input,
+        s.without_input,
+        s.empty_output,
+        l(&s.chars),
+        l(&s.tokens),
+        c.max_len,
+        s.truncated,
+        pct(s.truncated, s.records),
+        s.response_truncated_away,
+        s.no_trainable_label,
+        s.label_tokens,
+        s.padding_label_tokens,
+        100.0 * s.padding_label_share(),
+        s.padded_tokens,
+        s.real_tokens,
+        pct(s.padded_tokens - s.real_tokens, s.padded_tokens),
+    )
+}
