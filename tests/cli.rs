@@ -136,3 +136,105 @@ fn hub_id_found_in_the_cache_is_used_offline() {
     );
     assert!(out.contains("trainable params: 1,126,400"), "{out}");
 }
+
+#[test]
+fn fixture_tokenizer_is_reproduced_byte_for_byte_by_train_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tokenizer.json");
+    let root = env!("CARGO_MANIFEST_DIR");
+    run_ok(
+        lorasft()
+            .args([
+                "tokenizer",
+                "train-fixture",
+                "--data",
+                &format!("{root}/fixtures/instructions.json"),
+                "--vocab",
+                "512",
+                "--out",
+            ])
+            .arg(&out),
+    );
+    let committed = std::fs::read(format!("{root}/fixtures/tokenizer.json")).unwrap();
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        committed,
+        "fixtures/tokenizer.json is stale: regenerate it with `lorasft tokenizer train-fixture`"
+    );
+}
+
+#[test]
+fn data_stats_reports_truncation_no_label_records_and_padding_share() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let data = format!("{root}/fixtures/instructions.json");
+    let tok = format!("{root}/fixtures/tokenizer.json");
+    let text = run_ok(lorasft().args([
+        "data",
+        "stats",
+        "--data",
+        &data,
+        "--tokenizer",
+        &tok,
+        "--labels",
+        "completion-only",
+    ]));
+    assert!(
+        text.contains("records: 44 (21 with input, 23 without; 2 with empty output)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("records with no trainable label: 3"),
+        "{text}"
+    );
+    let json = run_ok(lorasft().args([
+        "data",
+        "stats",
+        "--data",
+        &data,
+        "--tokenizer",
+        &tok,
+        "--labels",
+        "input-ids",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["records"], 44);
+    assert_eq!(
+        v["no_trainable_label"], 0,
+        "input-ids labels every position"
+    );
+    assert!(
+        v["padding_label_tokens"].as_u64().unwrap() > 0,
+        "max_length padding under input-ids trains on padding"
+    );
+    let masked = run_ok(lorasft().args([
+        "data",
+        "stats",
+        "--data",
+        &data,
+        "--tokenizer",
+        &tok,
+        "--labels",
+        "mask-padding",
+        "--json",
+    ]));
+    let m: serde_json::Value = serde_json::from_str(&masked).unwrap();
+    assert_eq!(m["padding_label_tokens"], 0);
+    let bad = lorasft()
+        .args([
+            "data",
+            "stats",
+            "--data",
+            &format!("{root}/Cargo.toml"),
+            "--tokenizer",
+            &tok,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("Cargo.toml:1:2: expected value"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

@@ -102,6 +102,29 @@ fn right_padding_does_not_change_real_token_logits() {
 }
 
 #[test]
+fn left_padding_does_not_change_real_token_logits() {
+    let model = common::tiny(5, DType::F64);
+    let short = ids(1, 5, 512, 4);
+    let padded = Tensor::cat(
+        &[&Tensor::new(&[[2u32, 2, 2]], &Device::Cpu).unwrap(), &short],
+        1,
+    )
+    .unwrap();
+    let mask = Tensor::new(&[[0u32, 0, 0, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    let a = model.forward(&short, None, &mut Mode::Eval).unwrap();
+    let b = model
+        .forward(&padded, Some(&mask), &mut Mode::Eval)
+        .unwrap()
+        .narrow(1, 3, 5)
+        .unwrap();
+    let diff = max_abs_diff(&a, &b);
+    assert!(
+        diff < 1e-12,
+        "left padding changed real-token logits by {diff:e}"
+    );
+}
+
+#[test]
 fn forward_is_deterministic_bit_for_bit() {
     let model = common::tiny(9, DType::F32);
     let x = ids(2, 16, 512, 9);

@@ -169,7 +169,12 @@ pub fn load(path: &Path) -> Result<Dataset> {
         path: path.to_path_buf(),
         line: line_base + e.line(),
         column: e.column(),
-        msg: e.to_string(),
+        msg: {
+            // serde_json appends " at line L column C"; the location is already in front.
+            let m = e.to_string();
+            m.rfind(" at line ")
+                .map_or(m.clone(), |i| m[..i].to_string())
+        },
     };
     let (format, records, lines) = match text.trim_start().chars().next() {
         None => {

@@ -27,7 +27,7 @@ pub enum LabelPolicy {
     /// The reference rule: labels == input_ids everywhere, padding included.
     #[default]
     InputIds,
-    /// Padding positions are -100.
+    /// Padding positions are -100 (and the first real token, which nothing real precedes).
     MaskPadding,
     /// Padding and prompt positions are -100: only the response (and EOS) is learned.
     CompletionOnly,
@@ -315,10 +315,14 @@ impl Encoder {
         let n = ex.ids.len().min(len);
         let pad = len - n;
         let real = &ex.ids[..n];
+        // The first real token is never a target of real context: unpadded it sits at position
+        // 0; left-padded it would be "predicted" from a pad slot. Masking policies ignore it so
+        // that padding cannot change the loss (rule 5).
         let label_at = |i: usize, id: u32| -> i64 {
             match self.cfg.labels {
                 LabelPolicy::InputIds => i64::from(id),
-                LabelPolicy::CompletionOnly if i < ex.prompt_tokens => IGNORE_INDEX,
+                LabelPolicy::MaskPadding if i == 0 => IGNORE_INDEX,
+                LabelPolicy::CompletionOnly if i == 0 || i < ex.prompt_tokens => IGNORE_INDEX,
                 _ => i64::from(id),
             }
         };

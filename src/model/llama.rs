@@ -51,15 +51,8 @@ pub fn mask_value(dtype: DType) -> f64 {
     }
 }
 
-/// The causal + padding bias (b, 1, s, s): 0 where query i may attend key j (j <= i and key j
-/// is a real token), the mask value elsewhere. Built once per batch on the host.
-pub fn attention_bias(
-    attention_mask: Option<&Tensor>,
-    b: usize,
-    s: usize,
-    dtype: DType,
-    dev: &Device,
-) -> Result<Tensor> {
+/// The attention mask on the host as 0/1 rows, all ones when absent; checks its shape.
+fn host_mask(attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result<Vec<Vec<u32>>> {
     let keep: Vec<Vec<u32>> = match attention_mask {
         Some(m) => m.to_dtype(DType::U32)?.to_vec2::<u32>()?,
         None => vec![vec![1; s]; b],
@@ -67,6 +60,13 @@ pub fn attention_bias(
     if keep.len() != b || keep.iter().any(|r| r.len() != s) {
         return Err(Error::Invalid(format!("attention_mask must be ({b}, {s})")));
     }
+    Ok(keep)
+}
+
+/// The causal + padding bias (b, 1, s, s): 0 where query i may attend key j (j <= i and key j
+/// is a real token), the mask value elsewhere. Built once per batch on the host.
+pub fn attention_bias(keep: &[Vec<u32>], dtype: DType, dev: &Device) -> Result<Tensor> {
+    let (b, s) = (keep.len(), keep.first().map_or(0, Vec::len));
     let neg = mask_value(dtype);
     let mut bias = vec![0f64; b * s * s];
     for (bi, row) in keep.iter().enumerate() {
@@ -79,6 +79,25 @@ pub fn attention_bias(
         }
     }
     Ok(Tensor::from_vec(bias, (b, 1, s, s), dev)?.to_dtype(dtype)?)
+}
+
+/// Position of each token: its index minus the row's left padding (so real tokens are numbered
+/// from 0 whatever the padding side; with right padding this is transformers' `arange`).
+/// Left-padding slots get position 0. `None` when every row starts with a real token.
+pub fn position_ids(keep: &[Vec<u32>]) -> Option<Vec<u32>> {
+    let offsets: Vec<usize> = keep
+        .iter()
+        .map(|r| r.iter().position(|&k| k != 0).unwrap_or(r.len()))
+        .collect();
+    if offsets.iter().all(|&o| o == 0) {
+        return None;
+    }
+    Some(
+        keep.iter()
+            .zip(&offsets)
+            .flat_map(|(r, &o)| (0..r.len()).map(move |t| t.saturating_sub(o) as u32))
+            .collect(),
+    )
 }
 
 /// RoPE cos/sin tables (max_pos, d) as transformers computes them (in f32 unless the model
@@ -313,9 +332,21 @@ impl Llama {
                 self.shape.vocab
             )));
         }
-        let bias = attention_bias(attention_mask, b, s, self.dtype(), self.device())?; // (b, 1, s, s)
-        let cos = self.cos.narrow(0, 0, s)?; // (s, d)
-        let sin = self.sin.narrow(0, 0, s)?;
+        let keep = host_mask(attention_mask, b, s)?;
+        let bias = attention_bias(&keep, self.dtype(), self.device())?; // (b, 1, s, s)
+        let (cos, sin) = match position_ids(&keep) {
+            // (s, d), broadcast over batch and heads
+            None => (self.cos.narrow(0, 0, s)?, self.sin.narrow(0, 0, s)?),
+            // (b, 1, s, d): per-row positions when rows are left-padded
+            Some(pos) => {
+                let pos = Tensor::from_vec(pos, b * s, self.device())?;
+                let d = self.shape.head_dim;
+                (
+                    self.cos.index_select(&pos, 0)?.reshape((b, 1, s, d))?,
+                    self.sin.index_select(&pos, 0)?.reshape((b, 1, s, d))?,
+                )
+            }
+        };
         let mut x =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?

@@ -153,12 +153,15 @@ impl Reference {
                         .iter()
                         .map(|x| self.matvec(&format!("{p}.self_attn.v_proj.weight"), x))
                         .collect();
+                    // Real tokens are numbered from 0 after any left padding.
+                    let first_real = m.iter().position(|&k| k == 1).unwrap_or(s);
                     for t in 0..s {
+                        let pos = t.saturating_sub(first_real);
                         for hd in 0..nh {
-                            self.rope(&mut q[t][hd * d..(hd + 1) * d], t, d);
+                            self.rope(&mut q[t][hd * d..(hd + 1) * d], pos, d);
                         }
                         for hd in 0..nkv {
-                            self.rope(&mut k[t][hd * d..(hd + 1) * d], t, d);
+                            self.rope(&mut k[t][hd * d..(hd + 1) * d], pos, d);
                         }
                     }
                     let mut attn_out = vec![vec![0.0; nh * d]; s];
@@ -268,4 +271,15 @@ pub fn converted_tokenizer(
     let out = tmp.path().join("tokenizer.json");
     lorasft::tokenizer::from_gguf::convert(&assets.join(gguf), &out).unwrap();
     (tmp, out)
+}
+
+/// The committed fixture tokenizer's path.
+pub fn fixture_tokenizer() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer.json")
+}
+
+/// The committed fixture dataset.
+pub fn fixture_records() -> Vec<lorasft::data::Record> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/instructions.json");
+    lorasft::data::dataset::load(&p).unwrap().records
 }
