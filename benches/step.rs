@@ -8,7 +8,7 @@ use lorasft::model::fixture::FixtureSpec;
 use lorasft::model::{Llama, LoraConfig, Mode};
 use lorasft::rng::Rng;
 use lorasft::train::loss::causal_lm_loss;
-use lorasft::train::optim::{AdamW, AdamWParams, clip_grad_norm};
+use lorasft::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads};
 
 fn setup(spec: &FixtureSpec, b: usize, s: usize) -> (Llama, Tensor, Tensor) {
     let mut model = spec.build(0, DType::F32, &Device::Cpu).unwrap();
@@ -25,8 +25,9 @@ fn setup(spec: &FixtureSpec, b: usize, s: usize) -> (Llama, Tensor, Tensor) {
 fn bench_step(c: &mut Criterion) {
     let spec = FixtureSpec::tiny_bench();
     let (model, ids, labels) = setup(&spec, 4, 128);
-    let vars: Vec<_> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
+    let named = model.lora_vars();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(vars, AdamWParams::default()).unwrap();
     let mut rng = Rng::new(2);
     let mut group = c.benchmark_group("tiny_b4_s128");
     group.sample_size(10);
@@ -36,8 +37,9 @@ fn bench_step(c: &mut Criterion) {
                 .forward(&ids, None, &mut Mode::Train(&mut rng))
                 .unwrap();
             let loss = causal_lm_loss(&logits, &labels).unwrap();
-            let mut grads = loss.backward().unwrap();
-            clip_grad_norm(&vars, &mut grads, 1.0).unwrap();
+            let grads = loss.backward().unwrap();
+            let mut grads = collect_grads(&named, &grads).unwrap();
+            clip_grad_norm(&mut grads, 1.0).unwrap();
             opt.step(&grads, 1e-4).unwrap();
         })
     });

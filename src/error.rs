@@ -126,6 +126,20 @@ pub enum Error {
         /// Byte offset of the first invalid byte.
         offset: usize,
     },
+    /// Training produced a non-finite loss or gradient; the run stopped.
+    #[error(
+        "non-finite {what} ({value}) at step {step}: training stopped; last good checkpoint: {checkpoint}"
+    )]
+    Diverged {
+        /// "loss" or "gradient norm".
+        what: &'static str,
+        /// The value seen.
+        value: f64,
+        /// The optimizer step that produced it (1-based).
+        step: usize,
+        /// The last checkpoint written, or "none".
+        checkpoint: String,
+    },
     /// A LoRA hyper-parameter or target is invalid; the message quotes the value given.
     #[error("invalid LoRA config: {0}")]
     LoraConfig(String),

@@ -2,8 +2,10 @@
 //! verification. Modules follow the path of one run (see DESIGN.md): the model and its
 //! adapters, the loss and optimiser, and the checks that prove the base stays frozen.
 
+pub mod adapter;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod inspect;
 pub mod model;

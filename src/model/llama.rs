@@ -209,6 +209,23 @@ impl Llama {
         names.into_iter().map(|(n, _)| n).zip(tensors).collect()
     }
 
+    /// Every weight as the forward sees it, with adapters folded in (`W + B A s` for adapted
+    /// linears), under checkpoint names: what `lorasft merge` exports.
+    pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let names = self.shape.tensor_specs();
+        let mut tensors = vec![self.embed.clone()];
+        for l in &self.layers {
+            tensors.push(l.input_norm.clone());
+            for p in &l.proj {
+                tensors.push(p.effective_weight()?);
+            }
+            tensors.push(l.post_norm.clone());
+        }
+        tensors.push(self.norm.clone());
+        tensors.extend(self.lm_head.clone());
+        Ok(names.into_iter().map(|(n, _)| n).zip(tensors).collect())
+    }
+
     /// Attaches fresh adapters (PEFT's init, drawn from `seed`) to every target module.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
         cfg.validate()?;
@@ -352,7 +369,7 @@ impl Llama {
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, s, self.shape.hidden))?; // (b, s, h)
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &bias, &cos, &sin, mode)?;
+            x = self.layer_forward(layer, &x, &bias, &cos, &sin, mode, None)?;
         }
         Ok(rms_norm(&x, &self.norm, self.shape.rms_norm_eps)?)
     }
@@ -365,6 +382,7 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         mode: &mut Mode<'_>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let ModelShape {
             heads: nh,
@@ -385,14 +403,27 @@ impl Llama {
         let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?; // (b, nkv, s, d)
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
+        // With a KV cache (generation), keys and values of earlier positions come first.
+        let (k, v) = match kv {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let t = k.dim(2)?; // keys: t = s in training, cached + s in generation
 
         // Grouped-query attention without copying K and V: the `rep` query heads that share a
         // kv head are folded into the row dimension.
         let qg = q.reshape((b, nkv, rep * s, d))?; // (b, nkv, rep*s, d)
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nkv, rep*s, s)
-        let scores = scores.reshape((b, nh, s, s))?.broadcast_add(bias)?; // (b, nh, s, s)
+        let scores = (qg.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nkv, rep*s, t)
+        let scores = scores.reshape((b, nh, s, t))?.broadcast_add(bias)?; // (b, nh, s, t)
         let probs = softmax_last_dim(&scores)?;
-        let o = probs.reshape((b, nkv, rep * s, s))?.matmul(&v)?; // (b, nkv, rep*s, d)
+        let o = probs.reshape((b, nkv, rep * s, t))?.matmul(&v)?; // (b, nkv, rep*s, d)
         let o = o
             .reshape((b, nh, s, d))?
             .transpose(1, 2)?
@@ -404,5 +435,67 @@ impl Llama {
         let up = l.proj(Projection::UpProj).forward(&hn, mode)?; // (b, s, i)
         let m = (gate.silu()? * up)?;
         Ok((x + l.proj(Projection::DownProj).forward(&m, mode)?)?)
+    }
+
+    /// Logits (1, v) of the last position for new tokens (1, n), extending `cache`; the
+    /// inference path of generation (no dropout, batch 1).
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, n) = input_ids.dims2()?;
+        let past = cache.len;
+        if b != 1 || n == 0 || past + n > self.shape.max_positions {
+            return Err(Error::Invalid(format!(
+                "cached forward takes (1, n) with n > 0 and {past} + n <= {} positions, got ({b}, {n})",
+                self.shape.max_positions
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let neg = mask_value(self.dtype());
+        let bias: Vec<f64> = (0..n)
+            .flat_map(|i| (0..past + n).map(move |j| if j <= past + i { 0.0 } else { neg }))
+            .collect();
+        let bias =
+            Tensor::from_vec(bias, (1, 1, n, past + n), self.device())?.to_dtype(self.dtype())?;
+        let cos = self.cos.narrow(0, past, n)?;
+        let sin = self.sin.narrow(0, past, n)?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((1, n, self.shape.hidden))?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer_forward(layer, &x, &bias, &cos, &sin, &mut Mode::Eval, Some(slot))?;
+        }
+        cache.len += n;
+        let last = rms_norm(&x.narrow(1, n - 1, 1)?, &self.norm, self.shape.rms_norm_eps)?;
+        Ok(
+            frozen_linear(&last, self.lm_head.as_ref().unwrap_or(&self.embed))?
+                .reshape((1, self.shape.vocab))?,
+        )
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod fixture;
+pub mod gguf_import;
 pub mod llama;
 pub mod load;
 pub mod lora;

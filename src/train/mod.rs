@@ -1,4 +1,8 @@
-//! Training: the causal-LM loss and the optimiser.
+//! Training: loss, optimiser, schedules, configuration, checkpoints and the loop.
 
+pub mod checkpoint;
+pub mod config;
 pub mod loss;
 pub mod optim;
+pub mod schedule;
+pub mod trainer;

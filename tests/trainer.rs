@@ -1,0 +1,502 @@
+//! The trainer end to end on the generated tiny model and the fixture data: learning,
+//! determinism, resume, accumulation, fault handling, adapters, merge, eval and generate.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use common::{bits, ids, max_abs_diff};
+use lorasft::adapter;
+use lorasft::data::batch::Batch;
+use lorasft::model::fixture::FixtureSpec;
+use lorasft::model::{LoraConfig, Mode};
+use lorasft::rng::Rng;
+use lorasft::train::config::TrainConfig;
+use lorasft::train::trainer::{self, Metric, RunOptions, Summary};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The smoke preset with paths made absolute and the run under `out`.
+fn smoke(out: &Path, steps: usize) -> TrainConfig {
+    let mut c = TrainConfig::smoke();
+    c.run.out_dir = out.to_path_buf();
+    c.model.tokenizer = Some(root().join("fixtures/tokenizer.json"));
+    c.data.path = root().join("fixtures/instructions.json");
+    c.train.max_steps = Some(steps);
+    c
+}
+
+fn run(cfg: TrainConfig, opts: &RunOptions) -> Summary {
+    trainer::train(trainer::prepare(cfg).unwrap(), opts).unwrap()
+}
+
+fn metrics(dir: &Path) -> Vec<Metric> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn losses(dir: &Path) -> Vec<(usize, String, u64)> {
+    metrics(dir)
+        .into_iter()
+        .map(|m| (m.step, m.kind, m.loss.to_bits()))
+        .collect()
+}
+
+#[test]
+fn smoke_preset_learns_and_its_adapter_reloads_to_the_same_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = run(smoke(tmp.path(), 60), &RunOptions::default());
+    let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
+    println!(
+        "smoke: loss {first:.4} -> {last:.4}, eval {:.4}",
+        s.eval_loss.unwrap()
+    );
+    assert!(
+        last < first - 1.0,
+        "training loss did not fall well below its start: {first} -> {last}"
+    );
+    let evals: Vec<f64> = metrics(&s.run_dir)
+        .iter()
+        .filter(|m| m.kind == "eval")
+        .map(|m| m.loss)
+        .collect();
+    assert!(
+        evals.last().unwrap() < &(first - 0.5),
+        "validation loss did not fall: {evals:?}"
+    );
+
+    // Reload the saved adapter into a fresh base: the same eval loss, and logits equal to those
+    // of the final checkpoint's adapter bit for bit.
+    let p = trainer::prepare(smoke(tmp.path(), 60)).unwrap();
+    let mut reloaded = p.base.model.clone();
+    adapter::load(&mut reloaded, &s.adapter_dir).unwrap();
+    let (eval, _) = trainer::evaluate(&reloaded, &p.encoder, &p.val, 4).unwrap();
+    assert_eq!(eval.to_bits(), s.eval_loss.unwrap().to_bits());
+    let mut from_ckpt = p.base.model.clone();
+    adapter::load(&mut from_ckpt, &s.run_dir.join("checkpoints/step-000060")).unwrap();
+    let x = ids(2, 12, 512, 1);
+    assert_eq!(
+        bits(&reloaded.forward(&x, None, &mut Mode::Eval).unwrap()),
+        bits(&from_ckpt.forward(&x, None, &mut Mode::Eval).unwrap())
+    );
+    let card = std::fs::read_to_string(s.adapter_dir.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nbase_model: fixture:0\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- base_model:adapter:fixture:0\n- lora\n- transformers\n---\n"), "{card}");
+    assert!(s.run_dir.join("config.toml").exists() && s.run_dir.join("generations.json").exists());
+    assert_eq!(s.generations.len(), 2);
+}
+
+#[test]
+fn same_config_and_seed_give_identical_losses_and_adapter_bytes() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sa = run(smoke(a.path(), 8), &RunOptions::default());
+    let sb = run(smoke(b.path(), 8), &RunOptions::default());
+    assert_eq!(losses(&sa.run_dir), losses(&sb.run_dir));
+    let bytes =
+        |s: &Summary| std::fs::read(s.adapter_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&sa), bytes(&sb));
+    let mut other = smoke(b.path(), 8);
+    other.run.name = "other-seed".into();
+    other.run.seed = 1;
+    let sc = run(other, &RunOptions::default());
+    assert_ne!(
+        bytes(&sa),
+        bytes(&sc),
+        "a different seed must give a different adapter"
+    );
+}
+
+#[test]
+fn resume_continues_bitwise_identically_to_an_uninterrupted_run() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = smoke(a.path(), 12);
+    cfg.train.save_every = 4;
+    cfg.train.eval_every = 4;
+    let full = run(cfg.clone(), &RunOptions::default());
+    let mut cfg_b = cfg.clone();
+    cfg_b.run.out_dir = b.path().to_path_buf();
+    let part = run(
+        cfg_b.clone(),
+        &RunOptions {
+            stop_at_step: Some(6),
+            ..RunOptions::default()
+        },
+    );
+    assert!(part.interrupted && part.steps == 6);
+    let resumed = run(
+        cfg_b,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    );
+    assert_eq!(resumed.steps, 12);
+    assert_eq!(losses(&full.run_dir), losses(&resumed.run_dir));
+    let bytes =
+        |s: &Summary| std::fs::read(s.adapter_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&full), bytes(&resumed));
+}
+
+#[test]
+fn accumulating_micro_batches_equals_one_larger_batch() {
+    let mut cfg = smoke(Path::new("/nonexistent"), 1);
+    cfg.lora.dropout = 0.0;
+    let p = trainer::prepare(cfg).unwrap();
+    let mut model = p.base.model.clone();
+    model.add_lora(&p.cfg.lora, 3).unwrap();
+    // Non-zero B so that every gradient is non-trivial.
+    let mut r = Rng::new(3);
+    for (_, v) in model.lora_vars() {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| (0.05 * r.normal()) as f32)
+            .collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let named = model.lora_vars();
+    let ex: Vec<_> = p.train[..4].iter().collect();
+    let batch = |e: &[&lorasft::data::encode::Example]| {
+        Batch::from_rows(&p.encoder.collate(e), &Device::Cpu).unwrap()
+    };
+    let big = vec![batch(&ex)];
+    let small = vec![batch(&ex[..2]), batch(&ex[2..])];
+    let t_big: usize = big.iter().map(|b| b.targets).sum();
+    let t_small: usize = small.iter().map(|b| b.targets).sum();
+    assert_eq!(t_big, t_small);
+    let mut rng = Rng::new(0);
+    let (l1, g1, _) = trainer::forward_backward(&model, &named, &big, t_big, &mut rng).unwrap();
+    let (l2, g2, _) = trainer::forward_backward(&model, &named, &small, t_small, &mut rng).unwrap();
+    assert!((l1 - l2).abs() / t_big as f64 <= 1e-6, "loss {l1} vs {l2}");
+    let worst = g1
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f64::max);
+    println!("max |grad difference| = {worst:e}");
+    assert!(worst <= 1e-6, "accumulated gradients differ by {worst:e}");
+}
+
+/// A fixture model directory (config, weights, tokenizer) and a trained adapter on it.
+fn model_dir(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("model");
+    FixtureSpec::default().write(0, &dir).unwrap();
+    std::fs::copy(
+        root().join("fixtures/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    // An absurd constant learning rate blows the adapters up after the first update.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 5);
+    cfg.optim.lr = 1e30;
+    cfg.optim.warmup = lorasft::train::schedule::Warmup::Steps(0);
+    cfg.optim.schedule = lorasft::train::schedule::Schedule::Constant;
+    cfg.train.save_every = 1;
+    let err = trainer::train(trainer::prepare(cfg).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("non-finite loss") && err.contains("at step 2"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoints/step-000001"), "{err}");
+    assert!(
+        tmp.path()
+            .join("smoke/checkpoints/step-000001/adapter_model.safetensors")
+            .exists()
+    );
+    assert!(!tmp.path().join("smoke/checkpoints/step-000002").exists());
+}
+
+#[test]
+fn corrupt_checkpoint_and_mismatched_adapters_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = smoke(tmp.path(), 4);
+    let s = run(cfg.clone(), &RunOptions::default());
+    let ckpt = s.run_dir.join("checkpoints/step-000004");
+    std::fs::write(ckpt.join("optimizer.safetensors"), b"garbage").unwrap();
+    let err = trainer::train(
+        trainer::prepare(cfg).unwrap(),
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+
+    // An adapter trained on another shape: the tensor and both shapes are named.
+    let mut other = FixtureSpec {
+        hidden: 32,
+        heads: 2,
+        kv_heads: 1,
+        ..FixtureSpec::default()
+    }
+    .build(0, DType::F32, &Device::Cpu)
+    .unwrap();
+    other
+        .add_lora(
+            &s.adapter_dir
+                .join("x")
+                .parent()
+                .map(|d| adapter::read_config(d).unwrap().1)
+                .unwrap(),
+            0,
+        )
+        .unwrap();
+    let err = adapter::load(&mut other, &s.adapter_dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lora_A.weight")
+            && err.contains("expected [16, 32]")
+            && err.contains("[16, 64]"),
+        "{err}"
+    );
+
+    // An adapter with a tensor no module of the model has.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::copy(
+        s.adapter_dir.join("adapter_model.safetensors"),
+        odd.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let cfg_text = std::fs::read_to_string(s.adapter_dir.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"gate_proj\",", "");
+    std::fs::write(odd.join("adapter_config.json"), cfg_text).unwrap();
+    let mut m = trainer::prepare(smoke(tmp.path(), 4)).unwrap().base.model;
+    let err = adapter::load(&mut m, &odd).unwrap_err().to_string();
+    assert!(
+        err.contains("gate_proj") && err.contains("matches no adapted module"),
+        "{err}"
+    );
+}
+
+#[test]
+fn peft_written_adapter_loads_and_unsupported_features_are_refused() {
+    // adapter_config.json as PEFT 0.18 writes it, with keys lorasft does not use.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("peft");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        root().join("fixtures/peft-adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut model = FixtureSpec::default()
+        .build(0, DType::F32, &Device::Cpu)
+        .unwrap();
+    model.add_lora(&LoraConfig::default(), 9).unwrap();
+    let mut r = Rng::new(9);
+    for (_, v) in model.lora_vars() {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| (0.05 * r.normal()) as f32)
+            .collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    // PEFT's tensors: same keys, metadata {"format": "pt"}.
+    let tensors: Vec<(String, candle_core::Tensor)> = model
+        .lora_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+        &dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut loaded = FixtureSpec::default()
+        .build(0, DType::F32, &Device::Cpu)
+        .unwrap();
+    let cfg = adapter::load(&mut loaded, &dir).unwrap();
+    assert_eq!(cfg.peft_version.as_deref(), Some("0.18.0"));
+    let x = ids(1, 9, 512, 2);
+    assert_eq!(
+        bits(&loaded.forward(&x, None, &mut Mode::Eval).unwrap()),
+        bits(&model.forward(&x, None, &mut Mode::Eval).unwrap())
+    );
+    let text = std::fs::read_to_string(dir.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"use_dora\": false", "\"use_dora\": true");
+    std::fs::write(dir.join("adapter_config.json"), text).unwrap();
+    let err = adapter::load(&mut loaded, &dir).unwrap_err().to_string();
+    assert!(
+        err.contains("adapter_config.json") && err.contains("DoRA"),
+        "{err}"
+    );
+}
+
+fn lorasft() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lorasft"))
+}
+
+fn ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn merge_eval_and_generate_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir(tmp.path());
+    let mut cfg = smoke(tmp.path(), 10);
+    cfg.model.source = dir.display().to_string();
+    cfg.model.tokenizer = None;
+    let s = run(cfg, &RunOptions::default());
+    let merged = tmp.path().join("merged");
+    ok(lorasft()
+        .args(["merge", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(&s.adapter_dir)
+        .arg("--out")
+        .arg(&merged));
+    let src = lorasft::model::load::ModelSource::Dir(merged.clone());
+    let merged_model = lorasft::model::load::load_model(&src, DType::F32, &Device::Cpu)
+        .unwrap()
+        .1;
+    let mut adapted = lorasft::model::load::load_model(
+        &lorasft::model::load::ModelSource::Dir(dir.clone()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .1;
+    adapter::load(&mut adapted, &s.adapter_dir).unwrap();
+    let x = ids(2, 16, 512, 5);
+    let diff = max_abs_diff(
+        &merged_model.forward(&x, None, &mut Mode::Eval).unwrap(),
+        &adapted.forward(&x, None, &mut Mode::Eval).unwrap(),
+    );
+    println!("merged vs unmerged logits: max |diff| = {diff:e}");
+    assert!(diff <= 1e-5, "merged model differs by {diff:e}");
+    assert!(merged.join("tokenizer.json").exists());
+
+    let data = root().join("fixtures/instructions.json");
+    let per = tmp.path().join("per.json");
+    let out = ok(lorasft()
+        .args(["eval", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(&s.adapter_dir)
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--labels",
+            "mask-padding",
+            "--padding",
+            "longest",
+            "--max-len",
+            "128",
+            "--per-record",
+        ])
+        .arg(&per));
+    assert!(
+        out.contains("mean loss") && out.contains("perplexity"),
+        "{out}"
+    );
+    let per: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&per).unwrap()).unwrap();
+    assert_eq!(per.len(), 44);
+
+    let generate = |extra: &[&str]| {
+        ok(lorasft()
+            .args(["generate", "--model"])
+            .arg(&dir)
+            .arg("--adapter")
+            .arg(&s.adapter_dir)
+            .args([
+                "--instruction",
+                "Name a mammal that can fly.",
+                "--max-new-tokens",
+                "8",
+            ])
+            .args(extra))
+    };
+    assert_eq!(
+        generate(&[]),
+        generate(&[]),
+        "greedy decoding is deterministic"
+    );
+    assert_eq!(
+        generate(&["--temperature", "0.8", "--seed", "3"]),
+        generate(&["--temperature", "0.8", "--seed", "3"]),
+        "seeded sampling repeats"
+    );
+    let side = generate(&["--compare"]);
+    assert!(
+        side.contains("--- base") && side.contains("--- adapted"),
+        "{side}"
+    );
+}
+
+#[test]
+fn config_files_presets_and_overrides_resolve_and_are_saved() {
+    let d = TrainConfig::day2();
+    assert_eq!(d.model.source, "TinyLlama/TinyLlama-1.1B-Chat-v1.0");
+    assert_eq!((d.lora.r, d.lora.alpha, d.lora.dropout), (8, 16.0, 0.05));
+    assert_eq!(adapter::target_names(&d.lora), "q_proj, v_proj");
+    assert_eq!(d.encode, lorasft::data::encode::EncodeConfig::default());
+    assert_eq!(d.encode.max_len, 512);
+    assert_eq!(d.optim.adamw.weight_decay, 0.0);
+    assert!(d.train.grad_accum > 1 && d.optim.max_grad_norm == 1.0 && d.train.eval_every > 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run.toml");
+    std::fs::write(&path, "[optim]\nlr = 0.005\n[train]\nmax_steps = 3\n").unwrap();
+    let out = ok(lorasft()
+        .args(["train", "--preset", "smoke", "--config"])
+        .arg(&path)
+        .args([
+            "--set",
+            "lora.r=4",
+            "--set",
+            "encode.labels=\"completion_only\"",
+            "--dry-run",
+        ]));
+    let cfg: TrainConfig = toml::from_str(&out).unwrap();
+    assert_eq!(
+        (cfg.optim.lr, cfg.train.max_steps, cfg.lora.r),
+        (0.005, Some(3), 4)
+    );
+    assert_eq!(
+        cfg.encode.labels,
+        lorasft::data::encode::LabelPolicy::CompletionOnly
+    );
+    let bad = lorasft()
+        .args(["train", "--set", "optim.nope=1", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("nope"));
+    let unknown = lorasft()
+        .args(["train", "--preset", "nope"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("smollm2-demo"));
+}
