@@ -368,8 +368,9 @@ impl Llama {
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, s, self.shape.hidden))?; // (b, s, h)
+        let ctx = AttnInputs { bias, cos, sin };
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &bias, &cos, &sin, mode, None)?;
+            x = self.layer_forward(layer, &x, &ctx, mode, None)?;
         }
         Ok(rms_norm(&x, &self.norm, self.shape.rms_norm_eps)?)
     }
@@ -378,12 +379,11 @@ impl Llama {
         &self,
         l: &Layer,
         x: &Tensor,
-        bias: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        ctx: &AttnInputs,
         mode: &mut Mode<'_>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
+        let AttnInputs { bias, cos, sin } = ctx;
         let ModelShape {
             heads: nh,
             kv_heads: nkv,
@@ -464,8 +464,9 @@ impl Llama {
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((1, n, self.shape.hidden))?;
+        let ctx = AttnInputs { bias, cos, sin };
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, &bias, &cos, &sin, &mut Mode::Eval, Some(slot))?;
+            x = self.layer_forward(layer, &x, &ctx, &mut Mode::Eval, Some(slot))?;
         }
         cache.len += n;
         let last = rms_norm(&x.narrow(1, n - 1, 1)?, &self.norm, self.shape.rms_norm_eps)?;
@@ -474,6 +475,16 @@ impl Llama {
                 .reshape((1, self.shape.vocab))?,
         )
     }
+}
+
+/// What every layer's attention shares in one forward: the additive mask and the RoPE tables.
+struct AttnInputs {
+    /// (b, 1, s, t) additive mask.
+    bias: Tensor,
+    /// (s, d) or (b, 1, s, d).
+    cos: Tensor,
+    /// Same shape as `cos`.
+    sin: Tensor,
 }
 
 /// Keys and values of the positions seen so far, per layer, for incremental decoding.
