@@ -62,7 +62,7 @@ fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>
         b.extend(offset.to_le_bytes());
         offset += (shape.iter().product::<usize>() * 4).div_ceil(32) as u64 * 32;
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     for (_, _, vals) in tensors {
@@ -70,7 +70,7 @@ fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>
         for v in vals {
             b.extend(v.to_le_bytes());
         }
-        while (b.len() - start) % 32 != 0 {
+        while !(b.len() - start).is_multiple_of(32) {
             b.push(0);
         }
     }
