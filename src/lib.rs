@@ -9,6 +9,7 @@ pub mod generate;
 pub mod gguf;
 pub mod inspect;
 pub mod model;
+pub mod report;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

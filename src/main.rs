@@ -49,6 +49,20 @@ enum Command {
     Generate(GenerateArgs),
     /// Fold an adapter into the base weights and export a Hugging Face model directory.
     Merge(MergeArgs),
+    /// Write REPORT.md (and its SVGs) for a finished run directory.
+    Report {
+        /// The run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// Where to write the report (default: RUN/REPORT.md); SVGs go beside it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Repeat a run from its config.toml and check every logged loss matches bit for bit.
+    Reproduce {
+        /// The run directory.
+        run: PathBuf,
+    },
     /// Import a GGUF Llama (dequantised, Q/K un-permuted) as a Hugging Face model directory.
     ImportGguf {
         /// The GGUF file.
@@ -385,6 +399,36 @@ fn run(cli: Cli) -> Result<()> {
             model.merge_lora()?;
             adapter::export_merged(&model, &dir.join("config.json"), &a.out)?;
             println!("wrote merged model to {}", a.out.display());
+        }
+        Command::Report { run, out } => {
+            let out = out.unwrap_or_else(|| run.join("REPORT.md"));
+            lorasft::report::write_to(&run, &out, false)?;
+            println!("wrote {}", out.display());
+        }
+        Command::Reproduce { run } => {
+            let r = lorasft::train::reproduce::reproduce(&run)?;
+            println!(
+                "reproduction in {}: {} metric lines compared",
+                r.run_dir.display(),
+                r.compared
+            );
+            match &r.first_mismatch {
+                None => println!("losses: identical bit for bit"),
+                Some((step, kind, a, b)) => {
+                    println!("losses: FIRST MISMATCH at step {step} ({kind}): {a} vs {b}")
+                }
+            }
+            println!(
+                "adapter bytes: {}",
+                if r.adapter_identical {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                }
+            );
+            if !r.matched() {
+                bail!("the run did not reproduce");
+            }
         }
         Command::ImportGguf { file, out } => {
             let cfg = lorasft::model::gguf_import::import(&file, &out)?;

@@ -1,13 +1,13 @@
 //! Dataset statistics under an encoder: what `lorasft data stats` prints and reports quote.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::dataset::Record;
 use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 
 /// Percentiles of a length distribution.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lengths {
     /// Smallest.
     pub min: usize,
@@ -52,7 +52,7 @@ impl Lengths {
 }
 
 /// What a dataset looks like once encoded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataStats {
     /// Records in the file.
     pub records: usize,

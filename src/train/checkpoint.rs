@@ -32,6 +32,9 @@ pub struct LoopState {
     pub metrics_lines: usize,
     /// Steps skipped because they had no trainable token.
     pub skipped_steps: usize,
+    /// Steps whose gradient norm exceeded max_grad_norm and was clipped.
+    #[serde(default)]
+    pub clipped_steps: usize,
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod optim;
+pub mod reproduce;
 pub mod schedule;
 pub mod trainer;

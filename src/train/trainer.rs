@@ -22,12 +22,14 @@ use crate::model::config::LlamaConfig;
 use crate::model::fixture::FixtureSpec;
 use crate::model::load::{self, ModelSource};
 use crate::model::{Llama, Mode};
+use crate::report::{DataRecord, Manifest, RunChecks};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::config::TrainConfig;
 use crate::train::loss::causal_lm_loss_sum;
 use crate::train::optim::{AdamW, clip_grad_norm, collect_grads};
 use crate::train::schedule::lambda;
+use crate::verify::Fingerprint;
 
 /// A base model resolved from a config's `model.source`.
 pub struct ResolvedModel {
@@ -251,6 +253,8 @@ pub struct Summary {
     pub peak_rss_mib: Option<f64>,
     /// Steps skipped for lack of trainable tokens.
     pub skipped_steps: usize,
+    /// Steps whose gradient was clipped.
+    pub clipped_steps: usize,
     /// Whether Ctrl-C stopped the run early.
     pub interrupted: bool,
     /// Generations before and after training, per prompt.
@@ -331,6 +335,20 @@ pub fn generate_all(p: &Prepared, model: &Llama) -> Result<Vec<Generation>> {
         .collect()
 }
 
+/// Reads every line of a metrics.jsonl.
+pub fn metrics_from(path: &Path) -> Result<Vec<Metric>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::Json {
+                path: path.to_path_buf(),
+                msg: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
 fn append_metric(path: &Path, m: &Metric) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -348,7 +366,8 @@ fn truncate_metrics(path: &Path, lines: usize) -> Result<()> {
     std::fs::write(path, kept).map_err(|e| Error::io(path, e))
 }
 
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+/// Writes pretty JSON atomically (temp file + rename).
+pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
@@ -458,11 +477,34 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
                 tokens_seen: 0,
                 metrics_lines: 0,
                 skipped_steps: 0,
+                clipped_steps: 0,
             };
             (state, None)
         }
     };
     let named = model.lora_vars();
+    let fingerprint_before = Fingerprint::of(&model)?;
+    let manifest = Manifest::for_run(&p, &fingerprint_before)?;
+    write_json(&dir.join("manifest.json"), &manifest)?;
+    write_json(&dir.join("data.json"), &DataRecord::of(&p))?;
+    let mut checks = RunChecks {
+        trainable_params: crate::verify::trainable_params_line(
+            model.trainable_params(),
+            model.all_params(),
+        ),
+        base_tensors: fingerprint_before.0.len(),
+        base_fingerprint_before: fingerprint_before.digest(),
+        base_fingerprint_after: String::new(),
+        changed_base_tensors: Vec::new(),
+        adapter_tensors: named.len(),
+        lora_b_with_grad_first_step: None,
+        lora_a_with_grad_after_first_update: None,
+        first_loss: None,
+        last_loss: None,
+        all_losses_finite: true,
+        eval_losses: Vec::new(),
+    };
+    let mut b_moved = resume_from.is_some() || opts.init_adapter.is_some();
     let mut opt = AdamW::new(
         named.iter().map(|(_, v)| v.clone()).collect(),
         cfg.optim.adamw.clone(),
@@ -552,8 +594,32 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
             });
         }
 
+        // Gradient coverage, as this run sees it: every lora_B on the first backward, every
+        // lora_A after the first update (B = 0 before it, so dL/dA = 0).
+        let nonzero = |part: &str| -> Result<usize> {
+            let mut n = 0;
+            for ((name, _), g) in named.iter().zip(&grads) {
+                if name.contains(part)
+                    && g.abs()?
+                        .max_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?
+                        > 0.0
+                {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        };
+        if checks.lora_b_with_grad_first_step.is_none() {
+            checks.lora_b_with_grad_first_step = Some(nonzero("lora_B")?);
+        } else if b_moved && checks.lora_a_with_grad_after_first_update.is_none() {
+            checks.lora_a_with_grad_after_first_update = Some(nonzero("lora_A")?);
+        }
+
         // Clip and update.
         let norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
+        state.clipped_steps += usize::from(norm > cfg.optim.max_grad_norm);
         if !norm.is_finite() {
             return Err(Error::Diverged {
                 what: "gradient norm",
@@ -564,6 +630,9 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
         }
         let lr = cfg.optim.lr * lambda(cfg.optim.schedule, state.step, warmup, total);
         opt.step(&grads, lr)?;
+        // Under warmup the first update has lr 0 and leaves B at zero; A's gradient is checked
+        // on the step after the first update that actually moved B.
+        b_moved |= lr > 0.0;
         state.step += 1;
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);
@@ -611,6 +680,7 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
             };
             append_metric(&metrics_path, &m)?;
             state.metrics_lines += 1;
+            checks.eval_losses.push((state.step, eval_loss));
             bar.println(format!(
                 "step {}: eval loss {eval_loss:.4} (ppl {:.2})",
                 state.step,
@@ -658,6 +728,15 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
     let after = generate_all(&p, &model)?;
     let generations: Vec<(Generation, Generation)> = before.into_iter().zip(after).collect();
     write_json(&dir.join("generations.json"), &generations)?;
+    let fingerprint_after = Fingerprint::of(&model)?;
+    checks.base_fingerprint_after = fingerprint_after.digest();
+    checks.changed_base_tensors = fingerprint_before.changed(&fingerprint_after);
+    checks.first_loss = first_loss;
+    checks.last_loss = last_loss;
+    checks.all_losses_finite = metrics_from(&metrics_path)?
+        .iter()
+        .all(|m| m.loss.is_finite());
+    write_json(&dir.join("checks.json"), &checks)?;
     let summary = Summary {
         run_dir: dir.clone(),
         adapter_dir,
@@ -670,9 +749,11 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
         wall_s,
         peak_rss_mib: peak_rss_mib(),
         skipped_steps: state.skipped_steps,
+        clipped_steps: state.clipped_steps,
         interrupted,
         generations,
     };
     write_json(&dir.join("summary.json"), &summary)?;
+    crate::report::write(&dir)?;
     Ok(summary)
 }
