@@ -614,8 +614,8 @@ pub fn render(
         let _ = writeln!(
             r,
             "**{instr}**\n\n- before: {}\n- after: {}\n",
-            quote(&before.text),
-            quote(&after.text)
+            v(quote(&before.text)),
+            v(quote(&after.text))
         );
     }
     let _ = writeln!(
@@ -625,6 +625,14 @@ pub fn render(
 
     let _ = writeln!(r, "## Results\n");
     let _ = writeln!(r, "![loss]({loss_svg})\n\n![learning rate]({lr_svg})\n");
+    if let Some(m0) = run.metrics.iter().find(|m| m.kind == "eval" && m.step == 0) {
+        let _ = writeln!(
+            r,
+            "Validation loss before the first update (step 0): {:.4} (perplexity {:.2}).\n",
+            m0.loss,
+            m0.loss.exp()
+        );
+    }
     let _ = writeln!(
         r,
         "| step | train loss | validation loss | lr | grad norm |\n|---|---|---|---|---|"
@@ -731,7 +739,7 @@ pub fn render(
         "- Command: `{}`\n- Seed: {}\n- Config SHA-256: `{}`\n- Data SHA-256: `{}`\n- Tokenizer SHA-256: `{}`\n- Base weights digest: `{}`\n\n`lorasft reproduce <run dir>` repeats the run from its `config.toml` and checks that every logged loss matches bit for bit.",
         v(m.command.join(" ")),
         m.seed,
-        m.config_sha256,
+        v(m.config_sha256.clone()),
         m.data_sha256,
         m.tokenizer_sha256,
         m.base_weights_digest
