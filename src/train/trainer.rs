@@ -228,6 +228,24 @@ pub struct Metric {
     pub elapsed_s: f64,
 }
 
+impl Metric {
+    /// An evaluation line: validation loss, its perplexity and target count at `step`.
+    pub fn eval(step: usize, loss: f64, targets: usize, elapsed_s: f64) -> Self {
+        Self {
+            step,
+            kind: "eval".into(),
+            loss,
+            ppl: Some(loss.exp()),
+            lr: None,
+            grad_norm: None,
+            targets,
+            tokens_seen: None,
+            tokens_per_s: None,
+            elapsed_s,
+        }
+    }
+}
+
 /// What a finished (or interrupted) run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
@@ -550,18 +568,7 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
     // A baseline before the first update, so the validation curve starts where the base model is.
     if resume_from.is_none() && cfg.train.eval_every > 0 {
         let (eval_loss, eval_targets) = evaluate(&model, &p.encoder, &p.val, cfg.train.batch_size)?;
-        let m = Metric {
-            step: 0,
-            kind: "eval".into(),
-            loss: eval_loss,
-            ppl: Some(eval_loss.exp()),
-            lr: None,
-            grad_norm: None,
-            targets: eval_targets,
-            tokens_seen: None,
-            tokens_per_s: None,
-            elapsed_s: 0.0,
-        };
+        let m = Metric::eval(0, eval_loss, eval_targets, 0.0);
         append_metric(&metrics_path, &m)?;
         state.metrics_lines += 1;
         checks.eval_losses.push((0, eval_loss));
@@ -686,18 +693,12 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
         if (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) || last {
             let (eval_loss, eval_targets) =
                 evaluate(&model, &p.encoder, &p.val, cfg.train.batch_size)?;
-            let m = Metric {
-                step: state.step,
-                kind: "eval".into(),
-                loss: eval_loss,
-                ppl: Some(eval_loss.exp()),
-                lr: None,
-                grad_norm: None,
-                targets: eval_targets,
-                tokens_seen: None,
-                tokens_per_s: None,
-                elapsed_s: start.elapsed().as_secs_f64(),
-            };
+            let m = Metric::eval(
+                state.step,
+                eval_loss,
+                eval_targets,
+                start.elapsed().as_secs_f64(),
+            );
             append_metric(&metrics_path, &m)?;
             state.metrics_lines += 1;
             checks.eval_losses.push((state.step, eval_loss));
