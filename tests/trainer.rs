@@ -500,3 +500,62 @@ fn config_files_presets_and_overrides_resolve_and_are_saved() {
         .unwrap();
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("smollm2-demo"));
 }
+
+#[test]
+fn steps_without_targets_are_skipped_but_still_checkpointed_and_stoppable() {
+    // max_len 8 cuts every response away: CompletionOnly leaves no loss target anywhere.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 4);
+    cfg.encode.max_len = 8;
+    cfg.encode.labels = lorasft::data::encode::LabelPolicy::CompletionOnly;
+    cfg.train.save_every = 0;
+    let part = run(
+        cfg.clone(),
+        &RunOptions {
+            stop_at_step: Some(2),
+            ..RunOptions::default()
+        },
+    );
+    assert!(part.interrupted && part.steps == 2 && part.skipped_steps == 2);
+    assert!(
+        part.run_dir.join("checkpoints/step-000002").exists(),
+        "the stop on a skipped step wrote a checkpoint"
+    );
+    let done = run(
+        cfg,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    );
+    assert_eq!(
+        (done.steps, done.skipped_steps, done.first_loss),
+        (4, 4, None)
+    );
+    assert!(
+        done.run_dir.join("checkpoints/step-000004").exists(),
+        "the final (skipped) step is checkpointed"
+    );
+    let report = std::fs::read_to_string(done.run_dir.join("REPORT.md")).unwrap();
+    assert!(
+        report.contains("4 optimizer steps had no trainable token and were skipped"),
+        "{report}"
+    );
+    assert!(report.contains("Status: Needs Attention"));
+}
+
+#[test]
+fn max_grad_norm_zero_disables_clipping_and_negative_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 6);
+    cfg.optim.max_grad_norm = 0.0;
+    let s = run(cfg.clone(), &RunOptions::default());
+    assert_eq!(s.clipped_steps, 0);
+    assert!(
+        s.last_loss.unwrap() < s.first_loss.unwrap(),
+        "training still descends without clipping"
+    );
+    cfg.optim.max_grad_norm = -1.0;
+    let err = trainer::prepare(cfg).err().unwrap().to_string();
+    assert!(err.contains("max_grad_norm") && err.contains("-1"), "{err}");
+}

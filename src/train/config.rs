@@ -349,6 +349,12 @@ impl TrainConfig {
                 self.optim.lr
             )));
         }
+        if !(self.optim.max_grad_norm.is_finite() && self.optim.max_grad_norm >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "optim.max_grad_norm must be >= 0 (0 disables clipping), got {}",
+                self.optim.max_grad_norm
+            )));
+        }
         self.lora.validate()
     }
 }

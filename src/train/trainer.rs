@@ -27,7 +27,7 @@ use crate::rng::Rng;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::config::TrainConfig;
 use crate::train::loss::causal_lm_loss_sum;
-use crate::train::optim::{AdamW, clip_grad_norm, collect_grads};
+use crate::train::optim::{AdamW, clip_grad_norm, collect_grads, grad_norm};
 use crate::train::schedule::lambda;
 use crate::verify::Fingerprint;
 
@@ -592,101 +592,110 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
             micro.push(Batch::from_rows(&p.encoder.collate(&exs), model.device())?);
         }
         let targets: usize = micro.iter().map(|b| b.targets).sum();
-        if targets == 0 {
-            state.step += 1;
+        // A step with no loss target is skipped (counted), but still logged as skipped,
+        // evaluated, checkpointed and checked for a stop like any other.
+        let trained = if targets == 0 {
             state.skipped_steps += 1;
             bar.println(format!(
                 "step {}: no trainable token in the batch; update skipped",
-                state.step
+                state.step + 1
             ));
-            continue;
-        }
-
-        // Forward + backward, the loss normalised by the targets of the whole step.
-        let (loss_sum, mut grads, real) =
-            forward_backward(&model, &named, &micro, targets, &mut state.dropout_rng)?;
-        state.tokens_seen += real as u64;
-        let loss = loss_sum / targets as f64;
-        let ckpt_name = || {
-            last_ckpt
-                .as_ref()
-                .map_or("none".to_string(), |c| c.display().to_string())
-        };
-        if !loss.is_finite() {
-            return Err(Error::Diverged {
-                what: "loss",
-                value: loss,
-                step: state.step + 1,
-                checkpoint: ckpt_name(),
-            });
-        }
-
-        // Gradient coverage, as this run sees it: every lora_B on the first backward, every
-        // lora_A after the first update (B = 0 before it, so dL/dA = 0).
-        let nonzero = |part: &str| -> Result<usize> {
-            let mut n = 0;
-            for ((name, _), g) in named.iter().zip(&grads) {
-                if name.contains(part)
-                    && g.abs()?
-                        .max_all()?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()?
-                        > 0.0
-                {
-                    n += 1;
-                }
+            None
+        } else {
+            // Forward + backward, the loss normalised by the targets of the whole step.
+            let (loss_sum, mut grads, real) =
+                forward_backward(&model, &named, &micro, targets, &mut state.dropout_rng)?;
+            state.tokens_seen += real as u64;
+            let loss = loss_sum / targets as f64;
+            let ckpt_name = || {
+                last_ckpt
+                    .as_ref()
+                    .map_or("none".to_string(), |c| c.display().to_string())
+            };
+            if !loss.is_finite() {
+                return Err(Error::Diverged {
+                    what: "loss",
+                    value: loss,
+                    step: state.step + 1,
+                    checkpoint: ckpt_name(),
+                });
             }
-            Ok(n)
-        };
-        if checks.lora_b_with_grad_first_step.is_none() {
-            checks.lora_b_with_grad_first_step = Some(nonzero("lora_B")?);
-        } else if b_moved && checks.lora_a_with_grad_after_first_update.is_none() {
-            checks.lora_a_with_grad_after_first_update = Some(nonzero("lora_A")?);
-        }
 
-        // Clip and update.
-        let norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
-        state.clipped_steps += usize::from(norm > cfg.optim.max_grad_norm);
-        if !norm.is_finite() {
-            return Err(Error::Diverged {
-                what: "gradient norm",
-                value: norm,
-                step: state.step + 1,
-                checkpoint: ckpt_name(),
-            });
-        }
-        let lr = cfg.optim.lr * lambda(cfg.optim.schedule, state.step, warmup, total);
-        opt.step(&grads, lr)?;
-        // Under warmup the first update has lr 0 and leaves B at zero; A's gradient is checked
-        // on the step after the first update that actually moved B.
-        b_moved |= lr > 0.0;
+            // Gradient coverage, as this run sees it: every lora_B on the first backward, every
+            // lora_A after the first update (B = 0 before it, so dL/dA = 0).
+            let nonzero = |part: &str| -> Result<usize> {
+                let mut n = 0;
+                for ((name, _), g) in named.iter().zip(&grads) {
+                    if name.contains(part)
+                        && g.abs()?
+                            .max_all()?
+                            .to_dtype(DType::F64)?
+                            .to_scalar::<f64>()?
+                            > 0.0
+                    {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            };
+            if checks.lora_b_with_grad_first_step.is_none() {
+                checks.lora_b_with_grad_first_step = Some(nonzero("lora_B")?);
+            } else if b_moved && checks.lora_a_with_grad_after_first_update.is_none() {
+                checks.lora_a_with_grad_after_first_update = Some(nonzero("lora_A")?);
+            }
+
+            // Clip (max_grad_norm <= 0 disables clipping, as in transformers) and update.
+            let norm = if cfg.optim.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?
+            } else {
+                grad_norm(&grads)?
+            };
+            state.clipped_steps +=
+                usize::from(cfg.optim.max_grad_norm > 0.0 && norm > cfg.optim.max_grad_norm);
+            if !norm.is_finite() {
+                return Err(Error::Diverged {
+                    what: "gradient norm",
+                    value: norm,
+                    step: state.step + 1,
+                    checkpoint: ckpt_name(),
+                });
+            }
+            let lr = cfg.optim.lr * lambda(cfg.optim.schedule, state.step, warmup, total);
+            opt.step(&grads, lr)?;
+            // Under warmup the first update has lr 0 and leaves B at zero; A's gradient is checked
+            // on the step after the first update that actually moved B.
+            b_moved |= lr > 0.0;
+            first_loss.get_or_insert(loss);
+            last_loss = Some(loss);
+            Some((loss, lr, norm))
+        };
         state.step += 1;
-        first_loss.get_or_insert(loss);
-        last_loss = Some(loss);
 
         // Log, evaluate, checkpoint.
         let elapsed = start.elapsed().as_secs_f64();
         let tps = (state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
         bar.set_position(state.step as u64);
-        bar.set_message(format!(
-            "loss {loss:.4} lr {lr:.2e} gn {norm:.3} {tps:.0} tok/s"
-        ));
         let last = state.step == total;
-        if state.step % cfg.train.log_every.max(1) == 0 || last || state.step == 1 {
-            let m = Metric {
-                step: state.step,
-                kind: "train".into(),
-                loss,
-                ppl: None,
-                lr: Some(lr),
-                grad_norm: Some(norm),
-                targets,
-                tokens_seen: Some(state.tokens_seen),
-                tokens_per_s: Some(tps),
-                elapsed_s: elapsed,
-            };
-            append_metric(&metrics_path, &m)?;
-            state.metrics_lines += 1;
+        if let Some((loss, lr, norm)) = trained {
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} gn {norm:.3} {tps:.0} tok/s"
+            ));
+            if state.step % cfg.train.log_every.max(1) == 0 || last || state.step == 1 {
+                let m = Metric {
+                    step: state.step,
+                    kind: "train".into(),
+                    loss,
+                    ppl: None,
+                    lr: Some(lr),
+                    grad_norm: Some(norm),
+                    targets,
+                    tokens_seen: Some(state.tokens_seen),
+                    tokens_per_s: Some(tps),
+                    elapsed_s: elapsed,
+                };
+                append_metric(&metrics_path, &m)?;
+                state.metrics_lines += 1;
+            }
         }
         let stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
             || opts.stop_at_step == Some(state.step);
