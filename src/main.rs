@@ -571,11 +571,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         prepared.val.len(),
         s.truncated,
         s.no_trainable_label,
-        lorasft::verify::trainable_params_line(
-            inspect::lora_params(prepared.base.model.shape(), &prepared.cfg.lora),
-            prepared.base.model.shape().base_params()
-                + inspect::lora_params(prepared.base.model.shape(), &prepared.cfg.lora)
-        )
+        {
+            let trainable = inspect::lora_params(prepared.base.model.shape(), &prepared.cfg.lora);
+            lorasft::verify::trainable_params_line(
+                trainable,
+                prepared.base.model.shape().base_params() + trainable,
+            )
+        }
     );
     let opts = RunOptions {
         resume: a.resume,
@@ -639,7 +641,19 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|r| enc.encode(r))
         .collect::<lorasft::Result<Vec<_>>>()?;
-    let (loss, targets) = trainer::evaluate(&model, &enc, &examples, a.batch_size)?;
+    // With --per-record every example is its own batch, and the totals are summed from those
+    // same losses, so nothing is computed twice.
+    let sums = trainer::batch_loss_sums(
+        &model,
+        &enc,
+        &examples,
+        if a.per_record.is_some() {
+            1
+        } else {
+            a.batch_size
+        },
+    )?;
+    let (loss, targets) = trainer::mean_loss(&sums);
     println!(
         "records: {}, loss targets: {targets}, mean loss: {loss:.6}, perplexity: {:.4}",
         examples.len(),
@@ -648,12 +662,12 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     if let Some(path) = a.per_record {
         let per: Vec<serde_json::Value> = examples
             .iter()
+            .zip(&sums)
             .enumerate()
-            .map(|(i, e)| {
-                let (l, t) = trainer::evaluate(&model, &enc, std::slice::from_ref(e), 1)?;
-                Ok(serde_json::json!({"record": i, "line": ds.lines[i], "loss": if t == 0 { None } else { Some(l) }, "targets": t, "truncated": e.truncated()}))
+            .map(|(i, (e, &(sum, t)))| {
+                serde_json::json!({"record": i, "line": ds.lines[i], "loss": (t > 0).then(|| sum / t as f64), "targets": t, "truncated": e.truncated()})
             })
-            .collect::<lorasft::Result<_>>()?;
+            .collect();
         std::fs::write(&path, serde_json::to_string_pretty(&per)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("per-record losses: {}", path.display());

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bits, ids, max_abs_diff, tiny};
+use common::{bits, ids, max_abs_diff, randomise_adapters, tiny};
 use lorasft::model::{Llama, LoraConfig, Mode, Projection};
 use lorasft::rng::Rng;
 use lorasft::train::loss::causal_lm_loss;
@@ -196,21 +196,6 @@ fn fresh_adapter_leaves_logits_bitwise_equal_to_the_base_model() {
             bits(&b),
             "{dtype:?}: B = 0 adapter changed the logits"
         );
-    }
-}
-
-/// Sets every adapter tensor to small random values so that all gradients are non-trivial.
-fn randomise_adapters(model: &Llama, seed: u64) {
-    let mut r = Rng::new(seed);
-    for (_, v) in model.lora_vars() {
-        let vals: Vec<f64> = (0..v.elem_count()).map(|_| 0.05 * r.normal()).collect();
-        v.set(
-            &Tensor::from_vec(vals, v.shape(), &Device::Cpu)
-                .unwrap()
-                .to_dtype(v.dtype())
-                .unwrap(),
-        )
-        .unwrap();
     }
 }
 

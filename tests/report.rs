@@ -3,20 +3,9 @@
 
 mod common;
 
-use std::path::Path;
+use common::smoke;
 
-use lorasft::train::config::TrainConfig;
 use lorasft::train::trainer::{self, RunOptions};
-
-fn smoke(out: &Path, steps: usize) -> TrainConfig {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut c = TrainConfig::smoke();
-    c.run.out_dir = out.to_path_buf();
-    c.model.tokenizer = Some(root.join("fixtures/tokenizer.json"));
-    c.data.path = root.join("fixtures/instructions.json");
-    c.train.max_steps = Some(steps);
-    c
-}
 
 /// The reference's section headings, in order.
 const SECTIONS: [&str; 14] = [

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use common::{bits, ids, max_abs_diff};
+use common::{bits, ids, max_abs_diff, smoke};
 use lorasft::adapter;
 use lorasft::data::batch::Batch;
 use lorasft::model::fixture::FixtureSpec;
@@ -17,16 +17,6 @@ use lorasft::train::trainer::{self, Metric, RunOptions, Summary};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The smoke preset with paths made absolute and the run under `out`.
-fn smoke(out: &Path, steps: usize) -> TrainConfig {
-    let mut c = TrainConfig::smoke();
-    c.run.out_dir = out.to_path_buf();
-    c.model.tokenizer = Some(root().join("fixtures/tokenizer.json"));
-    c.data.path = root().join("fixtures/instructions.json");
-    c.train.max_steps = Some(steps);
-    c
 }
 
 fn run(cfg: TrainConfig, opts: &RunOptions) -> Summary {
@@ -150,14 +140,7 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
     let mut model = p.base.model.clone();
     model.add_lora(&p.cfg.lora, 3).unwrap();
     // Non-zero B so that every gradient is non-trivial.
-    let mut r = Rng::new(3);
-    for (_, v) in model.lora_vars() {
-        let vals: Vec<f32> = (0..v.elem_count())
-            .map(|_| (0.05 * r.normal()) as f32)
-            .collect();
-        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::randomise_adapters(&model, 3);
     let named = model.lora_vars();
     let ex: Vec<_> = p.train[..4].iter().collect();
     let batch = |e: &[&lorasft::data::encode::Example]| {
@@ -304,14 +287,7 @@ fn peft_written_adapter_loads_and_unsupported_features_are_refused() {
         .build(0, DType::F32, &Device::Cpu)
         .unwrap();
     model.add_lora(&LoraConfig::default(), 9).unwrap();
-    let mut r = Rng::new(9);
-    for (_, v) in model.lora_vars() {
-        let vals: Vec<f32> = (0..v.elem_count())
-            .map(|_| (0.05 * r.normal()) as f32)
-            .collect();
-        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::randomise_adapters(&model, 9);
     // PEFT's tensors: same keys, metadata {"format": "pt"}.
     let tensors: Vec<(String, candle_core::Tensor)> = model
         .lora_vars()

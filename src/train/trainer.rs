@@ -309,6 +309,40 @@ fn epoch_order(n: usize, epoch: usize, seed: u64, shuffle: bool) -> Vec<usize> {
     v
 }
 
+/// Summed loss and target count of each batch of `batch_size` examples (no dropout).
+pub fn batch_loss_sums(
+    model: &Llama,
+    encoder: &Encoder,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<Vec<(f64, usize)>> {
+    examples
+        .chunks(batch_size.max(1))
+        .map(|chunk| {
+            let rows = encoder.collate(&chunk.iter().collect::<Vec<_>>());
+            let b = Batch::from_rows(&rows, model.device())?;
+            let logits = model.forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
+            let l = causal_lm_loss_sum(&logits, &b.labels)?;
+            Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
+        })
+        .collect()
+}
+
+/// Mean loss per target token and target count over (loss sum, targets) pairs; 0 without targets.
+pub fn mean_loss(sums: &[(f64, usize)]) -> (f64, usize) {
+    let (sum, targets) = sums
+        .iter()
+        .fold((0.0, 0), |(s, t), (ls, lt)| (s + ls, t + lt));
+    (
+        if targets == 0 {
+            0.0
+        } else {
+            sum / targets as f64
+        },
+        targets,
+    )
+}
+
 /// Mean loss and target count over examples, in batches (no dropout).
 pub fn evaluate(
     model: &Llama,
@@ -316,24 +350,9 @@ pub fn evaluate(
     examples: &[Example],
     batch_size: usize,
 ) -> Result<(f64, usize)> {
-    let mut sum = 0.0;
-    let mut targets = 0;
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let rows = encoder.collate(&chunk.iter().collect::<Vec<_>>());
-        let b = Batch::from_rows(&rows, model.device())?;
-        let logits = model.forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
-        let l = causal_lm_loss_sum(&logits, &b.labels)?;
-        sum += l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        targets += l.tokens;
-    }
-    Ok((
-        if targets == 0 {
-            0.0
-        } else {
-            sum / targets as f64
-        },
-        targets,
-    ))
+    Ok(mean_loss(&batch_loss_sums(
+        model, encoder, examples, batch_size,
+    )?))
 }
 
 /// Generates an answer for each instruction prompt (the reference template, no input).

@@ -283,3 +283,28 @@ pub fn fixture_records() -> Vec<lorasft::data::Record> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/instructions.json");
     lorasft::data::dataset::load(&p).unwrap().records
 }
+
+/// Sets every adapter tensor to N(0, 0.05²) values from `seed`, so that every gradient
+/// (A's included) is non-trivial.
+pub fn randomise_adapters(model: &Llama, seed: u64) {
+    let mut r = lorasft::rng::Rng::new(seed);
+    for (_, v) in model.lora_vars() {
+        let vals: Vec<f64> = (0..v.elem_count()).map(|_| 0.05 * r.normal()).collect();
+        let t = Tensor::from_vec(vals, v.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(v.dtype())
+            .unwrap();
+        v.set(&t).unwrap();
+    }
+}
+
+/// The smoke preset with absolute fixture paths, `steps` steps, and its run under `out`.
+pub fn smoke(out: &std::path::Path, steps: usize) -> lorasft::train::config::TrainConfig {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut c = lorasft::train::config::TrainConfig::smoke();
+    c.run.out_dir = out.to_path_buf();
+    c.model.tokenizer = Some(root.join("fixtures/tokenizer.json"));
+    c.data.path = root.join("fixtures/instructions.json");
+    c.train.max_steps = Some(steps);
+    c
+}
