@@ -3,7 +3,10 @@
 //! adapters, the loss and optimiser, and the checks that prove the base stays frozen.
 
 pub mod adapter;
+pub mod alloc_tuning;
+pub mod bench;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -11,6 +14,7 @@ pub mod inspect;
 pub mod model;
 pub mod report;
 pub mod rng;
+pub mod selftest;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

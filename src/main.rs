@@ -7,7 +7,9 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use lorasft::adapter;
+use lorasft::bench::{self, BenchShape};
 use lorasft::data::encode::{EncodeConfig, Encoder, EosPolicy, LabelPolicy, Padding, PaddingSide};
+use lorasft::device::{DeviceSpec, Precision};
 use lorasft::generate::{GenerateConfig, Sampling};
 use lorasft::inspect;
 use lorasft::model::config::LlamaConfig;
@@ -49,6 +51,16 @@ enum Command {
     Generate(GenerateArgs),
     /// Fold an adapter into the base weights and export a Hugging Face model directory.
     Merge(MergeArgs),
+    /// Time the training step at the benchmark shapes and print one table (ms/step, tokens/s,
+    /// forward, generation, peak RSS, threads); each shape and thread count in its own process.
+    Bench(BenchArgs),
+    /// Run the verification suite on a device and precision and print a pass/fail table:
+    /// logits and gradients against the CPU in f64, gradient coverage, the frozen base, a
+    /// short training whose loss falls. Exits non-zero when a check fails.
+    Selftest {
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
     /// Write REPORT.md (and its SVGs) for a finished run directory.
     Report {
         /// The run directory.
@@ -96,6 +108,12 @@ struct TrainArgs {
     /// Shortcut for `--set run.seed=N`.
     #[arg(long)]
     seed: Option<u64>,
+    /// Shortcut for `--set run.device=D`: auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<DeviceSpec>,
+    /// Shortcut for `--set run.precision=P`.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -112,6 +130,8 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct EvalArgs {
+    #[command(flatten)]
+    dev: DeviceArgs,
     /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
     #[arg(long)]
     model: String,
@@ -136,6 +156,8 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
+    #[command(flatten)]
+    dev: DeviceArgs,
     /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
     #[arg(long)]
     model: String,
@@ -173,6 +195,8 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct MergeArgs {
+    #[command(flatten)]
+    dev: DeviceArgs,
     /// Base model directory or hub id.
     #[arg(long)]
     model: String,
@@ -338,7 +362,162 @@ struct InspectArgs {
     rslora: bool,
 }
 
+/// Where to compute and in what precision (every command that runs the model).
+#[derive(Args, Clone, Copy)]
+struct DeviceArgs {
+    /// auto (CUDA when built with it and present, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Precision of the frozen base and activations; adapters, AdamW and the loss stay f32.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
+}
+
+impl DeviceArgs {
+    fn open(self) -> Result<Device> {
+        Ok(self.device.open()?)
+    }
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Shapes to run.
+    #[arg(long, value_delimiter = ',', default_values = ["tiny", "smollm2"])]
+    shapes: Vec<BenchShape>,
+    /// Thread counts; each (shape, threads) pair runs in a fresh process.
+    #[arg(long, value_delimiter = ',', default_values = ["1", "2"])]
+    threads: Vec<usize>,
+    /// Timed steps per shape (after one warm-up step); the table gives the median.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// New tokens for the generation figure.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Seed of the weights and the batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// JSON-lines rows of another implementation (scripts/bench_pytorch.py) to show beside.
+    #[arg(long)]
+    compare: Vec<PathBuf>,
+    /// Also write every row as JSON lines here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Dataset for the encoding figure.
+    #[arg(long, default_value = ".cache/assets/data/alpaca_en_demo.json")]
+    data: PathBuf,
+    /// Tokenizer for the encoding figure.
+    #[arg(long, default_value = ".cache/assets/tok/llama-spm/tokenizer.json")]
+    tokenizer: PathBuf,
+    /// Run one shape in this process and print its row as JSON (what the table spawns).
+    #[arg(long, hide = true)]
+    one: bool,
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.one {
+        let shape = *a.shapes.first().context("--one needs a shape")?;
+        let row = bench::run_shape(&bench::BenchPlan {
+            shape,
+            steps: a.steps,
+            gen_tokens: a.gen_tokens,
+            seed: a.seed,
+        })?;
+        println!("{}", serde_json::to_string(&row)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the lorasft binary")?;
+    let mut rows = Vec::new();
+    for &shape in &a.shapes {
+        for &threads in &a.threads {
+            eprintln!("bench: {} with {threads} thread(s)...", shape.name());
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "--one",
+                    "--shapes",
+                    &format!("{shape:?}").to_lowercase(),
+                ])
+                .args(["--steps", &a.steps.to_string()])
+                .args(["--gen-tokens", &a.gen_tokens.to_string()])
+                .args(["--seed", &a.seed.to_string()])
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .context("running a bench process")?;
+            if !out.status.success() {
+                bail!(
+                    "bench {} with {threads} thread(s) failed: {}",
+                    shape.name(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            let row: bench::BenchRow = serde_json::from_str(line.trim())
+                .with_context(|| format!("reading the bench row {line:?}"))?;
+            rows.push(row);
+        }
+    }
+    for path in &a.compare {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            rows.push(
+                serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a bench row", path.display(), i + 1))?,
+            );
+        }
+    }
+    rows.sort_by(|x, y| {
+        (x.shape.as_str(), x.threads, x.impl_name != "lorasft").cmp(&(
+            y.shape.as_str(),
+            y.threads,
+            y.impl_name != "lorasft",
+        ))
+    });
+    print!("{}", bench::render_table(&rows));
+    if a.data.exists() && a.tokenizer.exists() {
+        let (n, secs) = bench::time_encoding(&a.data, &a.tokenizer)?;
+        println!(
+            "\nencoding {n} records of {} (max length 512): {:.3} s, {:.0} records/s",
+            a.data.display(),
+            secs,
+            n as f64 / secs
+        );
+    }
+    println!(
+        "\nf32, LoRA r 8 on q_proj,v_proj, labels = input_ids, weights from seed {}; {} on {}",
+        a.seed,
+        env!("CARGO_PKG_VERSION"),
+        cpu_name()
+    );
+    if let Some(path) = &a.json {
+        let body: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).map(|l| l + "\n"))
+            .collect::<std::result::Result<_, _>>()?;
+        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The CPU model from /proc/cpuinfo, where Linux provides it.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 fn main() {
+    lorasft::alloc_tuning::keep_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -365,6 +544,23 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} (seed {})", a.out.display(), a.seed);
         }
         Command::Inspect(a) => inspect_cmd(a)?,
+        Command::Bench(a) => bench_cmd(a)?,
+        Command::Selftest { dev } => {
+            let device = dev.open()?;
+            let checks = lorasft::selftest::run(&device, dev.precision)?;
+            let name = match &device {
+                Device::Cpu => "cpu".to_string(),
+                other => format!("{:?}", other.location()),
+            };
+            print!(
+                "{}",
+                lorasft::selftest::render(&checks, &name, dev.precision)
+            );
+            let failed = checks.iter().filter(|c| !c.passed).count();
+            if failed > 0 {
+                bail!("{failed} of {} selftest checks failed", checks.len());
+            }
+        }
         Command::Tokenizer(TokenizerCommand::FromGguf { file, out }) => {
             let n = lorasft::tokenizer::from_gguf::convert(&file, &out)?;
             println!(
@@ -389,7 +585,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd(a)?,
         Command::Generate(a) => generate_cmd(a)?,
         Command::Merge(a) => {
-            let resolved = trainer::resolve_model(&a.model, &Device::Cpu)?;
+            let resolved =
+                trainer::resolve_model(&a.model, &a.dev.open()?, a.dev.precision.dtype())?;
             let dir = resolved
                 .dir
                 .clone()
@@ -534,6 +731,12 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(s) = a.seed {
         overrides.push(format!("run.seed={s}"));
     }
+    if let Some(d) = a.device {
+        overrides.push(format!("run.device={:?}", d.to_string()));
+    }
+    if let Some(p) = a.precision {
+        overrides.push(format!("run.precision={:?}", p.to_string()));
+    }
     let cfg = cfg.with_overrides(&overrides)?;
     cfg.validate()?;
     if a.dry_run {
@@ -618,8 +821,9 @@ fn model_and_tokenizer(
     model: &str,
     adapter_dir: Option<&PathBuf>,
     tokenizer: Option<&PathBuf>,
+    dev: DeviceArgs,
 ) -> Result<(lorasft::model::Llama, trainer::ResolvedModel, PathBuf)> {
-    let resolved = trainer::resolve_model(model, &Device::Cpu)?;
+    let resolved = trainer::resolve_model(model, &dev.open()?, dev.precision.dtype())?;
     let tok = match (tokenizer, &resolved.dir) {
         (Some(t), _) => t.clone(),
         (None, Some(d)) => d.join("tokenizer.json"),
@@ -633,7 +837,8 @@ fn model_and_tokenizer(
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let (model, _, tok) = model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref())?;
+    let (model, _, tok) =
+        model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref(), a.dev)?;
     let enc = Encoder::from_file(&tok, a.encode.config())?;
     let ds = lorasft::data::dataset::load(&a.data)?;
     let examples = ds
@@ -677,7 +882,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let (model, resolved, tok) =
-        model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref())?;
+        model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref(), a.dev)?;
     let enc = Encoder::from_file(&tok, EncodeConfig::default())?;
     let mut eos = vec![enc.special_ids().eos];
     if let Some(ids) = &resolved.config.eos_token_id {

@@ -238,3 +238,50 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+#[test]
+fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rows.jsonl");
+    // A comparison row in the format scripts/bench_pytorch.py writes.
+    let other = dir.path().join("other.jsonl");
+    std::fs::write(
+        &other,
+        r#"{"impl_name": "other", "shape": "tiny", "batch": 4, "seq": 128, "threads": 1, "step_ms": 1000.0, "step_range_ms": [990.0, 1010.0], "tokens_per_s": 512.0, "forward_ms": 300.0, "gen_tokens_per_s": 50.0, "peak_rss_mib": 900.0}"#,
+    )
+    .unwrap();
+    let out = run_ok(
+        lorasft()
+            .args(["bench", "--shapes", "tiny", "--threads", "1"])
+            .args([
+                "--steps",
+                "1",
+                "--gen-tokens",
+                "2",
+                "--compare",
+                other.to_str().unwrap(),
+                "--json",
+                json.to_str().unwrap(),
+            ]),
+    );
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(rows.len(), 3, "header + lorasft + comparison:\n{out}");
+    assert!(
+        rows[1].starts_with("| lorasft | tiny | 4 × 128 | 1 |"),
+        "{out}"
+    );
+    assert!(rows[2].starts_with("| other | tiny |"), "{out}");
+    // The ratio column is lorasft's median step over the other's 1000 ms.
+    let ours: f64 = rows[1].split('|').nth(5).unwrap().trim().parse().unwrap();
+    assert!(
+        rows[2]
+            .trim_end()
+            .ends_with(&format!("{:.2}× |", ours / 1000.0)),
+        "{out}"
+    );
+    let written = std::fs::read_to_string(&json).unwrap();
+    let row: lorasft::bench::BenchRow =
+        serde_json::from_str(written.lines().next().unwrap()).unwrap();
+    assert!(row.step_ms > 0.0 && row.tokens_per_s > 0.0 && row.peak_rss_mib > 0.0);
+    assert_eq!((row.batch, row.seq, row.threads), (4, 128, 1));
+}

@@ -19,9 +19,37 @@ fn batch(s: usize) -> (Tensor, Tensor) {
     (x, labels)
 }
 
+/// The training path's loss (fused lm_head + cross-entropy), mean over the batch's targets.
 fn loss_of(model: &Llama, mode: &mut Mode<'_>) -> Tensor {
     let (x, labels) = batch(10);
-    causal_lm_loss(&model.forward(&x, None, mode).unwrap(), &labels).unwrap()
+    model
+        .loss_sum(&x, None, &labels, mode)
+        .unwrap()
+        .mean()
+        .unwrap()
+}
+
+#[test]
+fn fused_loss_equals_logits_loss_with_the_same_adapter_gradients() {
+    let mut model = tiny(3, DType::F64);
+    model.add_lora(&LoraConfig::default(), 4).unwrap();
+    randomise_adapters(&model, 5);
+    let composed = {
+        let (x, labels) = batch(10);
+        causal_lm_loss(&model.forward(&x, None, &mut Mode::Eval).unwrap(), &labels).unwrap()
+    };
+    let fused = loss_of(&model, &mut Mode::Eval);
+    let d = (fused.to_scalar::<f64>().unwrap() - composed.to_scalar::<f64>().unwrap()).abs();
+    assert!(d < 1e-12, "fused loss differs by {d:e}");
+    let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
+    for (name, v) in model.lora_vars() {
+        let (a, b) = (
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+        );
+        let d = max_abs_diff(a, b);
+        assert!(d < 1e-12, "{name}: gradient differs by {d:e}");
+    }
 }
 
 /// Runs `steps` AdamW steps with dropout on; returns the losses.

@@ -7,6 +7,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use common::max_abs_diff;
 use lorasft::model::ops;
 use lorasft::rng::Rng;
+use lorasft::train::linear_ce::{exp_f32, linear_cross_entropy_sum};
 
 fn randn(dims: &[usize], seed: u64) -> Tensor {
     let mut r = Rng::new(seed);
@@ -197,4 +198,130 @@ fn ops_pass_untracked_inputs_through_without_a_graph() {
     let y = ops::frozen_linear(&x, &w).unwrap();
     assert!(!y.track_op());
     assert_eq!(y.dtype(), DType::F64);
+}
+
+/// The composed reference of the fused loss: `-sum log_softmax(h w^T)[t]`.
+fn composed_ce(h: &Tensor, w: &Tensor, ids: &[u32]) -> Tensor {
+    let idx = Tensor::from_vec(ids.to_vec(), (ids.len(), 1), h.device()).unwrap();
+    ops::log_softmax(&h.matmul(&w.t().unwrap()).unwrap())
+        .unwrap()
+        .gather(&idx, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .neg()
+        .unwrap()
+}
+
+fn targets(n: usize, v: usize, seed: u64) -> Vec<u32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.below(v as u64) as u32).collect()
+}
+
+#[test]
+fn linear_cross_entropy_backward_matches_composed_form_and_finite_differences() {
+    let (h, w) = (randn(&[6, 5], 12), randn(&[11, 5], 13));
+    let ids = targets(6, 11, 14);
+    check(
+        "linear-cross-entropy",
+        &|h| linear_cross_entropy_sum(h, &w, &ids).unwrap(),
+        &|h| composed_ce(h, &w, &ids),
+        &h,
+    );
+}
+
+#[test]
+fn linear_cross_entropy_f32_over_several_chunks_matches_f64() {
+    // v = 2^15 makes a chunk 128 rows, so 300 rows take three chunks, the last one partial.
+    let (n, d, v) = (300, 8, 1 << 15);
+    let (h64, w64) = (randn(&[n, d], 15), (randn(&[v, d], 16) * 3.0).unwrap());
+    let ids = targets(n, v, 17);
+    let (h32, w32) = (
+        h64.to_dtype(DType::F32).unwrap(),
+        w64.to_dtype(DType::F32).unwrap(),
+    );
+    let grad = |h: &Tensor, w: &Tensor, fused: bool| {
+        let var = Var::from_tensor(h).unwrap();
+        let loss = if fused {
+            linear_cross_entropy_sum(var.as_tensor(), w, &ids).unwrap()
+        } else {
+            composed_ce(var.as_tensor(), w, &ids)
+        };
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .clone();
+        (
+            loss.to_dtype(DType::F64).unwrap(),
+            g.to_dtype(DType::F64).unwrap(),
+        )
+    };
+    let (l_ref, g_ref) = grad(&h64, &w64, false);
+    let (l_f64, g_f64) = grad(&h64, &w64, true);
+    let (l_f32, g_f32) = grad(&h32, &w32, true);
+    let scalar = |t: &Tensor| t.to_scalar::<f64>().unwrap();
+    assert!((scalar(&l_f64) - scalar(&l_ref)).abs() < 1e-9 * scalar(&l_ref));
+    assert!(max_abs_diff(&g_f64, &g_ref) < 1e-12);
+    let rel = (scalar(&l_f32) - scalar(&l_ref)).abs() / scalar(&l_ref);
+    let g_err = max_abs_diff(&g_f32, &g_ref);
+    println!("f32 fused: loss rel err {rel:e}, grad max abs err {g_err:e}");
+    assert!(rel < 1e-6, "f32 loss relative error {rel:e}");
+    assert!(g_err < 1e-4, "f32 gradient error {g_err:e}");
+}
+
+#[test]
+fn linear_cross_entropy_half_precision_uses_the_composed_path_within_tolerance() {
+    let (h, w) = (randn(&[20, 16], 18), randn(&[300, 16], 19));
+    let ids = targets(20, 300, 20);
+    let reference = composed_ce(&h, &w, &ids).to_scalar::<f64>().unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let var = Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap();
+        let loss =
+            linear_cross_entropy_sum(var.as_tensor(), &w.to_dtype(dtype).unwrap(), &ids).unwrap();
+        assert_eq!(loss.dtype(), DType::F32, "the loss is kept in f32");
+        let got = f64::from(loss.to_scalar::<f32>().unwrap());
+        assert!(
+            (got - reference).abs() < 2e-2 * reference,
+            "{dtype:?}: {got} vs {reference}"
+        );
+        let g = loss.backward().unwrap();
+        let g = g
+            .get(var.as_tensor())
+            .expect("gradient reaches the hidden rows");
+        assert_eq!(g.dtype(), dtype);
+    }
+}
+
+#[test]
+fn linear_cross_entropy_refuses_bad_targets_and_gives_no_weight_gradient() {
+    let (h, w) = (randn(&[2, 3], 21), randn(&[4, 3], 22));
+    assert!(linear_cross_entropy_sum(&h, &w, &[0, 4]).is_err());
+    assert!(linear_cross_entropy_sum(&h, &w, &[0]).is_err());
+    let var = Var::from_tensor(&h).unwrap();
+    let grads = linear_cross_entropy_sum(var.as_tensor(), &w, &[1, 3])
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(
+        grads.get(&w).is_none(),
+        "frozen lm_head received a gradient"
+    );
+    assert!(grads.get(var.as_tensor()).is_some());
+}
+
+#[test]
+fn fast_exp_is_within_two_ulp_of_exp() {
+    let mut worst = 0f64;
+    for i in 0..=1_000_000 {
+        let x = -87.0 * i as f32 / 1e6;
+        let exact = f64::from(x).exp();
+        let err = (f64::from(exp_f32(x)) - exact).abs() / exact;
+        worst = worst.max(err);
+    }
+    println!("fast exp: worst relative error {worst:e} on [-87, 0]");
+    assert!(worst < 2.0 * f64::from(f32::EPSILON), "{worst:e}");
+    assert_eq!(exp_f32(-200.0), 0.0);
+    assert_eq!(exp_f32(0.0), 1.0);
 }

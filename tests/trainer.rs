@@ -152,8 +152,10 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
     let t_small: usize = small.iter().map(|b| b.targets).sum();
     assert_eq!(t_big, t_small);
     let mut rng = Rng::new(0);
-    let (l1, g1, _) = trainer::forward_backward(&model, &named, &big, t_big, &mut rng).unwrap();
-    let (l2, g2, _) = trainer::forward_backward(&model, &named, &small, t_small, &mut rng).unwrap();
+    let (l1, g1, _) =
+        trainer::forward_backward(&model, &named, &big, t_big, 1.0, &mut rng).unwrap();
+    let (l2, g2, _) =
+        trainer::forward_backward(&model, &named, &small, t_small, 1.0, &mut rng).unwrap();
     assert!((l1 - l2).abs() / t_big as f64 <= 1e-6, "loss {l1} vs {l2}");
     let worst = g1
         .iter()

@@ -93,6 +93,38 @@ impl FixtureSpec {
         }
     }
 
+    /// SmolLM2-135M's shape: hidden 576, 30 layers, 9/3 heads, intermediate 1536, vocab 49152,
+    /// tied embeddings, RoPE base 100000.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            vocab: 49152,
+            max_positions: 8192,
+            tied: true,
+            rope_theta: 100_000.0,
+            ..Self::default()
+        }
+    }
+
+    /// TinyLlama-1.1B-Chat's shape: hidden 2048, 22 layers, 32/4 heads, intermediate 5632,
+    /// vocab 32000, untied, RoPE base 10000.
+    pub fn tinyllama_1_1b() -> Self {
+        Self {
+            hidden: 2048,
+            intermediate: 5632,
+            layers: 22,
+            heads: 32,
+            kv_heads: 4,
+            vocab: 32000,
+            max_positions: 2048,
+            ..Self::default()
+        }
+    }
+
     /// The config.json this spec describes.
     pub fn config(&self) -> LlamaConfig {
         LlamaConfig {

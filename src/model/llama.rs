@@ -5,11 +5,13 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::device::master_dtype;
 use crate::error::{Error, Result};
 use crate::model::config::{ModelShape, Projection};
 use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
 use crate::model::ops::{frozen_linear, rms_norm, rope, softmax_last_dim};
 use crate::rng::Rng;
+use crate::train::loss::{LossSum, lm_head_loss_sum};
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
@@ -226,11 +228,12 @@ impl Llama {
         Ok(names.into_iter().map(|(n, _)| n).zip(tensors).collect())
     }
 
-    /// Attaches fresh adapters (PEFT's init, drawn from `seed`) to every target module.
+    /// Attaches fresh adapters (PEFT's init, drawn from `seed`) to every target module, in the
+    /// master dtype (f32; f64 for an f64 model) whatever the base's precision.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
         cfg.validate()?;
         let mut rng = Rng::derive(seed, "lora-init");
-        let (dtype, dev) = (self.dtype(), self.device().clone());
+        let (dtype, dev) = (master_dtype(self.dtype()), self.device().clone());
         for layer in &mut self.layers {
             for p in Projection::ALL {
                 let adapter = if cfg.targets.contains(&p) {
@@ -321,10 +324,26 @@ impl Llama {
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, mode)?;
-        Ok(frozen_linear(
-            &hidden,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-        )?)
+        Ok(frozen_linear(&hidden, self.lm_head())?)
+    }
+
+    /// The output projection (v, h): lm_head, or the embedding when they are tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Summed next-token loss of a batch against `labels` (b, s) (-100 = ignored), through the
+    /// fused chunked lm_head + cross-entropy: the training and evaluation path, which never
+    /// holds the (b, s, v) logits.
+    pub fn loss_sum(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        mode: &mut Mode<'_>,
+    ) -> Result<LossSum> {
+        let hidden = self.hidden_states(input_ids, attention_mask, mode)?;
+        lm_head_loss_sum(&hidden, self.lm_head(), labels)
     }
 
     /// The final normed hidden states (b, s, h), before lm_head.
@@ -350,7 +369,7 @@ impl Llama {
             )));
         }
         let keep = host_mask(attention_mask, b, s)?;
-        let bias = attention_bias(&keep, self.dtype(), self.device())?; // (b, 1, s, s)
+        let bias = attention_bias(&keep, master_dtype(self.dtype()), self.device())?; // (b, 1, s, s)
         let (cos, sin) = match position_ids(&keep) {
             // (s, d), broadcast over batch and heads
             None => (self.cos.narrow(0, 0, s)?, self.sin.narrow(0, 0, s)?),
@@ -421,8 +440,12 @@ impl Llama {
         // kv head are folded into the row dimension.
         let qg = q.reshape((b, nkv, rep * s, d))?; // (b, nkv, rep*s, d)
         let scores = (qg.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nkv, rep*s, t)
-        let scores = scores.reshape((b, nh, s, t))?.broadcast_add(bias)?; // (b, nh, s, t)
-        let probs = softmax_last_dim(&scores)?;
+        // Mask and softmax in f32 under a half-precision base, as transformers does.
+        let scores = scores
+            .reshape((b, nh, s, t))?
+            .to_dtype(bias.dtype())?
+            .broadcast_add(bias)?; // (b, nh, s, t)
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let o = probs.reshape((b, nkv, rep * s, t))?.matmul(&v)?; // (b, nkv, rep*s, d)
         let o = o
             .reshape((b, nh, s, d))?
@@ -456,8 +479,8 @@ impl Llama {
         let bias: Vec<f64> = (0..n)
             .flat_map(|i| (0..past + n).map(move |j| if j <= past + i { 0.0 } else { neg }))
             .collect();
-        let bias =
-            Tensor::from_vec(bias, (1, 1, n, past + n), self.device())?.to_dtype(self.dtype())?;
+        let bias = Tensor::from_vec(bias, (1, 1, n, past + n), self.device())?
+            .to_dtype(master_dtype(self.dtype()))?;
         let cos = self.cos.narrow(0, past, n)?;
         let sin = self.sin.narrow(0, past, n)?;
         let mut x =
@@ -470,10 +493,7 @@ impl Llama {
         }
         cache.len += n;
         let last = rms_norm(&x.narrow(1, n - 1, 1)?, &self.norm, self.shape.rms_norm_eps)?;
-        Ok(
-            frozen_linear(&last, self.lm_head.as_ref().unwrap_or(&self.embed))?
-                .reshape((1, self.shape.vocab))?,
-        )
+        Ok(frozen_linear(&last, self.lm_head())?.reshape((1, self.shape.vocab))?)
     }
 }
 

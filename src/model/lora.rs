@@ -240,19 +240,27 @@ impl Linear {
             Mode::Train(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
             _ => x.clone(),
         };
+        // The branch runs in the adapters' (master) dtype, f32 under a half-precision base.
+        let xd = xd.to_dtype(lora.a.dtype())?;
         let down = xd.broadcast_matmul(&lora.a.as_tensor().t()?)?; // (b, s, r)
         let up = down.broadcast_matmul(&lora.b.as_tensor().t()?)?; // (b, s, out)
-        Ok((base + (up * lora.scaling)?)?)
+        Ok((base + (up * lora.scaling)?.to_dtype(x.dtype())?)?)
     }
 }
 
 /// Inverted dropout with a mask from the project's seeded RNG: keeps each element with
 /// probability 1 - p and scales the kept ones by 1 / (1 - p).
+/// On the CPU the mask comes from `rng` (bitwise reproducible); on an accelerator it is drawn
+/// there, from the device's generator (seeded by the trainer), to keep the host out of the loop.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    let keep: Vec<u8> = (0..x.elem_count())
-        .map(|_| u8::from(rng.next_f64() >= p))
-        .collect();
-    let mask =
-        (Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())? * (1.0 / (1.0 - p)))?;
+    let keep = if x.device().is_cpu() {
+        let keep: Vec<u8> = (0..x.elem_count())
+            .map(|_| u8::from(rng.next_f64() >= p))
+            .collect();
+        Tensor::from_vec(keep, x.shape(), x.device())?
+    } else {
+        Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?
+    };
+    let mask = (keep.to_dtype(x.dtype())? * (1.0 / (1.0 - p)))?;
     Ok((x * mask)?)
 }

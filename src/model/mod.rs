@@ -6,8 +6,10 @@ pub mod gguf_import;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod matmul;
 pub mod ops;
 
 pub use config::{LlamaConfig, ModelShape, Projection};
+pub use llama::KvCache;
 pub use llama::Llama;
 pub use lora::{LoraConfig, Mode};

@@ -8,6 +8,8 @@
 //! finite differences in `tests/ops.rs`.
 
 use candle_core::backend::BackendStorage;
+
+use crate::model::matmul::matmul_frozen;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
 type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
@@ -46,6 +48,22 @@ impl CustomOp2 for AttachBackward {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         Ok((copy_contiguous(value, vl)?, vl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        value: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let dev = value.device();
+        // SAFETY: every element of the fresh buffer is written by the copy just below.
+        let mut out = unsafe { dev.alloc_uninit(vl.shape(), value.dtype())? };
+        value.copy_strided_src(&mut out, 0, vl)?;
+        Ok((out, vl.shape().clone()))
     }
 
     fn bwd(
@@ -97,22 +115,27 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / in_f;
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = out_f;
-    let y = x
-        .detach()
-        .reshape((rows, in_f))?
-        .matmul(&w.t()?)?
+    let y = matmul_frozen(&x.detach().reshape((rows, in_f))?, w, true)
+        .map_err(candle_core::Error::wrap)?
         .reshape(out_dims)?; // (..., out)
     let w = w.clone();
     attach_backward("frozen-linear", x, y, move |x, _y, g| {
         // y = x w^T  =>  dx = g w
         let rows = g.elem_count() / out_f;
-        g.reshape((rows, out_f))?.matmul(&w)?.reshape(x.shape())
+        matmul_frozen(&g.reshape((rows, out_f))?, &w, false)
+            .map_err(candle_core::Error::wrap)?
+            .reshape(x.shape())
     })
 }
 
 /// RMSNorm with a frozen weight: `y = x / sqrt(mean(x^2) + eps) * w` over the last dim.
 /// The weight gets no gradient; dX is the written backward below.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // Half precision: normalise in f32 and cast back, as transformers' LlamaRMSNorm does.
+        let y = rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
+        return y.to_dtype(x.dtype());
+    }
     let xd = x.detach();
     let rstd = rms_rstd(&xd, eps)?; // (..., 1)
     let y = xd.broadcast_mul(&rstd)?.broadcast_mul(w)?;

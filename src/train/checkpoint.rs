@@ -11,6 +11,7 @@ use crate::adapter;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::rng::Rng;
+use crate::train::loss_scale::LossScaler;
 use crate::train::optim::AdamW;
 
 /// Where the loop stands: everything besides tensors that a resumed run needs.
@@ -35,6 +36,12 @@ pub struct LoopState {
     /// Steps whose gradient norm exceeded max_grad_norm and was clipped.
     #[serde(default)]
     pub clipped_steps: usize,
+    /// The f16 loss scaler (disabled in fp32 and bf16).
+    #[serde(default = "LossScaler::disabled")]
+    pub loss_scaler: LossScaler,
+    /// Steps skipped because the scaled gradients overflowed (f16).
+    #[serde(default)]
+    pub overflow_steps: usize,
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::dataset::SplitSpec;
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding};
+use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
 use crate::generate::GenerateConfig;
 use crate::model::LoraConfig;
@@ -24,6 +25,12 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// Seed of LoRA init, dropout, shuffling and the split.
     pub seed: u64,
+    /// Where to compute: auto, cpu, cuda or cuda:N.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Precision of the frozen base and activations (adapters, AdamW and the loss stay f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The base model and tokenizer.
@@ -121,6 +128,8 @@ impl Default for TrainConfig {
                 name: "day2".into(),
                 out_dir: "runs".into(),
                 seed: 42,
+                device: DeviceSpec::Auto,
+                precision: Precision::Fp32,
             },
             model: ModelConfig {
                 source: DEFAULT_HUB_ID.into(),

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::ops::log_softmax;
+use crate::train::linear_ce::linear_cross_entropy_sum;
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -27,24 +28,13 @@ impl LossSum {
     }
 }
 
-/// Sum of next-token NLL for logits (b, s, v) and labels (b, s) (i64, -100 = ignore).
-/// Only rows with a real target go through the log-softmax, so masked padding costs nothing.
-pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
-    let (b, s, v) = logits.dims3()?;
-    let (lb, ls) = labels.dims2()?;
-    if (lb, ls) != (b, s) {
-        return Err(Error::Invalid(format!(
-            "labels ({lb}, {ls}) do not match logits ({b}, {s}, {v})"
-        )));
-    }
-    let zero = || Tensor::zeros((), logits.dtype(), logits.device());
+/// Flat row indices (into `b * s`) of positions with a real next-token target, and the targets.
+/// Target of position t is the label at t + 1; labels must be -100 or a token id below `v`.
+pub fn target_rows(labels: &Tensor, v: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (_, s) = labels.dims2()?;
     if s < 2 {
-        return Ok(LossSum {
-            sum: zero()?,
-            tokens: 0,
-        });
+        return Ok((Vec::new(), Vec::new()));
     }
-    // Target of position t is the label at t + 1.
     let targets = labels
         .narrow(1, 1, s - 1)?
         .to_dtype(DType::I64)?
@@ -65,9 +55,29 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
         rows.push((bi * s + ti) as u32);
         ids.push(t as u32);
     }
+    Ok((rows, ids))
+}
+
+fn check_labels(labels: &Tensor, b: usize, s: usize, what: &str) -> Result<()> {
+    let (lb, ls) = labels.dims2()?;
+    if (lb, ls) != (b, s) {
+        return Err(Error::Invalid(format!(
+            "labels ({lb}, {ls}) do not match {what} ({b}, {s}, ..)"
+        )));
+    }
+    Ok(())
+}
+
+/// Sum of next-token NLL for logits (b, s, v) and labels (b, s) (i64, -100 = ignore), from
+/// primitive ops: the reference form of [`lm_head_loss_sum`], and the loss of given logits.
+/// Only rows with a real target go through the log-softmax, so masked padding costs nothing.
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    let (b, s, v) = logits.dims3()?;
+    check_labels(labels, b, s, "logits")?;
+    let (rows, ids) = target_rows(labels, v)?;
     if rows.is_empty() {
         return Ok(LossSum {
-            sum: zero()?,
+            sum: Tensor::zeros((), logits.dtype(), logits.device())?,
             tokens: 0,
         });
     }
@@ -79,6 +89,33 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
     let logp = log_softmax(&picked)?.gather(&ids, 1)?; // (n, 1)
     Ok(LossSum {
         sum: logp.sum_all()?.neg()?,
+        tokens: n,
+    })
+}
+
+/// Sum of next-token NLL for final hidden states (b, s, h), the frozen lm_head weight (v, h)
+/// and labels (b, s): [`causal_lm_loss_sum`] of `hidden @ w^T` without materialising the
+/// logits (the fused, chunked [`linear_cross_entropy_sum`]). The sum is f32 (f64 for f64).
+pub fn lm_head_loss_sum(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    let (b, s, h) = hidden.dims3()?;
+    check_labels(labels, b, s, "hidden states")?;
+    let (rows, ids) = target_rows(labels, w.dim(0)?)?;
+    let n = rows.len();
+    if n == 0 {
+        let dtype = if hidden.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        return Ok(LossSum {
+            sum: Tensor::zeros((), dtype, hidden.device())?,
+            tokens: 0,
+        });
+    }
+    let rows = Tensor::from_vec(rows, n, hidden.device())?;
+    let picked = hidden.reshape((b * s, h))?.index_select(&rows, 0)?; // (n, h)
+    Ok(LossSum {
+        sum: linear_cross_entropy_sum(&picked, w, &ids)?,
         tokens: n,
     })
 }

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter;
+use crate::bench::BenchShape;
 use crate::data::batch::Batch;
 use crate::data::dataset::{self, Dataset, Split};
 use crate::data::encode::{Encoder, Example};
@@ -26,14 +27,14 @@ use crate::report::{DataRecord, Manifest, RunChecks};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::config::TrainConfig;
-use crate::train::loss::causal_lm_loss_sum;
+use crate::train::loss_scale::{LossScaler, ScaleDecision};
 use crate::train::optim::{AdamW, clip_grad_norm, collect_grads, grad_norm};
 use crate::train::schedule::lambda;
 use crate::verify::Fingerprint;
 
 /// A base model resolved from a config's `model.source`.
 pub struct ResolvedModel {
-    /// The model (f32, CPU).
+    /// The model, in the dtype and on the device asked for.
     pub model: Llama,
     /// Its config.json contents.
     pub config: LlamaConfig,
@@ -43,17 +44,30 @@ pub struct ResolvedModel {
     pub label: String,
 }
 
-/// Loads `fixture:SEED`, `gguf:PATH` (imported once into `PATH.hf/`), a directory or a hub id.
-pub fn resolve_model(source: &str, dev: &Device) -> Result<ResolvedModel> {
-    if let Some(seed) = source.strip_prefix("fixture:") {
+/// Loads `fixture:SEED` (the test fixture's shape), `fixture:SHAPE:SEED` (a benchmark shape:
+/// tiny, smollm2, tinyllama), `gguf:PATH` (imported once into `PATH.hf/`), a directory or a
+/// hub id, in `dtype` on `dev`.
+pub fn resolve_model(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedModel> {
+    if let Some(rest) = source.strip_prefix("fixture:") {
+        let (spec, seed) = match rest.split_once(':') {
+            None => (FixtureSpec::default(), rest),
+            Some((shape, seed)) => {
+                let shape =
+                    <BenchShape as clap::ValueEnum>::from_str(shape, true).map_err(|_| {
+                        Error::Invalid(format!(
+                            "model source {source:?}: the shape must be tiny, smollm2 or tinyllama"
+                        ))
+                    })?;
+                (shape.spec(), seed)
+            }
+        };
         let seed: u64 = seed.parse().map_err(|_| {
             Error::Invalid(format!(
                 "model source {source:?}: the seed must be an integer"
             ))
         })?;
-        let spec = FixtureSpec::default();
         return Ok(ResolvedModel {
-            model: spec.build(seed, DType::F32, dev)?,
+            model: spec.build(seed, dtype, dev)?,
             config: spec.config(),
             dir: None,
             label: source.to_string(),
@@ -73,7 +87,7 @@ pub fn resolve_model(source: &str, dev: &Device) -> Result<ResolvedModel> {
     } else {
         ModelSource::parse(source)
     };
-    let (config, model, _) = load::load_model(&source, DType::F32, dev)?;
+    let (config, model, _) = load::load_model(&source, dtype, dev)?;
     let (dir, label) = match &source {
         ModelSource::Dir(d) => (Some(d.clone()), d.display().to_string()),
         ModelSource::Hub(id) => (
@@ -118,7 +132,12 @@ pub struct Prepared {
 /// Loads model, tokenizer and data; encodes and splits.
 pub fn prepare(cfg: TrainConfig) -> Result<Prepared> {
     cfg.validate()?;
-    let base = resolve_model(&cfg.model.source, &Device::Cpu)?;
+    let dev = cfg.run.device.open()?;
+    if !dev.is_cpu() {
+        // Dropout masks are drawn on accelerators: seed their generator from the run.
+        dev.set_seed(cfg.run.seed)?;
+    }
+    let base = resolve_model(&cfg.model.source, &dev, cfg.run.precision.dtype())?;
     let tokenizer_path = match (&cfg.model.tokenizer, &base.dir) {
         (Some(t), _) => t.clone(),
         (None, Some(d)) => d.join("tokenizer.json"),
@@ -321,8 +340,12 @@ pub fn batch_loss_sums(
         .map(|chunk| {
             let rows = encoder.collate(&chunk.iter().collect::<Vec<_>>());
             let b = Batch::from_rows(&rows, model.device())?;
-            let logits = model.forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
-            let l = causal_lm_loss_sum(&logits, &b.labels)?;
+            let l = model.loss_sum(
+                &b.input_ids,
+                Some(&b.attention_mask),
+                &b.labels,
+                &mut Mode::Eval,
+            )?;
             Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
         })
         .collect()
@@ -440,27 +463,34 @@ fn card_body(p: &Prepared, steps: usize, eval: Option<f64>) -> String {
 
 /// Forward and backward over the micro-batches of one optimizer step, each loss divided by
 /// `targets` (the loss targets of the whole step), so accumulating k micro-batches equals one
-/// batch k times larger. Returns the summed loss, the summed gradients (in `named` order) and
-/// the real tokens processed.
+/// batch k times larger. The backward runs on the loss times `loss_scale` (f16 loss scaling;
+/// 1 otherwise) and the gradients are divided by it again. Returns the summed loss, the
+/// summed gradients (in `named` order) and the real tokens processed.
 pub fn forward_backward(
     model: &Llama,
     named: &[(String, candle_core::Var)],
     micro: &[Batch],
     targets: usize,
+    loss_scale: f64,
     rng: &mut Rng,
 ) -> Result<(f64, Vec<Tensor>, usize)> {
     let mut loss_sum = 0.0;
     let mut real = 0;
     let mut grads: Option<Vec<Tensor>> = None;
     for b in micro {
-        let logits = model.forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Train(rng))?;
-        let l = causal_lm_loss_sum(&logits, &b.labels)?;
+        let l = model.loss_sum(
+            &b.input_ids,
+            Some(&b.attention_mask),
+            &b.labels,
+            &mut Mode::Train(rng),
+        )?;
         real += b.real_tokens;
         if l.tokens == 0 {
             continue;
         }
         loss_sum += l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let g = collect_grads(named, &(l.sum / targets.max(1) as f64)?.backward()?)?;
+        let scaled = (l.sum * (loss_scale / targets.max(1) as f64))?;
+        let g = collect_grads(named, &scaled.backward()?)?;
         grads = Some(match grads {
             None => g,
             Some(acc) => acc
@@ -470,7 +500,14 @@ pub fn forward_backward(
                 .collect::<candle_core::Result<Vec<_>>>()?,
         });
     }
-    let grads = grads.ok_or_else(|| Error::Invalid("no micro-batch had a loss target".into()))?;
+    let mut grads =
+        grads.ok_or_else(|| Error::Invalid("no micro-batch had a loss target".into()))?;
+    if loss_scale != 1.0 {
+        grads = grads
+            .iter()
+            .map(|g| g / loss_scale)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+    }
     Ok((loss_sum, grads, real))
 }
 
@@ -515,6 +552,12 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
                 metrics_lines: 0,
                 skipped_steps: 0,
                 clipped_steps: 0,
+                loss_scaler: if cfg.run.precision.needs_loss_scaling() {
+                    LossScaler::enabled()
+                } else {
+                    LossScaler::disabled()
+                },
+                overflow_steps: 0,
             };
             (state, None)
         }
@@ -611,6 +654,7 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
             micro.push(Batch::from_rows(&p.encoder.collate(&exs), model.device())?);
         }
         let targets: usize = micro.iter().map(|b| b.targets).sum();
+        let overflow_before = state.overflow_steps;
         // A step with no loss target is skipped (counted), but still logged as skipped,
         // evaluated, checkpointed and checked for a stop like any other.
         let trained = if targets == 0 {
@@ -622,8 +666,14 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
             None
         } else {
             // Forward + backward, the loss normalised by the targets of the whole step.
-            let (loss_sum, mut grads, real) =
-                forward_backward(&model, &named, &micro, targets, &mut state.dropout_rng)?;
+            let (loss_sum, mut grads, real) = forward_backward(
+                &model,
+                &named,
+                &micro,
+                targets,
+                state.loss_scaler.scale,
+                &mut state.dropout_rng,
+            )?;
             state.tokens_seen += real as u64;
             let loss = loss_sum / targets as f64;
             let ckpt_name = || {
@@ -657,36 +707,53 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
                 }
                 Ok(n)
             };
-            if checks.lora_b_with_grad_first_step.is_none() {
-                checks.lora_b_with_grad_first_step = Some(nonzero("lora_B")?);
-            } else if b_moved && checks.lora_a_with_grad_after_first_update.is_none() {
-                checks.lora_a_with_grad_after_first_update = Some(nonzero("lora_A")?);
+            // f16: an overflow in the scaled gradients skips the step and halves the scale.
+            if state.loss_scaler.enabled {
+                let norm = grad_norm(&grads)?;
+                if state.loss_scaler.update(norm.is_finite()) == ScaleDecision::Skip {
+                    state.overflow_steps += 1;
+                    bar.println(format!(
+                        "step {}: gradients overflowed in f16; update skipped, loss scale now {}",
+                        state.step + 1,
+                        state.loss_scaler.scale
+                    ));
+                }
             }
-
-            // Clip (max_grad_norm <= 0 disables clipping, as in transformers) and update.
-            let norm = if cfg.optim.max_grad_norm > 0.0 {
-                clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?
+            let overflowed = state.loss_scaler.enabled && state.overflow_steps > overflow_before;
+            if overflowed {
+                None
             } else {
-                grad_norm(&grads)?
-            };
-            state.clipped_steps +=
-                usize::from(cfg.optim.max_grad_norm > 0.0 && norm > cfg.optim.max_grad_norm);
-            if !norm.is_finite() {
-                return Err(Error::Diverged {
-                    what: "gradient norm",
-                    value: norm,
-                    step: state.step + 1,
-                    checkpoint: ckpt_name(),
-                });
+                if checks.lora_b_with_grad_first_step.is_none() {
+                    checks.lora_b_with_grad_first_step = Some(nonzero("lora_B")?);
+                } else if b_moved && checks.lora_a_with_grad_after_first_update.is_none() {
+                    checks.lora_a_with_grad_after_first_update = Some(nonzero("lora_A")?);
+                }
+
+                // Clip (max_grad_norm <= 0 disables clipping, as in transformers) and update.
+                let norm = if cfg.optim.max_grad_norm > 0.0 {
+                    clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?
+                } else {
+                    grad_norm(&grads)?
+                };
+                state.clipped_steps +=
+                    usize::from(cfg.optim.max_grad_norm > 0.0 && norm > cfg.optim.max_grad_norm);
+                if !norm.is_finite() {
+                    return Err(Error::Diverged {
+                        what: "gradient norm",
+                        value: norm,
+                        step: state.step + 1,
+                        checkpoint: ckpt_name(),
+                    });
+                }
+                let lr = cfg.optim.lr * lambda(cfg.optim.schedule, state.step, warmup, total);
+                opt.step(&grads, lr)?;
+                // Under warmup the first update has lr 0 and leaves B at zero; A's gradient is checked
+                // on the step after the first update that actually moved B.
+                b_moved |= lr > 0.0;
+                first_loss.get_or_insert(loss);
+                last_loss = Some(loss);
+                Some((loss, lr, norm))
             }
-            let lr = cfg.optim.lr * lambda(cfg.optim.schedule, state.step, warmup, total);
-            opt.step(&grads, lr)?;
-            // Under warmup the first update has lr 0 and leaves B at zero; A's gradient is checked
-            // on the step after the first update that actually moved B.
-            b_moved |= lr > 0.0;
-            first_loss.get_or_insert(loss);
-            last_loss = Some(loss);
-            Some((loss, lr, norm))
         };
         state.step += 1;
 

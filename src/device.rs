@@ -1,0 +1,137 @@
+//! Where a run computes and in what precision: `--device auto|cpu|cuda[:N]` and
+//! `--precision fp32|bf16|f16`. The frozen base runs in the chosen precision; LoRA master
+//! weights, AdamW state and the loss stay in f32 whatever it is.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A device named on the command line or in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    /// The first CUDA device when this build has CUDA and one is present, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Opens the device; a CUDA request on a build without CUDA says how to get one.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Auto if candle_core::utils::cuda_is_available() => Self::Cuda(0).open(),
+            DeviceSpec::Auto => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(Error::Invalid(format!(
+                        "device cuda:{n}: this lorasft was built without CUDA (build it with \
+                         scripts/build-cuda.sh, i.e. `cargo build --release --features cuda`)"
+                    )));
+                }
+                Device::new_cuda(n)
+                    .map_err(|e| Error::Invalid(format!("device cuda:{n} cannot be opened: {e}")))
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    Error::Invalid(format!("device {s:?}: expected auto, cpu, cuda or cuda:N"))
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> Self {
+        d.to_string()
+    }
+}
+
+/// The precision of the frozen base and the activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit float everywhere: the reference's setting, bitwise reproducible on CPU.
+    #[default]
+    Fp32,
+    /// bfloat16 base and activations: f32's range, no loss scaling needed.
+    Bf16,
+    /// IEEE half base and activations, with dynamic loss scaling.
+    F16,
+}
+
+impl Precision {
+    /// The dtype of the base weights and activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// Whether gradients need dynamic loss scaling (f16's narrow range underflows them).
+    pub fn needs_loss_scaling(self) -> bool {
+        self == Precision::F16
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+/// The dtype adapters, optimizer state and the loss use for a base in `dtype`: f64 for f64
+/// (the exactness tests), f32 otherwise.
+pub fn master_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}

@@ -1,0 +1,384 @@
+//! Fused lm_head + cross-entropy: the summed next-token loss of hidden rows against a frozen
+//! vocabulary projection, chunked over rows so the (rows, vocab) logits never exist at once.
+//!
+//! The gradient of the hidden rows is computed in the same pass (`softmax - onehot` times the
+//! projection, chunk by chunk) and kept for the backward, so neither the logits nor a softmax
+//! copy outlive their chunk: peak memory is one chunk of logits instead of four full copies,
+//! and no FLOP is spent on the frozen projection's weight gradient. The composed primitive form
+//! (`matmul`, `log_softmax`, `gather`) is the reference it is tested against in `tests/ops.rs`.
+
+use candle_core::{D, DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::matmul::{cpu_f32, gemm_rows_f32};
+use crate::model::ops::attach_backward;
+
+/// Logit elements per chunk (16 MiB of f32): bounds peak memory and keeps a chunk in cache
+/// range for the row kernel.
+const CHUNK_ELEMS: usize = 1 << 22;
+
+/// Sum over rows `i` of `-log softmax(h_i W^T)[targets_i]`, for `h` (n, d), `w` (v, d).
+/// The result is a scalar in f32 (f64 when `h` is f64); when `h` tracks gradients, its
+/// backward returns `dL/dh` and `w` gets none (it is frozen by contract).
+pub fn linear_cross_entropy_sum(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, d) = h.dims2()?;
+    let (v, wd) = w.dims2()?;
+    if wd != d || targets.len() != n {
+        return Err(Error::Invalid(format!(
+            "linear cross-entropy: hidden ({n}, {d}), weight ({v}, {wd}), {} targets",
+            targets.len()
+        )));
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(Error::Invalid(format!(
+            "target {t} is outside the vocabulary of {v}"
+        )));
+    }
+    let loss_dtype = if h.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let need_grad = h.track_op();
+    let hd = h.detach();
+    let (total, dh) = match (h.device(), h.dtype(), w.dtype()) {
+        (Device::Cpu, DType::F32, DType::F32) => host_f32(&hd, w, targets, need_grad)?,
+        _ => chunked(&hd, w, targets, need_grad)?,
+    };
+    let value = Tensor::new(total, &Device::Cpu)?
+        .to_dtype(loss_dtype)?
+        .to_device(h.device())?;
+    let Some(dh) = dh else {
+        return Ok(value);
+    };
+    Ok(attach_backward(
+        "linear-cross-entropy",
+        h,
+        value,
+        move |_h, _y, g| dh.broadcast_mul(&g.to_dtype(dh.dtype())?),
+    )?)
+}
+
+/// Rows per chunk for a vocabulary of `v`.
+fn rows_per_chunk(n: usize, v: usize) -> usize {
+    (CHUNK_ELEMS / v.max(1)).clamp(1, n.max(1))
+}
+
+/// The chunk loop on tensors (any device and dtype): the loss sum and, when asked, dL/dh.
+fn chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    need_grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let n = h.dim(0)?;
+    let rows = rows_per_chunk(n, w.dim(0)?);
+    let mut total = 0f64;
+    let mut grads = Vec::new();
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?; // (len, v)
+        let (loss, dlogits) = chunk_loss(&logits, &targets[start..start + len], need_grad)?;
+        total += loss;
+        if let Some(dl) = dlogits {
+            // dL/dh = (softmax - onehot) W, in the hidden rows' dtype.
+            grads.push(dl.to_dtype(w.dtype())?.matmul(w)?.to_dtype(h.dtype())?);
+        }
+    }
+    let dh = need_grad.then(|| Tensor::cat(&grads, 0)).transpose()?;
+    Ok((total, dh))
+}
+
+/// The f32 CPU path: one reused logits buffer, the products by `gemm` straight into it, the row
+/// kernel in place. No per-chunk allocation, no copy of the logits.
+fn host_f32(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    need_grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let (n, d) = h.dims2()?;
+    let v = w.dim(0)?;
+    let (h, w) = (h.contiguous()?, w.contiguous()?);
+    let (h_store, h_layout) = h.storage_and_layout();
+    let (w_store, w_layout) = w.storage_and_layout();
+    let hs = cpu_f32(&h_store, h_layout)?;
+    let ws = cpu_f32(&w_store, w_layout)?;
+    let rows = rows_per_chunk(n, v);
+    let mut buf = vec![0f32; rows * v];
+    let mut dh = vec![0f32; if need_grad { n * d } else { 0 }];
+    let mut total = 0f64;
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let logits = &mut buf[..len * v];
+        // logits (len, v) = h_chunk (len, d) @ W^T
+        gemm_rows_f32(
+            logits,
+            &hs[start * d..(start + len) * d],
+            ws,
+            len,
+            v,
+            d,
+            true,
+        );
+        let ids = &targets[start..start + len];
+        total += rows_kernel(logits, v, ids, need_grad, F32_OPS);
+        if need_grad {
+            // dh_chunk (len, d) = (softmax - onehot) (len, v) @ W (v, d)
+            gemm_rows_f32(
+                &mut dh[start * d..(start + len) * d],
+                logits,
+                ws,
+                len,
+                d,
+                v,
+                false,
+            );
+        }
+    }
+    drop((h_store, w_store));
+    let dh = need_grad
+        .then(|| Tensor::from_vec(dh, (n, d), &Device::Cpu))
+        .transpose()?;
+    Ok((total, dh))
+}
+
+/// The summed loss of one chunk of logits and, when asked, `softmax - onehot` (len, v).
+fn chunk_loss(logits: &Tensor, ids: &[u32], need_grad: bool) -> Result<(f64, Option<Tensor>)> {
+    match (logits.device(), logits.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            let (len, v) = logits.dims2()?;
+            let mut buf = logits.flatten_all()?.to_vec1::<f32>()?;
+            let loss = rows_kernel(&mut buf, v, ids, need_grad, F32_OPS);
+            let grad = need_grad
+                .then(|| Tensor::from_vec(buf, (len, v), logits.device()))
+                .transpose()?;
+            Ok((loss, grad))
+        }
+        (Device::Cpu, DType::F64) => {
+            let (len, v) = logits.dims2()?;
+            let mut buf = logits.flatten_all()?.to_vec1::<f64>()?;
+            let loss = rows_kernel(&mut buf, v, ids, need_grad, F64_OPS);
+            let grad = need_grad
+                .then(|| Tensor::from_vec(buf, (len, v), logits.device()))
+                .transpose()?;
+            Ok((loss, grad))
+        }
+        _ => chunk_loss_composed(logits, ids, need_grad),
+    }
+}
+
+/// Device-generic chunk loss from primitive ops, computed in f32 (any device, any dtype).
+fn chunk_loss_composed(
+    logits: &Tensor,
+    ids: &[u32],
+    need_grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let x = logits.to_dtype(DType::F32)?;
+    let len = ids.len();
+    let idx = Tensor::from_vec(ids.to_vec(), (len, 1), x.device())?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let picked = x.gather(&idx, 1)?;
+    // loss_i = log(sum_i) + max_i - x_i[t_i]
+    let loss = (sum.log()? + max)?.sub(&picked)?.sum_all()?;
+    let loss = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+    let grad = if need_grad {
+        let p = e.broadcast_div(&sum)?;
+        let minus_one = Tensor::full(-1f32, (len, 1), x.device())?;
+        Some(p.scatter_add(&idx, &minus_one, 1)?)
+    } else {
+        None
+    };
+    Ok((loss, grad))
+}
+
+/// Floats the row kernel runs on.
+trait RowFloat: Copy + Send + Sync + Into<f64> {
+    fn one() -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+}
+
+macro_rules! row_float {
+    ($t:ty) => {
+        impl RowFloat for $t {
+            fn one() -> Self {
+                1.0
+            }
+            fn sub(self, o: Self) -> Self {
+                self - o
+            }
+            fn div(self, o: Self) -> Self {
+                self / o
+            }
+        }
+    };
+}
+row_float!(f32);
+row_float!(f64);
+
+/// Per row: `loss = log(sum(exp(x - max))) + max - x[t]`; the row is overwritten by
+/// `exp(x - max)` (it is scratch), and with `grad` then by `softmax(x) - onehot(t)`. Rows run
+/// in parallel; the sum is taken in row order, so the result does not depend on the threads.
+fn rows_kernel<T: RowFloat>(buf: &mut [T], v: usize, ids: &[u32], grad: bool, k: RowOps<T>) -> f64 {
+    let losses: Vec<f64> = buf
+        .par_chunks_mut(v)
+        .zip(ids.par_iter())
+        .map(|(row, &t)| {
+            let t = t as usize;
+            let target = row[t];
+            let max = (k.max)(row);
+            let sum = (k.exp_sum)(row, max);
+            let loss = sum.into().ln() + max.into() - target.into();
+            if grad {
+                (k.scale)(row, T::one().div(sum));
+                row[t] = row[t].sub(T::one());
+            }
+            loss
+        })
+        .collect();
+    losses.iter().sum()
+}
+
+/// The three row passes of the kernel for one float type.
+#[derive(Clone, Copy)]
+struct RowOps<T> {
+    /// The row's maximum.
+    max: fn(&[T]) -> T,
+    /// `x = exp(x - max)` in place; returns the sum.
+    exp_sum: fn(&mut [T], T) -> T,
+    /// `x *= s` in place.
+    scale: fn(&mut [T], T),
+}
+
+/// Plain f64 passes (the exactness reference).
+const F64_OPS: RowOps<f64> = RowOps {
+    max: |row| row.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    exp_sum: |row, max| {
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        sum
+    },
+    scale: |row, s| row.iter_mut().for_each(|x| *x *= s),
+};
+
+/// Vectorised f32 passes: AVX2 when the CPU has it, with the same results either way
+/// (lane-wise partial sums in a fixed order, no fused multiply-add).
+const F32_OPS: RowOps<f32> = RowOps {
+    max: |row| simd::dispatch(row, simd::max_f32),
+    exp_sum: |row, max| {
+        simd::dispatch_mut(row, |r| simd::exp_sub_f32(r, max));
+        simd::dispatch(row, simd::sum_f32)
+    },
+    scale: |row, s| simd::dispatch_mut(row, |r| simd::scale_f32(r, s)),
+};
+
+/// Loops written for the auto-vectoriser, compiled twice: baseline and AVX2.
+mod simd {
+    /// Lanes of the reductions: partial results per lane, combined in a fixed order.
+    const LANES: usize = 8;
+
+    /// Runs `f` on the row, inside an AVX2-enabled frame when the CPU supports it.
+    #[inline(always)]
+    pub fn dispatch<R>(row: &[f32], f: impl Fn(&[f32]) -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(|| f(row)) };
+        }
+        f(row)
+    }
+
+    /// [`dispatch`] for passes that write the row.
+    #[inline(always)]
+    pub fn dispatch_mut(row: &mut [f32], f: impl Fn(&mut [f32])) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(|| f(row)) };
+        }
+        f(row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    #[inline(always)]
+    pub fn max_f32(row: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a = if x > *a { x } else { *a };
+            }
+        }
+        tail.iter()
+            .chain(&acc)
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    #[inline(always)]
+    pub fn sum_f32(row: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += x;
+            }
+        }
+        acc.iter().chain(tail).sum()
+    }
+
+    #[inline(always)]
+    pub fn exp_sub_f32(row: &mut [f32], max: f32) {
+        for x in row.iter_mut() {
+            *x = super::exp_f32(*x - max);
+        }
+    }
+
+    #[inline(always)]
+    pub fn scale_f32(row: &mut [f32], s: f32) {
+        for x in row.iter_mut() {
+            *x *= s;
+        }
+    }
+}
+
+/// `exp(x)` for `x <= 0` in f32 within 2 ulp (Cephes' range reduction and polynomial),
+/// written branch-free with integer-only exponent assembly so the compiler vectorises it;
+/// 0 below the normal range.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: u32 = 0x4B40_0000;
+    let underflow = x < -87.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * C1 - n * C2;
+    let z = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * z + r + 1.0;
+    // 2^n from n's bits: (n + 127) << 23, in wrapping integer arithmetic.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND_BITS).wrapping_add(127) << 23);
+    if underflow { 0.0 } else { y * scale }
+}
