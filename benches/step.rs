@@ -5,6 +5,7 @@
 //! alone, and generation with the KV cache. Then the loss with its backward alone over the
 //! vocabulary-sized logits (fused against composed), and encoding the 999 alpaca_en_demo
 //! records when scripts/fetch-assets.sh has fetched them. `lorasft bench` prints the table.
+//! With `--features cuda`, the TinyLlama-1.1B-shape step on the GPU comes first.
 
 use std::path::Path;
 use std::time::Duration;
@@ -85,5 +86,22 @@ fn encoding(c: &mut Criterion) {
     group.finish();
 }
 
+/// `cargo bench --features cuda`: one optimizer step at the TinyLlama-1.1B shape (batch 4 × 512)
+/// on CUDA device 0, in fp32 and bf16.
+#[cfg(feature = "cuda")]
+fn cuda(c: &mut Criterion) {
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let mut group = c.benchmark_group("tinyllama-1.1b-cuda");
+    group.sample_size(10);
+    for (name, dtype) in [("fp32", DType::F32), ("bf16", DType::BF16)] {
+        let mut bench = StepBench::new(BenchShape::Tinyllama, dtype, &dev, 0).unwrap();
+        group.bench_function(format!("step_{name}"), |b| b.iter(|| bench.step().unwrap()));
+    }
+    group.finish();
+}
+
+#[cfg(feature = "cuda")]
+criterion_group!(benches, cuda, shapes, loss, encoding);
+#[cfg(not(feature = "cuda"))]
 criterion_group!(benches, shapes, loss, encoding);
 criterion_main!(benches);
