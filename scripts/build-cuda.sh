@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds lorasft with `--features cuda` on a machine without a GPU, then packs the binary for
-# the GPU host: .gpu/lorasft.xz plus the scripts it runs (scripts/gpu-run.sh, gpu-env.sh).
+# the GPU host into .gpu/ (scripts/pack-gpu.sh: lorasft.xz, gpu-run.sh and what it needs).
 # The CUDA 13.0 toolkit comes from PyPI wheels (nvcc, nvvm, cudart, cublas, curand), pinned to
 # 13.0 because newer PTX cannot be loaded by the r580 driver; libcuda is a link-time stub and
 # comes from the driver at run time.
@@ -42,7 +42,10 @@ fi
 source "$TK/env.sh"
 export CUDA_COMPUTE_CAP=$CAP
 cargo build --release --features cuda --target-dir target/cuda --bin lorasft ${CUDA_BENCH:+--benches}
-mkdir -p .gpu
-xz -T2 -9 -c target/cuda/release/lorasft > .gpu/lorasft.xz
-cp scripts/gpu-run.sh scripts/gpu-env.sh .gpu/ 2>/dev/null || true
-ls -l .gpu
+# .gpu/: the compressed binary, the GPU-side scripts, tokenizer and dataset (when fetched).
+if [ -f .cache/assets/data/alpaca_en_demo.json ]; then
+  scripts/pack-gpu.sh target/cuda/release/lorasft
+else
+  mkdir -p .gpu && xz -T2 -9 -c target/cuda/release/lorasft > .gpu/lorasft.xz
+  echo "run scripts/fetch-assets.sh, then scripts/pack-gpu.sh target/cuda/release/lorasft" >&2
+fi

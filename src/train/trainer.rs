@@ -292,6 +292,9 @@ pub struct Summary {
     pub skipped_steps: usize,
     /// Steps whose gradient was clipped.
     pub clipped_steps: usize,
+    /// Steps skipped because f16 gradients overflowed (the loss scale was halved).
+    #[serde(default)]
+    pub overflow_steps: usize,
     /// Whether Ctrl-C stopped the run early.
     pub interrupted: bool,
     /// Generations before and after training, per prompt.
@@ -654,7 +657,6 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
             micro.push(Batch::from_rows(&p.encoder.collate(&exs), model.device())?);
         }
         let targets: usize = micro.iter().map(|b| b.targets).sum();
-        let overflow_before = state.overflow_steps;
         // A step with no loss target is skipped (counted), but still logged as skipped,
         // evaluated, checkpointed and checked for a stop like any other.
         let trained = if targets == 0 {
@@ -708,18 +710,16 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
                 Ok(n)
             };
             // f16: an overflow in the scaled gradients skips the step and halves the scale.
-            if state.loss_scaler.enabled {
-                let norm = grad_norm(&grads)?;
-                if state.loss_scaler.update(norm.is_finite()) == ScaleDecision::Skip {
-                    state.overflow_steps += 1;
-                    bar.println(format!(
-                        "step {}: gradients overflowed in f16; update skipped, loss scale now {}",
-                        state.step + 1,
-                        state.loss_scaler.scale
-                    ));
-                }
+            let overflowed = state.loss_scaler.enabled
+                && state.loss_scaler.update(grad_norm(&grads)?.is_finite()) == ScaleDecision::Skip;
+            if overflowed {
+                state.overflow_steps += 1;
+                bar.println(format!(
+                    "step {}: gradients overflowed in f16; update skipped, loss scale now {}",
+                    state.step + 1,
+                    state.loss_scaler.scale
+                ));
             }
-            let overflowed = state.loss_scaler.enabled && state.overflow_steps > overflow_before;
             if overflowed {
                 None
             } else {
@@ -865,6 +865,7 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
         wall_s,
         peak_rss_mib: peak_rss_mib(),
         skipped_steps: state.skipped_steps,
+        overflow_steps: state.overflow_steps,
         clipped_steps: state.clipped_steps,
         interrupted,
         generations,
