@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
-    /// The first CUDA device when this build has CUDA and one is present, else the CPU.
+    /// The first CUDA device when this build has CUDA and one opens, else the CPU.
     #[default]
     Auto,
     /// The CPU.
@@ -28,8 +28,7 @@ impl DeviceSpec {
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Auto if candle_core::utils::cuda_is_available() => Self::Cuda(0).open(),
-            DeviceSpec::Auto => Ok(Device::Cpu),
+            DeviceSpec::Auto => Ok(Self::Cuda(0).open().unwrap_or(Device::Cpu)),
             DeviceSpec::Cuda(n) => {
                 if !candle_core::utils::cuda_is_available() {
                     return Err(Error::Invalid(format!(
@@ -133,5 +132,49 @@ pub fn master_dtype(dtype: DType) -> DType {
         DType::F64
     } else {
         DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_and_print_back() {
+        for (text, spec) in [
+            ("auto", DeviceSpec::Auto),
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda:0", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<DeviceSpec>().unwrap(), spec);
+            assert_eq!(spec.to_string(), text);
+        }
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        let err = "gpu".parse::<DeviceSpec>().unwrap_err().to_string();
+        assert!(err.contains("auto, cpu, cuda or cuda:N"), "{err}");
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn auto_and_cpu_open_on_a_machine_without_a_gpu() {
+        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+        // Auto falls back to the CPU when no CUDA device opens (always, in a CPU build).
+        if !candle_core::utils::cuda_is_available() {
+            assert!(DeviceSpec::Auto.open().unwrap().is_cpu());
+            let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+            assert!(err.contains("scripts/build-cuda.sh"), "{err}");
+        }
+    }
+
+    #[test]
+    fn precision_maps_to_dtypes_and_only_f16_scales_the_loss() {
+        assert_eq!(Precision::Fp32.dtype(), DType::F32);
+        assert_eq!(Precision::Bf16.dtype(), DType::BF16);
+        assert_eq!(Precision::F16.dtype(), DType::F16);
+        assert!(Precision::F16.needs_loss_scaling());
+        assert!(!Precision::Bf16.needs_loss_scaling() && !Precision::Fp32.needs_loss_scaling());
+        assert_eq!(master_dtype(DType::BF16), DType::F32);
+        assert_eq!(master_dtype(DType::F64), DType::F64);
     }
 }
