@@ -1,8 +1,9 @@
 //! glibc malloc settings for training: keep freed memory for reuse instead of handing it back
 //! to the kernel. Every candle op allocates its output; with glibc's defaults a buffer above
 //! the (dynamic) mmap threshold is a fresh mapping, so each step page-faults its activations in
-//! anew, which costs most in virtual machines. `lorasft bench` measured the tiny step at
-//! 833 → 598 ms (1 thread) and 540 → 461 ms (2 threads) with these settings.
+//! anew, which costs most in virtual machines. Measured on the tiny step
+//! (`cargo bench --bench step -- tiny/step`, with and without `LORASFT_GLIBC_DEFAULTS=1`):
+//! 650 → 566 ms with 1 thread, 506 → 408 ms with 2.
 
 /// Raises the mmap threshold to glibc's maximum (32 MiB) and stops heap trimming. Returns
 /// whether both settings took; a no-op returning false off glibc or when the environment sets
