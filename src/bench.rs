@@ -78,14 +78,7 @@ impl StepBench {
         let ids: Vec<u32> = (0..b * s)
             .map(|_| rng.below(spec.vocab as u64) as u32)
             .collect();
-        let input_ids = Tensor::from_vec(ids, (b, s), dev)?;
-        let batch = Batch {
-            labels: input_ids.to_dtype(DType::I64)?,
-            attention_mask: Tensor::ones((b, s), DType::U32, dev)?,
-            input_ids,
-            targets: b * (s - 1),
-            real_tokens: b * s,
-        };
+        let batch = Batch::unpadded(Tensor::from_vec(ids, (b, s), dev)?)?;
         let named = model.lora_vars();
         let vars = named.iter().map(|(_, v)| v.clone()).collect();
         let opt = AdamW::new(vars, AdamWParams::default())?;

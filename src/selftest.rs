@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::data::batch::Batch;
 use crate::device::Precision;
 use crate::error::Result;
 use crate::model::fixture::FixtureSpec;
@@ -13,6 +14,7 @@ use crate::model::{Llama, LoraConfig, Mode, Projection};
 use crate::rng::Rng;
 use crate::train::loss_scale::{LossScaler, ScaleDecision};
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads, grad_norm};
+use crate::train::trainer::forward_backward;
 use crate::verify::{Fingerprint, base_tensors_with_grad};
 
 /// One line of the selftest table.
@@ -59,13 +61,18 @@ fn model(dtype: DType, dev: &Device) -> Result<Llama> {
 
 /// A fixed batch of token ids (b, s) and labels = ids.
 fn batch(dev: &Device) -> Result<(Tensor, Tensor)> {
+    let b = fixed_batch(dev)?;
+    Ok((b.input_ids, b.labels))
+}
+
+/// The selftest's batch: 4 unpadded rows of 32 ids from a fixed seed.
+fn fixed_batch(dev: &Device) -> Result<Batch> {
     let spec = FixtureSpec::default();
     let mut rng = Rng::new(3);
     let ids: Vec<u32> = (0..4 * 32)
         .map(|_| rng.below(spec.vocab as u64) as u32)
         .collect();
-    let ids = Tensor::from_vec(ids, (4, 32), dev)?;
-    Ok((ids.clone(), ids.to_dtype(DType::I64)?))
+    Batch::unpadded(Tensor::from_vec(ids, (4, 32), dev)?)
 }
 
 /// Largest |a - b| over largest |b|, both moved to the CPU in f64.
@@ -84,37 +91,27 @@ fn loss_and_grads(m: &Llama, ids: &Tensor, labels: &Tensor) -> Result<(Tensor, V
     Ok((loss, grads))
 }
 
-/// Runs `steps` AdamW steps on the fixed batch (f16's loss scaler where the precision needs
-/// it); returns the losses. Used by the selftest and by the precision tests.
+/// Runs `steps` optimizer steps on the fixed batch through the trainer's own
+/// `forward_backward` (f16's loss scaler where the precision needs it), clipping to 1 and
+/// AdamW; returns the losses. Used by the selftest and by the precision tests.
 pub fn train_fixed_batch(
     m: &Llama,
     precision: Precision,
     steps: usize,
     lr: f64,
 ) -> Result<Vec<f64>> {
-    let (ids, labels) = batch(m.device())?;
+    let batch = fixed_batch(m.device())?;
     let named = m.lora_vars();
     let vars = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(vars, AdamWParams::default())?;
-    let mut scaler = if precision.needs_loss_scaling() {
-        LossScaler::enabled()
-    } else {
-        LossScaler::disabled()
-    };
+    let mut scaler = LossScaler::for_precision(precision);
     let mut rng = Rng::new(4);
     let mut losses = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let l = m.loss_sum(&ids, None, &labels, &mut Mode::Train(&mut rng))?;
-        let loss = l.mean()?;
-        let scaled = (&loss * scaler.scale)?;
-        let mut grads = collect_grads(&named, &scaled.backward()?)?;
-        if scaler.scale != 1.0 {
-            grads = grads
-                .iter()
-                .map(|g| g / scaler.scale)
-                .collect::<candle_core::Result<Vec<_>>>()?;
-        }
-        losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        let micro = std::slice::from_ref(&batch);
+        let (sum, mut grads, _) =
+            forward_backward(m, &named, micro, batch.targets, scaler.scale, &mut rng)?;
+        losses.push(sum / batch.targets as f64);
         if scaler.update(grad_norm(&grads)?.is_finite()) == ScaleDecision::Skip {
             continue;
         }

@@ -1,6 +1,6 @@
 //! Padded rows as tensors ready for the model.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::data::encode::Row;
 use crate::error::{Error, Result};
@@ -21,6 +21,19 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of unpadded rows `input_ids` (b, s) with labels = input_ids: every position is
+    /// real and every next token a target (benchmarks and the selftest).
+    pub fn unpadded(input_ids: Tensor) -> Result<Self> {
+        let (b, s) = input_ids.dims2()?;
+        Ok(Self {
+            labels: input_ids.to_dtype(DType::I64)?,
+            attention_mask: Tensor::ones((b, s), DType::U32, input_ids.device())?,
+            input_ids,
+            targets: b * s.saturating_sub(1),
+            real_tokens: b * s,
+        })
+    }
+
     /// Stacks rows of equal length into tensors on `dev`.
     pub fn from_rows(rows: &[Row], dev: &Device) -> Result<Self> {
         let b = rows.len();

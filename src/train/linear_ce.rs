@@ -144,29 +144,20 @@ fn host_f32(
     Ok((total, dh))
 }
 
-/// The summed loss of one chunk of logits and, when asked, `softmax - onehot` (len, v).
+/// The summed loss of one chunk of logits and, when asked, `softmax - onehot` (len, v). CPU f32
+/// never comes here (it takes [`host_f32`]); CPU f64 runs the row kernel exactly, the rest the
+/// composed form.
 fn chunk_loss(logits: &Tensor, ids: &[u32], need_grad: bool) -> Result<(f64, Option<Tensor>)> {
-    match (logits.device(), logits.dtype()) {
-        (Device::Cpu, DType::F32) => {
-            let (len, v) = logits.dims2()?;
-            let mut buf = logits.flatten_all()?.to_vec1::<f32>()?;
-            let loss = rows_kernel(&mut buf, v, ids, need_grad, F32_OPS);
-            let grad = need_grad
-                .then(|| Tensor::from_vec(buf, (len, v), logits.device()))
-                .transpose()?;
-            Ok((loss, grad))
-        }
-        (Device::Cpu, DType::F64) => {
-            let (len, v) = logits.dims2()?;
-            let mut buf = logits.flatten_all()?.to_vec1::<f64>()?;
-            let loss = rows_kernel(&mut buf, v, ids, need_grad, F64_OPS);
-            let grad = need_grad
-                .then(|| Tensor::from_vec(buf, (len, v), logits.device()))
-                .transpose()?;
-            Ok((loss, grad))
-        }
-        _ => chunk_loss_composed(logits, ids, need_grad),
+    if !(logits.device().is_cpu() && logits.dtype() == DType::F64) {
+        return chunk_loss_composed(logits, ids, need_grad);
     }
+    let (len, v) = logits.dims2()?;
+    let mut buf = logits.flatten_all()?.to_vec1::<f64>()?;
+    let loss = rows_kernel(&mut buf, v, ids, need_grad, F64_OPS);
+    let grad = need_grad
+        .then(|| Tensor::from_vec(buf, (len, v), logits.device()))
+        .transpose()?;
+    Ok((loss, grad))
 }
 
 /// Device-generic chunk loss from primitive ops, computed in f32 (any device, any dtype).

@@ -38,6 +38,15 @@ impl LossScaler {
         }
     }
 
+    /// The scaler a precision needs: enabled for f16, disabled otherwise.
+    pub fn for_precision(p: crate::device::Precision) -> Self {
+        if p.needs_loss_scaling() {
+            Self::enabled()
+        } else {
+            Self::disabled()
+        }
+    }
+
     /// A scaler that never scales (fp32, bf16).
     pub fn disabled() -> Self {
         Self {

@@ -555,11 +555,7 @@ pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
                 metrics_lines: 0,
                 skipped_steps: 0,
                 clipped_steps: 0,
-                loss_scaler: if cfg.run.precision.needs_loss_scaling() {
-                    LossScaler::enabled()
-                } else {
-                    LossScaler::disabled()
-                },
+                loss_scaler: LossScaler::for_precision(cfg.run.precision),
                 overflow_steps: 0,
             };
             (state, None)
