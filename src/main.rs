@@ -128,8 +128,9 @@ struct TrainArgs {
     quiet: bool,
 }
 
+/// The model a command runs: where, in what precision, with which adapter and tokenizer.
 #[derive(Args)]
-struct EvalArgs {
+struct ModelArgs {
     #[command(flatten)]
     dev: DeviceArgs,
     /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
@@ -138,12 +139,18 @@ struct EvalArgs {
     /// Adapter directory (PEFT format).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Dataset.
-    #[arg(long)]
-    data: PathBuf,
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Dataset.
+    #[arg(long)]
+    data: PathBuf,
     #[command(flatten)]
     encode: EncodeArgs,
     /// Rows per batch.
@@ -157,16 +164,7 @@ struct EvalArgs {
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
-    dev: DeviceArgs,
-    /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
-    #[arg(long)]
-    model: String,
-    /// Adapter directory (PEFT format).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// tokenizer.json (default: the model directory's).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    m: ModelArgs,
     /// Raw prompt text.
     #[arg(long, conflicts_with = "instruction")]
     prompt: Vec<String>,
@@ -818,11 +816,10 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
 }
 
 fn model_and_tokenizer(
-    model: &str,
-    adapter_dir: Option<&PathBuf>,
-    tokenizer: Option<&PathBuf>,
-    dev: DeviceArgs,
+    a: &ModelArgs,
 ) -> Result<(lorasft::model::Llama, trainer::ResolvedModel, PathBuf)> {
+    let (model, adapter_dir, tokenizer, dev) =
+        (&a.model, a.adapter.as_ref(), a.tokenizer.as_ref(), a.dev);
     let resolved = trainer::resolve_model(model, &dev.open()?, dev.precision.dtype())?;
     let tok = match (tokenizer, &resolved.dir) {
         (Some(t), _) => t.clone(),
@@ -837,8 +834,7 @@ fn model_and_tokenizer(
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let (model, _, tok) =
-        model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref(), a.dev)?;
+    let (model, _, tok) = model_and_tokenizer(&a.m)?;
     let enc = Encoder::from_file(&tok, a.encode.config())?;
     let ds = lorasft::data::dataset::load(&a.data)?;
     let examples = ds
@@ -881,8 +877,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let (model, resolved, tok) =
-        model_and_tokenizer(&a.model, a.adapter.as_ref(), a.tokenizer.as_ref(), a.dev)?;
+    let (model, resolved, tok) = model_and_tokenizer(&a.m)?;
     let enc = Encoder::from_file(&tok, EncodeConfig::default())?;
     let mut eos = vec![enc.special_ids().eos];
     if let Some(ids) = &resolved.config.eos_token_id {
@@ -913,7 +908,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     for p in &prompts {
         let g = lorasft::generate::generate(&model, enc.tokenizer(), p, &eos, &cfg)?;
         println!("=== prompt ({} tokens)\n{p}", g.prompt_tokens);
-        if a.compare && a.adapter.is_some() {
+        if a.compare && a.m.adapter.is_some() {
             let b = lorasft::generate::generate(&resolved.model, enc.tokenizer(), p, &eos, &cfg)?;
             println!("--- base\n{}\n--- adapted\n{}", b.text, g.text);
         } else {

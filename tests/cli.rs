@@ -271,13 +271,20 @@ fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() 
         "{out}"
     );
     assert!(rows[2].starts_with("| other | tiny |"), "{out}");
-    // The ratio column is lorasft's median step over the other's 1000 ms.
+    // The ratio column is lorasft's median step over the other's 1000 ms (both printed rounded:
+    // the step to 1 ms, the ratio to 0.01).
     let ours: f64 = rows[1].split('|').nth(5).unwrap().trim().parse().unwrap();
+    let ratio: f64 = rows[2]
+        .split('|')
+        .nth(11)
+        .unwrap()
+        .trim()
+        .trim_end_matches('×')
+        .parse()
+        .unwrap();
     assert!(
-        rows[2]
-            .trim_end()
-            .ends_with(&format!("{:.2}× |", ours / 1000.0)),
-        "{out}"
+        (ratio - ours / 1000.0).abs() <= 0.0051,
+        "ratio {ratio} for a step of {ours} ms: {out}"
     );
     let written = std::fs::read_to_string(&json).unwrap();
     let row: lorasft::bench::BenchRow =
