@@ -15,6 +15,7 @@ pub mod model;
 pub mod report;
 pub mod rng;
 pub mod selftest;
+pub mod simd;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

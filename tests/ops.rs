@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use common::max_abs_diff;
-use lorasft::model::ops;
+use lorasft::model::{host_ops, ops};
 use lorasft::rng::Rng;
 use lorasft::train::linear_ce::{exp_f32, linear_cross_entropy_sum};
 
@@ -324,4 +324,228 @@ fn fast_exp_is_within_two_ulp_of_exp() {
     assert!(worst < 2.0 * f64::from(f32::EPSILON), "{worst:e}");
     assert_eq!(exp_f32(-200.0), 0.0);
     assert_eq!(exp_f32(0.0), 1.0);
+}
+
+// ---- The fused CPU f32 ops (host_ops) against the composed form in f64 ----
+
+/// Max |a - b| / max |b|, in f64.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-30);
+    max_abs_diff(a, b) / scale
+}
+
+/// The fused f32 op's forward and backward against autograd of the composed form in f64, on
+/// the same inputs: both within `tol` relative to the reference's largest magnitude.
+fn check_f32(
+    name: &str,
+    fused: &dyn Fn(&Tensor) -> Tensor,
+    composed: &dyn Fn(&Tensor) -> Tensor,
+    x: &Tensor,
+    tol: f64,
+) {
+    let x32 = x.to_dtype(DType::F32).unwrap();
+    let x = x32.to_dtype(DType::F64).unwrap(); // the same values in both precisions
+    let (y32, y64) = (fused(&x32), composed(&x));
+    assert_eq!(y32.dtype(), DType::F32, "{name}: fused output dtype");
+    let r32 = randn(y64.dims(), 98).to_dtype(DType::F32).unwrap();
+    let r = r32.to_dtype(DType::F64).unwrap();
+    let (g32, g64) = (grad_of(fused, &x32, &r32), grad_of(composed, &x, &r));
+    let (fwd, bwd) = (rel_diff(&y32, &y64), rel_diff(&g32, &g64));
+    println!("{name} (f32 fused vs f64 composed): forward {fwd:e}, backward {bwd:e}");
+    assert!(fwd < tol, "{name}: forward differs by {fwd:e} (relative)");
+    assert!(bwd < tol, "{name}: backward differs by {bwd:e} (relative)");
+}
+
+#[test]
+fn fused_frozen_linear_f32_matches_f64_matmul() {
+    let w = randn(&[40, 24], 11);
+    let w32 = w.to_dtype(DType::F32).unwrap();
+    check_f32(
+        "frozen_linear",
+        &move |x| {
+            x.apply_op1(host_ops::FrozenLinear { w: w32.clone() })
+                .unwrap()
+        },
+        &move |x| x.broadcast_matmul(&w.t().unwrap()).unwrap(),
+        &randn(&[2, 37, 24], 12),
+        1e-6,
+    );
+}
+
+#[test]
+fn fused_rms_norm_f32_matches_f64_composed() {
+    let w = randn(&[48], 13).affine(0.1, 1.0).unwrap();
+    let w32 = w.to_dtype(DType::F32).unwrap();
+    check_f32(
+        "rms_norm",
+        &move |x| {
+            x.apply_op1(host_ops::RmsNorm {
+                w: w32.clone(),
+                eps: 1e-5,
+            })
+            .unwrap()
+        },
+        &move |x| ops::rms_norm(x, &w, 1e-5).unwrap(),
+        &randn(&[3, 5, 48], 14),
+        1e-6,
+    );
+}
+
+/// Composed (b, s, n*d) -> (b, n, s, d) with rope on the way, in f64 primitives.
+fn composed_heads(x: &Tensor, n: usize, rot: Option<(&Tensor, &Tensor)>) -> Tensor {
+    let (b, s, nd) = x.dims3().unwrap();
+    let x = x
+        .reshape((b, s, n, nd / n))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    match rot {
+        None => x.contiguous().unwrap(),
+        Some((c, sn)) => (x.broadcast_mul(c).unwrap()
+            + ops::rotate_half(&x).unwrap().broadcast_mul(sn).unwrap())
+        .unwrap(),
+    }
+}
+
+#[test]
+fn fused_rope_heads_f32_matches_f64_composed_for_shared_and_per_row_tables() {
+    let (b, s, n, d) = (2, 5, 3, 8);
+    // Tables with unequal halves: the backward must be the exact transpose, not a reuse of
+    // the forward with -sin (which only holds when the halves repeat).
+    let tables = [
+        (randn(&[s, d], 15), randn(&[s, d], 16)),
+        (randn(&[b, 1, s, d], 17), randn(&[b, 1, s, d], 18)),
+    ];
+    for (cos, sin) in tables {
+        let (c32, s32) = (
+            cos.to_dtype(DType::F32).unwrap(),
+            sin.to_dtype(DType::F32).unwrap(),
+        );
+        check_f32(
+            &format!("rope_heads {:?}", cos.dims()),
+            &move |x| {
+                x.apply_op1(host_ops::RopeHeads {
+                    heads: n,
+                    rotation: Some((c32.clone(), s32.clone())),
+                })
+                .unwrap()
+            },
+            &move |x| composed_heads(x, n, Some((&cos, &sin))),
+            &randn(&[b, s, n * d], 19),
+            1e-6,
+        );
+    }
+    check_f32(
+        "heads transpose",
+        &move |x| {
+            x.apply_op1(host_ops::RopeHeads {
+                heads: n,
+                rotation: None,
+            })
+            .unwrap()
+        },
+        &move |x| composed_heads(x, n, None),
+        &randn(&[b, s, n * d], 20),
+        1e-12,
+    );
+}
+
+#[test]
+fn fused_attention_softmax_f32_matches_f64_composed_with_causal_and_padding_bias() {
+    use lorasft::model::llama::attention_bias;
+    // Per-row bias with left padding in row 1 (its first query sees only masked keys), and a
+    // shared bias with more keys than queries (generation with a cache).
+    let keep = vec![vec![1, 1, 1, 1, 1], vec![0, 0, 1, 1, 1]];
+    let per_row = attention_bias(&keep, DType::F64, &Device::Cpu).unwrap(); // (2, 1, 5, 5)
+    let cached = Tensor::zeros((1, 1, 3, 7), DType::F64, &Device::Cpu).unwrap();
+    let scale = 0.125f64.sqrt();
+    for (bias, raw_dims) in [(per_row, [2, 3, 5, 5]), (cached, [1, 2, 3, 7])] {
+        let b32 = bias.to_dtype(DType::F32).unwrap();
+        check_f32(
+            &format!("attention softmax, bias {:?}", bias.dims()),
+            &move |x| {
+                x.apply_op1(host_ops::AttnSoftmax {
+                    bias: b32.clone(),
+                    scale: scale as f32,
+                })
+                .unwrap()
+            },
+            &move |x| {
+                let z = (x * scale).unwrap().broadcast_add(&bias).unwrap();
+                ops::softmax_composed(&z).unwrap()
+            },
+            &randn(&raw_dims, 21).affine(3.0, 0.0).unwrap(),
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn fused_swiglu_f32_matches_f64_composed_in_both_inputs() {
+    let gate = randn(&[3, 4, 50], 22).affine(4.0, 0.0).unwrap(); // reaches the sigmoid's tails
+    let up = randn(&[3, 4, 50], 23);
+    let r = randn(&[3, 4, 50], 24);
+    let grads = |dtype: DType, fused: bool| {
+        let g = Var::from_tensor(&gate.to_dtype(dtype).unwrap()).unwrap();
+        let u = Var::from_tensor(&up.to_dtype(dtype).unwrap()).unwrap();
+        let m = if fused {
+            g.as_tensor()
+                .apply_op2(u.as_tensor(), host_ops::SwiGlu)
+                .unwrap()
+        } else {
+            (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap()
+        };
+        let loss = (&m * r.to_dtype(dtype).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let store = loss.backward().unwrap();
+        let dg = store.get(g.as_tensor()).unwrap().clone();
+        let du = store.get(u.as_tensor()).unwrap().clone();
+        (m, dg, du)
+    };
+    let (m32, dg32, du32) = grads(DType::F32, true);
+    let (m64, dg64, du64) = grads(DType::F64, false);
+    let d = [
+        rel_diff(&m32, &m64),
+        rel_diff(&dg32, &dg64),
+        rel_diff(&du32, &du64),
+    ];
+    println!("swiglu (f32 fused vs f64 composed): forward, dgate, dup {d:?}");
+    assert!(d.iter().all(|&x| x < 1e-6), "{d:?}");
+}
+
+#[test]
+fn model_ops_take_the_fused_path_for_f32_on_the_cpu() {
+    // The dispatching wrappers give the fused op's exact bits for CPU f32 inputs.
+    let x = randn(&[2, 5, 48], 25).to_dtype(DType::F32).unwrap();
+    let w = randn(&[48], 26).to_dtype(DType::F32).unwrap();
+    let direct = x
+        .apply_op1(host_ops::RmsNorm {
+            w: w.clone(),
+            eps: 1e-5,
+        })
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&ops::rms_norm(&x, &w, 1e-5).unwrap(), &direct),
+        0.0
+    );
+    let heads = ops::to_heads(&x, 6, None).unwrap();
+    assert_eq!(heads.dims(), &[2, 6, 5, 8]);
+    let direct = x
+        .apply_op1(host_ops::RopeHeads {
+            heads: 6,
+            rotation: None,
+        })
+        .unwrap();
+    assert_eq!(max_abs_diff(&heads, &direct), 0.0);
 }

@@ -9,7 +9,7 @@ use crate::device::master_dtype;
 use crate::error::{Error, Result};
 use crate::model::config::{ModelShape, Projection};
 use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
-use crate::model::ops::{frozen_linear, rms_norm, rope, softmax_last_dim};
+use crate::model::ops::{attention_probs, frozen_linear, rms_norm, swiglu, to_heads};
 use crate::rng::Rng;
 use crate::train::loss::{LossSum, lm_head_loss_sum};
 
@@ -417,11 +417,9 @@ impl Llama {
         let q = l.proj(Projection::QProj).forward(&hn, mode)?; // (b, s, nh*d)
         let k = l.proj(Projection::KProj).forward(&hn, mode)?; // (b, s, nkv*d)
         let v = l.proj(Projection::VProj).forward(&hn, mode)?; // (b, s, nkv*d)
-        let q = q.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?; // (b, nh, s, d)
-        let k = k.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?; // (b, nkv, s, d)
-        let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?; // (b, nkv, s, d)
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
+        let q = to_heads(&q, nh, Some((cos, sin)))?; // (b, nh, s, d), rotated
+        let k = to_heads(&k, nkv, Some((cos, sin)))?; // (b, nkv, s, d), rotated
+        let v = to_heads(&v, nkv, None)?; // (b, nkv, s, d)
         // With a KV cache (generation), keys and values of earlier positions come first.
         let (k, v) = match kv {
             None => (k, v),
@@ -439,13 +437,8 @@ impl Llama {
         // Grouped-query attention without copying K and V: the `rep` query heads that share a
         // kv head are folded into the row dimension.
         let qg = q.reshape((b, nkv, rep * s, d))?; // (b, nkv, rep*s, d)
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nkv, rep*s, t)
-        // Mask and softmax in f32 under a half-precision base, as transformers does.
-        let scores = scores
-            .reshape((b, nh, s, t))?
-            .to_dtype(bias.dtype())?
-            .broadcast_add(bias)?; // (b, nh, s, t)
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let raw = qg.matmul(&k.t()?)?.reshape((b, nh, s, t))?; // (b, nh, s, t)
+        let probs = attention_probs(&raw, bias, 1.0 / (d as f64).sqrt())?;
         let o = probs.reshape((b, nkv, rep * s, t))?.matmul(&v)?; // (b, nkv, rep*s, d)
         let o = o
             .reshape((b, nh, s, d))?
@@ -456,7 +449,7 @@ impl Llama {
         let hn = rms_norm(&x, &l.post_norm, eps)?;
         let gate = l.proj(Projection::GateProj).forward(&hn, mode)?; // (b, s, i)
         let up = l.proj(Projection::UpProj).forward(&hn, mode)?; // (b, s, i)
-        let m = (gate.silu()? * up)?;
+        let m = swiglu(&gate, &up)?;
         Ok((x + l.proj(Projection::DownProj).forward(&m, mode)?)?)
     }
 

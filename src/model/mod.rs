@@ -3,6 +3,8 @@
 pub mod config;
 pub mod fixture;
 pub mod gguf_import;
+pub mod host_kernels;
+pub mod host_ops;
 pub mod llama;
 pub mod load;
 pub mod lora;

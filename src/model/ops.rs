@@ -9,6 +9,7 @@
 
 use candle_core::backend::BackendStorage;
 
+use crate::model::host_ops::{self, AttnSoftmax, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
 use crate::model::matmul::matmul_frozen;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
@@ -112,6 +113,9 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.shape()
         );
     }
+    if host_ops::on_host_f32(x) && w.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() });
+    }
     let rows = x.elem_count() / in_f;
     let mut out_dims = dims.clone();
     *out_dims.last_mut().expect("rank >= 1") = out_f;
@@ -135,6 +139,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         // Half precision: normalise in f32 and cast back, as transformers' LlamaRMSNorm does.
         let y = rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
         return y.to_dtype(x.dtype());
+    }
+    if host_ops::on_host_f32(x) && w.dtype() == DType::F32 {
+        let w = w.contiguous()?;
+        return x.contiguous()?.apply_op1(RmsNorm { w, eps: eps as f32 });
     }
     let xd = x.detach();
     let rstd = rms_rstd(&xd, eps)?; // (..., 1)
@@ -177,6 +185,50 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 fn rope_apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)?
         .add(&rotate_half(x)?.broadcast_mul(sin)?)
+}
+
+/// A projection's output (b, s, heads*d) in attention's head-major layout (b, heads, s, d),
+/// rotated by `rotation` = (cos, sin) when given (queries and keys) and only transposed when
+/// not (values). One fused pass each way on the CPU in f32.
+pub fn to_heads(x: &Tensor, heads: usize, rotation: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    if host_ops::on_host_f32(x)
+        && rotation.is_none_or(|(c, s)| host_ops::on_host_f32(c) && host_ops::on_host_f32(s))
+    {
+        let rotation = rotation.map(|(c, s)| (c.clone(), s.clone()));
+        return x.contiguous()?.apply_op1(RopeHeads { heads, rotation });
+    }
+    let (b, s, nd) = x.dims3()?;
+    let x = x
+        .reshape((b, s, heads, nd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    match rotation {
+        Some((cos, sin)) => rope(&x, cos, sin),
+        None => Ok(x),
+    }
+}
+
+/// Attention probabilities `softmax(raw * scale + bias)` over keys, for raw scores
+/// (b, heads, s, t) and a constant bias (b or 1, 1, s, t). Mask and softmax run in the bias's
+/// dtype (f32 under a half-precision base, as transformers does); the result is in `raw`'s.
+pub fn attention_probs(raw: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if host_ops::on_host_f32(raw) && host_ops::on_host_f32(bias) {
+        let op = AttnSoftmax {
+            bias: bias.contiguous()?,
+            scale: scale as f32,
+        };
+        return raw.contiguous()?.apply_op1(op);
+    }
+    let scores = (raw * scale)?.to_dtype(bias.dtype())?.broadcast_add(bias)?;
+    softmax_last_dim(&scores)?.to_dtype(raw.dtype())
+}
+
+/// SwiGLU, `silu(gate) * up`: one fused pass each way on the CPU in f32.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if host_ops::on_host_f32(gate) && host_ops::on_host_f32(up) {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
 }
 
 /// Softmax over the last dim, with a written backward.
