@@ -397,6 +397,15 @@ struct BenchArgs {
     /// JSON-lines rows of another implementation (scripts/bench_pytorch.py) to show beside.
     #[arg(long)]
     compare: Vec<PathBuf>,
+    /// A command that benchmarks another implementation, run back to back with each lorasft
+    /// process and given `--shapes S --threads T --steps N --seed X`; it prints bench rows as
+    /// JSON lines (e.g. "python scripts/bench_pytorch.py"). The ratio column is then paired.
+    #[arg(long)]
+    against: Option<String>,
+    /// Rounds of the whole run; with --against, the order of the pair alternates per round
+    /// and the table gives medians over rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Also write every row as JSON lines here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -411,6 +420,55 @@ struct BenchArgs {
     one: bool,
 }
 
+/// One lorasft bench row from a fresh process (`bench --one`) with `threads` threads.
+fn bench_lorasft(a: &BenchArgs, shape: &str, threads: usize) -> Result<bench::BenchRow> {
+    let exe = std::env::current_exe().context("locating the lorasft binary")?;
+    let out = std::process::Command::new(&exe)
+        .args(["bench", "--one", "--shapes", shape])
+        .args(["--steps", &a.steps.to_string()])
+        .args(["--gen-tokens", &a.gen_tokens.to_string()])
+        .args(["--seed", &a.seed.to_string()])
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .context("running a bench process")?;
+    if !out.status.success() {
+        bail!(
+            "bench {shape} with {threads} thread(s) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).with_context(|| format!("reading the bench row {line:?}"))
+}
+
+/// The rows another implementation's bench command prints for one shape and thread count.
+fn bench_against(
+    cmd: &str,
+    a: &BenchArgs,
+    shape: &str,
+    threads: usize,
+) -> Result<Vec<bench::BenchRow>> {
+    let full = format!(
+        "{cmd} --shapes {shape} --threads {threads} --steps {} --seed {}",
+        a.steps, a.seed
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &full])
+        .output()
+        .with_context(|| format!("running {full:?}"))?;
+    if !out.status.success() {
+        bail!("{full:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rows: Vec<bench::BenchRow> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect();
+    if rows.is_empty() {
+        bail!("{full:?} printed no bench rows");
+    }
+    Ok(rows)
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.one {
         let shape = *a.shapes.first().context("--one needs a shape")?;
@@ -423,37 +481,35 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&row)?);
         return Ok(());
     }
-    let exe = std::env::current_exe().context("locating the lorasft binary")?;
-    let mut rows = Vec::new();
-    for &shape in &a.shapes {
-        for &threads in &a.threads {
-            eprintln!("bench: {} with {threads} thread(s)...", shape.name());
-            let out = std::process::Command::new(&exe)
-                .args([
-                    "bench",
-                    "--one",
-                    "--shapes",
-                    &format!("{shape:?}").to_lowercase(),
-                ])
-                .args(["--steps", &a.steps.to_string()])
-                .args(["--gen-tokens", &a.gen_tokens.to_string()])
-                .args(["--seed", &a.seed.to_string()])
-                .env("RAYON_NUM_THREADS", threads.to_string())
-                .output()
-                .context("running a bench process")?;
-            if !out.status.success() {
-                bail!(
-                    "bench {} with {threads} thread(s) failed: {}",
-                    shape.name(),
-                    String::from_utf8_lossy(&out.stderr)
+    let mut rounds: Vec<Vec<bench::BenchRow>> = Vec::new();
+    for round in 0..a.rounds.max(1) {
+        let mut rows = Vec::new();
+        for &shape in &a.shapes {
+            for &threads in &a.threads {
+                let name = format!("{shape:?}").to_lowercase();
+                let ours = || bench_lorasft(&a, &name, threads);
+                let theirs = || match &a.against {
+                    Some(cmd) => bench_against(cmd, &a, &name, threads),
+                    None => Ok(Vec::new()),
+                };
+                eprintln!(
+                    "bench round {}: {} with {threads} thread(s)...",
+                    round + 1,
+                    shape.name()
                 );
+                if round % 2 == 0 {
+                    rows.push(ours()?);
+                    rows.extend(theirs()?);
+                } else {
+                    rows.extend(theirs()?);
+                    rows.push(ours()?);
+                }
             }
-            let line = String::from_utf8_lossy(&out.stdout);
-            let row: bench::BenchRow = serde_json::from_str(line.trim())
-                .with_context(|| format!("reading the bench row {line:?}"))?;
-            rows.push(row);
         }
+        rounds.push(rows);
     }
+    let paired = bench::paired_ratios(&rounds);
+    let mut rows = bench::merge_rounds(&rounds);
     for path in &a.compare {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -475,7 +531,19 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             y.impl_name != "lorasft",
         ))
     });
-    print!("{}", bench::render_table(&rows));
+    print!("{}", bench::render_table(&rows, &paired));
+    if a.rounds > 1 {
+        for p in &paired {
+            let each: Vec<String> = p.ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "\n{} {} thread(s), lorasft / {} per round: {}",
+                p.shape,
+                p.threads,
+                p.impl_name,
+                each.join(", ")
+            );
+        }
+    }
     if a.data.exists() && a.tokenizer.exists() {
         let (n, secs) = bench::time_encoding(&a.data, &a.tokenizer)?;
         println!(

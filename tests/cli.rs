@@ -292,3 +292,60 @@ fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() 
     assert!(row.step_ms > 0.0 && row.tokens_per_s > 0.0 && row.peak_rss_mib > 0.0);
     assert_eq!((row.batch, row.seq, row.threads), (4, 128, 1));
 }
+
+#[test]
+fn bench_against_a_command_pairs_rows_round_by_round() {
+    // The other implementation's command: prints one row (the appended arguments are
+    // commented out by the trailing '#').
+    let row = r#"{"impl_name": "other", "shape": "tiny", "batch": 4, "seq": 128, "threads": 1, "step_ms": 2000.0, "step_range_ms": [1990.0, 2010.0], "tokens_per_s": 256.0, "forward_ms": 600.0, "gen_tokens_per_s": 40.0, "peak_rss_mib": 900.0}"#;
+    let cmd = format!("echo '{row}' #");
+    let out = run_ok(
+        lorasft()
+            .args(["bench", "--shapes", "tiny", "--threads", "1"])
+            .args(["--steps", "1", "--gen-tokens", "2", "--rounds", "2"])
+            .args(["--against", &cmd]),
+    );
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(
+        rows.len(),
+        3,
+        "header + lorasft + other, merged over rounds:\n{out}"
+    );
+    assert!(
+        rows[2].starts_with("| other | tiny | 4 × 128 | 1 | 2000 |"),
+        "{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("tiny 1 thread(s), lorasft / other per round: "))
+        .unwrap_or_else(|| panic!("no per-round ratios:\n{out}"));
+    let ratios: Vec<f64> = line
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .split(", ")
+        .map(|r| r.parse().unwrap())
+        .collect();
+    assert_eq!(ratios.len(), 2, "{line}");
+    assert!(ratios.iter().all(|&r| r > 0.0 && r < 10.0), "{line}");
+}
+
+#[test]
+fn bench_against_a_failing_command_is_an_error_naming_it() {
+    let out = lorasft()
+        .args([
+            "bench",
+            "--shapes",
+            "tiny",
+            "--threads",
+            "1",
+            "--steps",
+            "1",
+        ])
+        .args(["--against", "false"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("false --shapes tiny --threads 1"), "{err}");
+}

@@ -55,31 +55,10 @@ pub fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 }
 
 /// `dst (m, n) = lhs (m, k) @ rhs`, all row-major, `rhs` being (n, k) read transposed when
-/// `rhs_is_nk`, else (k, n); rows are split into one block per thread (candle's thread count).
+/// `rhs_is_nk`, else (k, n). With several threads (candle's count) the columns are split into
+/// one block per thread, so each thread packs only its share of `rhs` (the weight, the larger
+/// operand); a split by rows would pack all of it once per thread.
 pub fn gemm_rows_f32(
-    dst: &mut [f32],
-    lhs: &[f32],
-    rhs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    rhs_is_nk: bool,
-) {
-    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == n * k);
-    let threads = candle_core::utils::get_num_threads().max(1);
-    // Blocks of at least 16 rows: below that a split costs more than it gains.
-    let block = m.div_ceil(threads).max(16);
-    if threads == 1 || m <= block || n == 0 {
-        gemm_f32(dst, lhs, rhs, m, n, k, rhs_is_nk);
-        return;
-    }
-    dst.par_chunks_mut(block * n)
-        .zip(lhs.par_chunks(block * k))
-        .for_each(|(d, l)| gemm_f32(d, l, rhs, l.len() / k.max(1), n, k, rhs_is_nk));
-}
-
-/// One single-threaded `gemm` call on row-major slices (see [`gemm_rows_f32`]).
-fn gemm_f32(
     dst: &mut [f32],
     lhs: &[f32],
     rhs: &[f32],
@@ -92,26 +71,68 @@ fn gemm_f32(
     if m == 0 || n == 0 {
         return;
     }
-    let (rhs_cs, rhs_rs) = if rhs_is_nk {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
+    let threads = candle_core::utils::get_num_threads().max(1);
+    // Blocks of at least 32 columns, in multiples of 16 (the kernel's width).
+    let block = n.div_ceil(threads).max(32).next_multiple_of(16);
+    let out = SendPtr(dst.as_mut_ptr());
+    let run = |j0: usize| {
+        let j1 = (j0 + block).min(n);
+        // SAFETY: `dst` holds m*n elements and each call writes only columns j0..j1 of it,
+        // disjoint across calls; `lhs` and `rhs` are read-only and sized as asserted above.
+        unsafe { gemm_cols(out, lhs, rhs, (m, n, k), j0..j1, rhs_is_nk) }
     };
-    // SAFETY: the slices hold exactly m*n, m*k and k*n elements (asserted above), the strides
-    // describe row-major matrices inside them, and dst does not alias the inputs (a &mut).
+    if threads == 1 || block >= n {
+        run(0);
+    } else {
+        (0..n.div_ceil(block))
+            .into_par_iter()
+            .for_each(|b| run(b * block));
+    }
+}
+
+/// A raw output pointer shared by threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used by `gemm_rows_f32`, whose threads write disjoint column blocks.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+/// Columns `cols` of `dst (m, n) = lhs @ rhs` (see [`gemm_rows_f32`]) in one single-threaded
+/// `gemm` call.
+///
+/// # Safety
+/// `dst` must point to m*n writable elements that no one else touches in columns `cols`,
+/// `lhs` and `rhs` must hold m*k and k*n elements, and `cols` must lie within 0..n.
+unsafe fn gemm_cols(
+    dst: SendPtr,
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+    cols: std::ops::Range<usize>,
+    rhs_is_nk: bool,
+) {
+    let (j0, w) = (cols.start, cols.len());
+    // rhs (k, n) view of the block: transposed (n, k) rows j0.., or columns j0.. of (k, n).
+    let (rhs_ptr, rhs_cs, rhs_rs) = if rhs_is_nk {
+        (rhs[j0 * k..].as_ptr(), k as isize, 1)
+    } else {
+        (rhs[j0..].as_ptr(), 1, n as isize)
+    };
+    // SAFETY: per the contract; the strides describe row-major matrices inside the slices.
     unsafe {
         gemm::gemm(
             m,
-            n,
+            w,
             k,
-            dst.as_mut_ptr(),
+            dst.0.add(j0),
             1,
             n as isize,
             false,
             lhs.as_ptr(),
             1,
             k as isize,
-            rhs.as_ptr(),
+            rhs_ptr,
             rhs_cs,
             rhs_rs,
             0.0,
