@@ -549,3 +549,70 @@ fn model_ops_take_the_fused_path_for_f32_on_the_cpu() {
         .unwrap();
     assert_eq!(max_abs_diff(&heads, &direct), 0.0);
 }
+
+#[test]
+fn fused_attention_f32_matches_f64_composed_in_all_three_inputs() {
+    use lorasft::model::host_attention::Attention;
+    use lorasft::model::llama::attention_bias;
+    let (b, nh, nkv, d) = (2, 4, 2, 8);
+    let keep = vec![vec![1, 1, 1, 1, 1], vec![0, 0, 1, 1, 1]];
+    let cases = [
+        // Training: causal + left padding per row, s = t.
+        (
+            attention_bias(&keep, DType::F64, &Device::Cpu).unwrap(),
+            b,
+            5,
+            5,
+        ),
+        // Generation with a cache: 3 new queries over 7 keys, one shared bias block.
+        (
+            Tensor::zeros((1, 1, 3, 7), DType::F64, &Device::Cpu).unwrap(),
+            1,
+            3,
+            7,
+        ),
+    ];
+    let scale = 1.0 / (d as f64).sqrt();
+    for (bias, b, s, t) in cases {
+        let inputs = [
+            randn(&[b, nh, s, d], 30),
+            randn(&[b, nkv, t, d], 31),
+            randn(&[b, nkv, t, d], 32),
+        ]
+        .map(|x| x.affine(2.0, 0.0).unwrap().to_dtype(DType::F32).unwrap());
+        let r32 = randn(&[b, s, nh * d], 33).to_dtype(DType::F32).unwrap();
+        let run = |dtype: DType| {
+            let vars = inputs
+                .clone()
+                .map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+            let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+            let o = ops::attention(&q, &k, &v, &bias.to_dtype(dtype).unwrap(), scale).unwrap();
+            let loss = (&o * r32.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let store = loss.backward().unwrap();
+            let grads = [q, k, v].map(|x| store.get(&x).expect("input has a gradient").clone());
+            (o, grads)
+        };
+        let (o32, g32) = run(DType::F32);
+        let (o64, g64) = run(DType::F64);
+        let d = [
+            rel_diff(&o32, &o64),
+            rel_diff(&g32[0], &g64[0]),
+            rel_diff(&g32[1], &g64[1]),
+            rel_diff(&g32[2], &g64[2]),
+        ];
+        println!(
+            "attention {:?} (f32 fused vs f64 composed): out, dq, dk, dv {d:?}",
+            bias.dims()
+        );
+        assert!(d.iter().all(|&x| x < 1e-6), "{d:?}");
+        // The f32 call took the fused op.
+        let bias32 = bias.to_dtype(DType::F32).unwrap();
+        let direct = inputs[0]
+            .apply_op3(&inputs[1], &inputs[2], Attention::new(bias32, scale as f32))
+            .unwrap();
+        assert_eq!(max_abs_diff(&o32, &direct), 0.0);
+    }
+}

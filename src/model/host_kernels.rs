@@ -207,12 +207,15 @@ impl ScoresLayout {
 
 /// `y = softmax(raw * scale + bias)` over each row of keys.
 pub fn attn_softmax_fwd(raw: &[f32], bias: &[f32], l: ScoresLayout, scale: f32, y: &mut [f32]) {
-    assert_eq!(raw.len(), y.len());
-    let t = l.keys;
-    for_rows(y, t, |r, yr| {
-        let (xr, br) = (&raw[r * t..(r + 1) * t], l.bias_row(bias, r));
-        for ((o, &a), &b) in yr.iter_mut().zip(xr).zip(br) {
-            *o = a * scale + b;
+    y.copy_from_slice(raw);
+    attn_softmax_in_place(y, bias, l, scale);
+}
+
+/// [`attn_softmax_fwd`] with the raw scores arriving in `y`.
+pub fn attn_softmax_in_place(y: &mut [f32], bias: &[f32], l: ScoresLayout, scale: f32) {
+    for_rows(y, l.keys, |r, yr| {
+        for (o, &b) in yr.iter_mut().zip(l.bias_row(bias, r)) {
+            *o = *o * scale + b;
         }
         let max = simd::max_f32(yr);
         simd::exp_sub_f32(yr, max);

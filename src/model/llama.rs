@@ -9,7 +9,7 @@ use crate::device::master_dtype;
 use crate::error::{Error, Result};
 use crate::model::config::{ModelShape, Projection};
 use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
-use crate::model::ops::{attention_probs, frozen_linear, rms_norm, swiglu, to_heads};
+use crate::model::ops::{attention, frozen_linear, rms_norm, swiglu, to_heads};
 use crate::rng::Rng;
 use crate::train::loss::{LossSum, lm_head_loss_sum};
 
@@ -410,9 +410,6 @@ impl Llama {
             rms_norm_eps: eps,
             ..
         } = self.shape;
-        let (b, s, _h) = x.dims3()?;
-        let rep = nh / nkv;
-
         let hn = rms_norm(x, &l.input_norm, eps)?; // (b, s, h)
         let q = l.proj(Projection::QProj).forward(&hn, mode)?; // (b, s, nh*d)
         let k = l.proj(Projection::KProj).forward(&hn, mode)?; // (b, s, nkv*d)
@@ -432,18 +429,8 @@ impl Llama {
                 (k, v)
             }
         };
-        let t = k.dim(2)?; // keys: t = s in training, cached + s in generation
-
-        // Grouped-query attention without copying K and V: the `rep` query heads that share a
-        // kv head are folded into the row dimension.
-        let qg = q.reshape((b, nkv, rep * s, d))?; // (b, nkv, rep*s, d)
-        let raw = qg.matmul(&k.t()?)?.reshape((b, nh, s, t))?; // (b, nh, s, t)
-        let probs = attention_probs(&raw, bias, 1.0 / (d as f64).sqrt())?;
-        let o = probs.reshape((b, nkv, rep * s, t))?.matmul(&v)?; // (b, nkv, rep*s, d)
-        let o = o
-            .reshape((b, nh, s, d))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * d))?; // (b, s, nh*d)
+        // Keys: t = s in training, cached + s in generation.
+        let o = attention(&q, &k, &v, bias, 1.0 / (d as f64).sqrt())?; // (b, s, nh*d)
         let x = (x + l.proj(Projection::OProj).forward(&o, mode)?)?;
 
         let hn = rms_norm(&x, &l.post_norm, eps)?;

@@ -92,8 +92,8 @@ pub fn gemm_rows_f32(
 
 /// A raw output pointer shared by threads that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used by `gemm_rows_f32`, whose threads write disjoint column blocks.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: every user has its threads write disjoint parts (documented where it is made).
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
@@ -136,6 +136,60 @@ unsafe fn gemm_cols(
             rhs_cs,
             rhs_rs,
             0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// A strided view of an f32 matrix for [`gemm_view`]: element (i, j) at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    /// First element.
+    pub ptr: *const f32,
+    /// Row stride, elements.
+    pub rs: isize,
+    /// Column stride, elements.
+    pub cs: isize,
+}
+
+/// `dst (m, n) = lhs (m, k) @ rhs (k, n)` (or `+=` when `accumulate`) on strided views, one
+/// thread: the per-head products of the fused attention.
+///
+/// # Safety
+/// Every element the views address for these sizes must lie in live allocations, `dst`'s
+/// elements must be writable and touched by no one else during the call, and `dst` must not
+/// overlap `lhs` or `rhs`.
+pub(crate) unsafe fn gemm_view(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: per the contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2,
+            dst.1,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod fixture;
 pub mod gguf_import;
+pub mod host_attention;
 pub mod host_kernels;
 pub mod host_ops;
 pub mod llama;

@@ -9,6 +9,7 @@
 
 use candle_core::backend::BackendStorage;
 
+use crate::model::host_attention::Attention;
 use crate::model::host_ops::{self, AttnSoftmax, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
 use crate::model::matmul::matmul_frozen;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
@@ -221,6 +222,28 @@ pub fn attention_probs(raw: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor
     }
     let scores = (raw * scale)?.to_dtype(bias.dtype())?.broadcast_add(bias)?;
     softmax_last_dim(&scores)?.to_dtype(raw.dtype())
+}
+
+/// Grouped-query attention `softmax(q k^T * scale + bias) v` for q (b, heads, s, d), k and v
+/// (b, kv_heads, t, d) and a constant bias (b or 1, 1, s, t), returned as (b, s, heads * d).
+/// One fused node with a written backward on the CPU in f32; composed elsewhere.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if [q, k, v, bias].into_iter().all(host_ops::on_host_f32) {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        return q.apply_op3(&k, &v, Attention::new(bias.contiguous()?, scale as f32));
+    }
+    let (b, nh, s, d) = q.dims4()?;
+    let (_, nkv, t, _) = k.dims4()?;
+    let rep = nh / nkv;
+    // The `rep` query heads that share a kv head are folded into the row dimension, so K and
+    // V are never copied per query head.
+    let qg = q.reshape((b, nkv, rep * s, d))?; // (b, nkv, rep*s, d)
+    let raw = qg.matmul(&k.t()?)?.reshape((b, nh, s, t))?; // (b, nh, s, t)
+    let probs = attention_probs(&raw, bias, scale)?;
+    let o = probs.reshape((b, nkv, rep * s, t))?.matmul(v)?; // (b, nkv, rep*s, d)
+    o.reshape((b, nh, s, d))?
+        .transpose(1, 2)?
+        .reshape((b, s, nh * d))
 }
 
 /// SwiGLU, `silu(gate) * up`: one fused pass each way on the CPU in f32.
