@@ -564,6 +564,19 @@ fn fused_attention_f32_matches_f64_composed_in_all_three_inputs() {
             5,
             5,
         ),
+        // Three query blocks of 64 (the fused op's key limits), with left padding long enough
+        // that row 1's first 70 queries see no key at all.
+        (
+            attention_bias(
+                &[vec![1; 150], [vec![0; 70], vec![1; 80]].concat()],
+                DType::F64,
+                &Device::Cpu,
+            )
+            .unwrap(),
+            b,
+            150,
+            150,
+        ),
         // Generation with a cache: 3 new queries over 7 keys, one shared bias block.
         (
             Tensor::zeros((1, 1, 3, 7), DType::F64, &Device::Cpu).unwrap(),

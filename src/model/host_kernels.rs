@@ -214,14 +214,30 @@ pub fn attn_softmax_fwd(raw: &[f32], bias: &[f32], l: ScoresLayout, scale: f32, 
 /// [`attn_softmax_fwd`] with the raw scores arriving in `y`.
 pub fn attn_softmax_in_place(y: &mut [f32], bias: &[f32], l: ScoresLayout, scale: f32) {
     for_rows(y, l.keys, |r, yr| {
-        for (o, &b) in yr.iter_mut().zip(l.bias_row(bias, r)) {
-            *o = *o * scale + b;
-        }
-        let max = simd::max_f32(yr);
-        simd::exp_sub_f32(yr, max);
-        let inv = simd::sum_f32(yr).recip();
-        simd::scale_f32(yr, inv);
+        softmax_row(yr, l.bias_row(bias, r), scale)
     });
+}
+
+/// One row of the attention softmax in place: `y = softmax(y * scale + bias)` (the caller
+/// provides the AVX2 frame, see [`simd::run`]).
+#[inline(always)]
+pub fn softmax_row(y: &mut [f32], bias: &[f32], scale: f32) {
+    for (o, &b) in y.iter_mut().zip(bias) {
+        *o = *o * scale + b;
+    }
+    let max = simd::max_f32(y);
+    simd::exp_sub_f32(y, max);
+    let inv = simd::sum_f32(y).recip();
+    simd::scale_f32(y, inv);
+}
+
+/// One row of the attention softmax's backward: `dx = scale * y * (g - sum(g y))`.
+#[inline(always)]
+pub fn softmax_row_bwd(y: &[f32], g: &[f32], scale: f32, dx: &mut [f32]) {
+    let s = dot(g, y);
+    for ((o, &a), &b) in dx.iter_mut().zip(y).zip(g) {
+        *o = scale * a * (b - s);
+    }
 }
 
 /// Backward of [`attn_softmax_fwd`] in the raw scores: `d raw = scale * y * (g - sum(g y))`.
@@ -229,11 +245,7 @@ pub fn attn_softmax_bwd(y: &[f32], g: &[f32], keys: usize, scale: f32, dx: &mut 
     assert!(y.len() == dx.len() && g.len() == dx.len());
     let t = keys;
     for_rows(dx, t, |r, dr| {
-        let (yr, gr) = (&y[r * t..(r + 1) * t], &g[r * t..(r + 1) * t]);
-        let s = dot(gr, yr);
-        for ((o, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
-            *o = scale * a * (b - s);
-        }
+        softmax_row_bwd(&y[r * t..(r + 1) * t], &g[r * t..(r + 1) * t], scale, dr)
     });
 }
 
