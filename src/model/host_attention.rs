@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::model::host_kernels::{softmax_row, softmax_row_bwd};
+use crate::model::host_ops::{host, read, slice};
 use crate::model::matmul::{SendPtr, View, gemm_view};
 use crate::simd;
 
@@ -152,24 +153,6 @@ fn for_heads(n: usize, f: impl Fn(usize) + Sync + Send) {
         (0..n).for_each(f);
     } else {
         (0..n).into_par_iter().for_each(f);
-    }
-}
-
-/// The f32 slice of a contiguous CPU storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("attention: expected contiguous f32 inputs"),
-    }
-}
-
-/// Runs `f` on a CPU f32 tensor's elements (made contiguous first).
-fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        candle_core::Storage::Cpu(c) => Ok(f(slice(c, l)?)),
-        _ => bail!("attention: expected a CPU tensor"),
     }
 }
 
@@ -382,13 +365,10 @@ impl CustomOp3 for Attention {
             }
             out
         };
-        let host = |v: Vec<f32>, t: &Tensor| {
-            Tensor::from_vec(v, t.shape().clone(), &candle_core::Device::Cpu)
-        };
         Ok((
-            Some(host(dq, q)?),
-            Some(host(reduce(&dk_h), k)?),
-            Some(host(reduce(&dv_h), v)?),
+            Some(host(dq, q.shape())?),
+            Some(host(reduce(&dk_h), k.shape())?),
+            Some(host(reduce(&dv_h), v.shape())?),
         ))
     }
 }

@@ -23,7 +23,7 @@ pub fn on_host_f32(t: &Tensor) -> bool {
 }
 
 /// The f32 elements of a contiguous CPU storage region.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (CpuStorage::F32(_), None) => bail!("fused op: input must be contiguous"),
@@ -32,7 +32,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs `f` on the f32 elements of a CPU tensor, made contiguous first if it is not.
-fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {
@@ -42,7 +42,7 @@ fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 /// A new CPU tensor with no graph, for gradients.
-fn host(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+pub(crate) fn host(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }
 
