@@ -18,6 +18,9 @@ use lorasft::rng::Rng;
 use lorasft::train::linear_ce::linear_cross_entropy_sum;
 
 fn bench_shape(c: &mut Criterion, shape: BenchShape) {
+    // SAFETY: benchmarks run one after another on this thread, and nothing in this process
+    // reads the environment concurrently (candle reads it when its pool starts, here).
+    unsafe { lorasft::thread_tuning::park_idle_workers() };
     lorasft::alloc_tuning::keep_freed_memory();
     let mut bench = StepBench::new(shape, DType::F32, &Device::Cpu, 0).unwrap();
     let mut group = c.benchmark_group(shape.name());

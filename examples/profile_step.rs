@@ -4,6 +4,8 @@ use lorasft::bench::{BenchShape, StepBench};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first thing in main; no other thread exists yet.
+    unsafe { lorasft::thread_tuning::park_idle_workers() };
     lorasft::alloc_tuning::keep_freed_memory();
     let shape = match std::env::args().nth(1).as_deref() {
         Some("tiny") => BenchShape::Tiny,

@@ -16,6 +16,7 @@ pub mod report;
 pub mod rng;
 pub mod selftest;
 pub mod simd;
+pub mod thread_tuning;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

@@ -583,6 +583,8 @@ fn cpu_name() -> String {
 }
 
 fn main() {
+    // SAFETY: first thing in main; no other thread exists yet.
+    unsafe { lorasft::thread_tuning::park_idle_workers() };
     lorasft::alloc_tuning::keep_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
