@@ -257,14 +257,13 @@ fn sigmoid(x: f32) -> f32 {
     if x >= 0.0 { r } else { e * r }
 }
 
-/// Elements per row for the elementwise kernels' thread split.
+/// Granule of the elementwise kernels' thread split.
 const ELEMWISE_ROW: usize = 1024;
 
 /// SwiGLU forward: `m = silu(gate) * up`, elementwise.
 pub fn swiglu_fwd(gate: &[f32], up: &[f32], m: &mut [f32]) {
     assert!(gate.len() == m.len() && up.len() == m.len());
-    let len = ELEMWISE_ROW.min(m.len()).max(1);
-    for_rows_ragged(m, len, |off, o| {
+    for_parts(m, |off, o| {
         let (gr, ur) = (&gate[off..off + o.len()], &up[off..off + o.len()]);
         for ((o, &a), &u) in o.iter_mut().zip(gr).zip(ur) {
             *o = a * sigmoid(a) * u;
@@ -276,7 +275,6 @@ pub fn swiglu_fwd(gate: &[f32], up: &[f32], m: &mut [f32]) {
 /// `sig = sigmoid(gate)`. `dgate` arrives holding `g` and is overwritten.
 pub fn swiglu_bwd(gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
     assert!(gate.len() == dgate.len() && up.len() == dgate.len() && dup.len() == dgate.len());
-    let len = ELEMWISE_ROW.min(dgate.len()).max(1);
     let run = |off: usize, dg: &mut [f32], du: &mut [f32]| {
         simd::run(|| {
             let (gr, ur) = (&gate[off..off + dg.len()], &up[off..off + dg.len()]);
@@ -289,14 +287,8 @@ pub fn swiglu_bwd(gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) 
             }
         })
     };
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let block = dgate
-        .len()
-        .div_ceil(threads)
-        .max(MIN_BLOCK_ELEMS)
-        .div_ceil(len)
-        * len;
-    if threads == 1 || block >= dgate.len() {
+    let block = elementwise_block(dgate.len());
+    if block >= dgate.len() {
         run(0, dgate, dup);
     } else {
         dgate
@@ -307,18 +299,24 @@ pub fn swiglu_bwd(gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) 
     }
 }
 
-/// [`for_rows`] for elementwise kernels whose length need not be a multiple of the row:
-/// `f(offset, part)` over consecutive parts.
-fn for_rows_ragged(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+/// Elements per thread of an elementwise kernel over `n` elements: a multiple of
+/// [`ELEMWISE_ROW`], at least [`MIN_BLOCK_ELEMS`]; `n` or more means one block on this thread.
+fn elementwise_block(n: usize) -> usize {
     let threads = candle_core::utils::get_num_threads().max(1);
-    let block = out
-        .len()
-        .div_ceil(threads)
+    if threads == 1 {
+        return n;
+    }
+    n.div_ceil(threads)
         .max(MIN_BLOCK_ELEMS)
-        .div_ceil(len)
-        * len;
+        .next_multiple_of(ELEMWISE_ROW)
+}
+
+/// Runs an elementwise kernel `f(offset, part)` over consecutive parts of `out`, one per
+/// thread, each inside an AVX2 frame when the CPU has it.
+fn for_parts(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let block = elementwise_block(out.len());
     let run = |off: usize, chunk: &mut [f32]| simd::run(|| f(off, chunk));
-    if threads == 1 || block >= out.len() {
+    if block >= out.len() {
         run(0, out);
     } else {
         out.par_chunks_mut(block)
