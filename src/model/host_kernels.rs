@@ -177,47 +177,6 @@ pub fn rope_heads(
     });
 }
 
-/// The attention softmax's operands: raw scores (b, heads, s, t) and a bias (b or 1, 1, s, t).
-#[derive(Debug, Clone, Copy)]
-pub struct ScoresLayout {
-    /// Heads per batch row.
-    pub heads: usize,
-    /// Query rows per head.
-    pub queries: usize,
-    /// Keys per row.
-    pub keys: usize,
-    /// The bias has one block per batch row (else one shared block).
-    pub bias_per_batch: bool,
-}
-
-impl ScoresLayout {
-    /// The bias row that applies to score row `r`.
-    #[inline(always)]
-    fn bias_row<'a>(&self, bias: &'a [f32], r: usize) -> &'a [f32] {
-        let bi = r / (self.heads * self.queries);
-        let qi = r % self.queries;
-        let br = if self.bias_per_batch {
-            bi * self.queries + qi
-        } else {
-            qi
-        };
-        &bias[br * self.keys..(br + 1) * self.keys]
-    }
-}
-
-/// `y = softmax(raw * scale + bias)` over each row of keys.
-pub fn attn_softmax_fwd(raw: &[f32], bias: &[f32], l: ScoresLayout, scale: f32, y: &mut [f32]) {
-    y.copy_from_slice(raw);
-    attn_softmax_in_place(y, bias, l, scale);
-}
-
-/// [`attn_softmax_fwd`] with the raw scores arriving in `y`.
-pub fn attn_softmax_in_place(y: &mut [f32], bias: &[f32], l: ScoresLayout, scale: f32) {
-    for_rows(y, l.keys, |r, yr| {
-        softmax_row(yr, l.bias_row(bias, r), scale)
-    });
-}
-
 /// One row of the attention softmax in place: `y = softmax(y * scale + bias)` (the caller
 /// provides the AVX2 frame, see [`simd::run`]).
 #[inline(always)]
@@ -238,15 +197,6 @@ pub fn softmax_row_bwd(y: &[f32], g: &[f32], scale: f32, dx: &mut [f32]) {
     for ((o, &a), &b) in dx.iter_mut().zip(y).zip(g) {
         *o = scale * a * (b - s);
     }
-}
-
-/// Backward of [`attn_softmax_fwd`] in the raw scores: `d raw = scale * y * (g - sum(g y))`.
-pub fn attn_softmax_bwd(y: &[f32], g: &[f32], keys: usize, scale: f32, dx: &mut [f32]) {
-    assert!(y.len() == dx.len() && g.len() == dx.len());
-    let t = keys;
-    for_rows(dx, t, |r, dr| {
-        softmax_row_bwd(&y[r * t..(r + 1) * t], &g[r * t..(r + 1) * t], scale, dr)
-    });
 }
 
 /// The logistic function through `exp` of a non-positive argument only (no overflow).

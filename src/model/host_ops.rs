@@ -12,8 +12,7 @@ use candle_core::{
 };
 
 use crate::model::host_kernels::{
-    self, HeadsLayout, Rotation, ScoresLayout, attn_softmax_bwd, attn_softmax_fwd, rms_norm_bwd,
-    rms_norm_fwd, swiglu_bwd, swiglu_fwd,
+    self, HeadsLayout, Rotation, rms_norm_bwd, rms_norm_fwd, swiglu_bwd, swiglu_fwd,
 };
 use crate::model::matmul::gemm_rows_f32;
 
@@ -185,58 +184,6 @@ impl CustomOp1 for RopeHeads {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let hl = self.layout(x.dims())?;
         let dx = read(g, |g| self.apply(g, hl, false))??;
-        Ok(Some(host(dx, x.shape())?))
-    }
-}
-
-/// Attention probabilities from raw scores (b, heads, s, t): `softmax(raw * scale + bias)`
-/// with a constant bias (b or 1, 1, s, t).
-pub struct AttnSoftmax {
-    /// The causal + padding bias.
-    pub bias: Tensor,
-    /// 1 / sqrt(head_dim).
-    pub scale: f32,
-}
-
-impl AttnSoftmax {
-    fn layout(&self, dims: &[usize]) -> Result<ScoresLayout> {
-        let &[b, heads, s, t] = dims else {
-            bail!("attention softmax: expected (b, heads, s, t), got {dims:?}")
-        };
-        let bias_per_batch = match self.bias.dims() {
-            &[bb, 1, bs, bt] if bs == s && bt == t && (bb == b || bb == 1) => bb > 1,
-            other => bail!("attention softmax: bias {other:?} does not fit scores {dims:?}"),
-        };
-        Ok(ScoresLayout {
-            heads,
-            queries: s,
-            keys: t,
-            bias_per_batch,
-        })
-    }
-}
-
-impl CustomOp1 for AttnSoftmax {
-    fn name(&self) -> &'static str {
-        "attention-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let sl = self.layout(l.dims())?;
-        let raw = slice(s, l)?;
-        let mut y = vec![0f32; raw.len()];
-        read(&self.bias, |bias| {
-            attn_softmax_fwd(raw, bias, sl, self.scale, &mut y)
-        })?;
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let t = self.layout(x.dims())?.keys;
-        let mut dx = vec![0f32; x.elem_count()];
-        read(y, |y| {
-            read(g, |g| attn_softmax_bwd(y, g, t, self.scale, &mut dx))
-        })??;
         Ok(Some(host(dx, x.shape())?))
     }
 }

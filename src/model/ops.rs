@@ -10,7 +10,7 @@
 use candle_core::backend::BackendStorage;
 
 use crate::model::host_attention::Attention;
-use crate::model::host_ops::{self, AttnSoftmax, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
+use crate::model::host_ops::{self, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
 use crate::model::matmul::matmul_frozen;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
@@ -212,14 +212,7 @@ pub fn to_heads(x: &Tensor, heads: usize, rotation: Option<(&Tensor, &Tensor)>) 
 /// Attention probabilities `softmax(raw * scale + bias)` over keys, for raw scores
 /// (b, heads, s, t) and a constant bias (b or 1, 1, s, t). Mask and softmax run in the bias's
 /// dtype (f32 under a half-precision base, as transformers does); the result is in `raw`'s.
-pub fn attention_probs(raw: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if host_ops::on_host_f32(raw) && host_ops::on_host_f32(bias) {
-        let op = AttnSoftmax {
-            bias: bias.contiguous()?,
-            scale: scale as f32,
-        };
-        return raw.contiguous()?.apply_op1(op);
-    }
+fn attention_probs(raw: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = (raw * scale)?.to_dtype(bias.dtype())?.broadcast_add(bias)?;
     softmax_last_dim(&scores)?.to_dtype(raw.dtype())
 }

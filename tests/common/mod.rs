@@ -22,12 +22,9 @@ pub fn ids(b: usize, s: usize, vocab: usize, salt: usize) -> Tensor {
     Tensor::from_vec(v, (b, s), &Device::Cpu).unwrap()
 }
 
-/// Max |a - b| over two tensors of the same shape, in f64.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    (a - b)
+/// Max |x| over a tensor, in f64.
+pub fn max_abs(x: &Tensor) -> f64 {
+    x.to_dtype(DType::F64)
         .unwrap()
         .abs()
         .unwrap()
@@ -35,6 +32,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// Max |a - b| over two tensors of the same shape, in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    max_abs(&(a - b).unwrap())
 }
 
 /// Raw bytes of a tensor, for bitwise comparisons.
