@@ -1,6 +1,7 @@
 //! Runs the benchmark step in a loop, for profilers: `perf record -D <setup ms>`.
 use candle_core::{DType, Device};
-use lorasft::bench::{BenchShape, StepBench};
+use lorasft::bench::StepBench;
+use lorasft::model::fixture::BenchShape;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

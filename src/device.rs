@@ -125,6 +125,15 @@ impl fmt::Display for Precision {
     }
 }
 
+/// The device a tensor lives on, as run records name it: "cpu", "cuda:N" or "metal:N".
+pub fn describe(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// The dtype adapters, optimizer state and the loss use for a base in `dtype`: f64 for f64
 /// (the exactness tests), f32 otherwise.
 pub fn master_dtype(dtype: DType) -> DType {
@@ -159,6 +168,7 @@ mod tests {
     #[test]
     fn auto_and_cpu_open_on_a_machine_without_a_gpu() {
         assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+        assert_eq!(describe(&DeviceSpec::Cpu.open().unwrap()), "cpu");
         // Auto falls back to the CPU when no CUDA device opens (always, in a CPU build).
         if !candle_core::utils::cuda_is_available() {
             assert!(DeviceSpec::Auto.open().unwrap().is_cpu());

@@ -3,7 +3,11 @@
 
 use std::fmt::Write;
 
-use crate::model::config::ModelShape;
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::model::config::{LlamaConfig, ModelShape};
+use crate::model::load::{self, ModelSource};
 use crate::model::lora::LoraConfig;
 use crate::verify::trainable_params_line;
 
@@ -51,4 +55,38 @@ pub fn summary(source: &str, shape: &ModelShape, lora: &LoraConfig) -> String {
     );
     let _ = writeln!(s, "{}", trainable_params_line(trainable, all));
     s
+}
+
+/// Loads the weights, attaches the adapters and counts again: the line `inspect` prints after
+/// the summary. Refuses a count that disagrees with [`lora_params`] of the config.
+pub fn from_weights(
+    source: &ModelSource,
+    cfg: &LlamaConfig,
+    shape: &ModelShape,
+    lora: &LoraConfig,
+) -> Result<String> {
+    let files = load::resolve(source)?;
+    let (mut model, report) = load::load_weights(cfg, &files, DType::F32, &Device::Cpu)?;
+    model.add_lora(lora, 0)?;
+    let (trainable, all) = (model.trainable_params(), model.all_params());
+    let from_config = lora_params(shape, lora);
+    if trainable != from_config {
+        return Err(Error::Invalid(format!(
+            "{}: loaded adapters hold {trainable} parameters, the config implies {from_config}",
+            source
+        )));
+    }
+    let dtypes: Vec<String> = report
+        .file_dtypes
+        .iter()
+        .map(|(d, n)| format!("{n} {d}"))
+        .collect();
+    Ok(format!(
+        "weights: {} files, {} tensors ({}), {} unused; counted from loaded tensors: {}",
+        files.weights.len(),
+        report.file_dtypes.values().sum::<usize>(),
+        dtypes.join(", "),
+        report.unused.len(),
+        trainable_params_line(trainable, all)
+    ))
 }

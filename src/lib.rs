@@ -1,24 +1,44 @@
 //! lorasft: a LoRA fine-tuning trainer for Llama-family models on candle, built around
-//! verification. Modules follow the path of one run (see DESIGN.md): the model and its
-//! adapters, the loss and optimiser, and the checks that prove the base stays frozen.
+//! verification.
+//!
+//! Modules are layered along the path of one run, and a module imports only from its own
+//! layer or those below (`tests/architecture.rs` enforces it; `docs/ARCHITECTURE.md` maps
+//! every module):
+//!
+//! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`thread_tuning`], [`alloc_tuning`]
+//! 2. data: [`data`], [`tokenizer`], [`gguf`]
+//! 3. model: [`model`], [`adapter`], [`verify`], [`generate`], [`inspect`]
+//! 4. run records: [`records`] (the typed files of a run directory)
+//! 5. training: [`train`]
+//! 6. tools over training: [`report`], [`bench`], [`selftest`]
+//! 7. the command line: [`cli`], [`assets`] (and `src/main.rs` on top)
 
-pub mod adapter;
-pub mod alloc_tuning;
-pub mod bench;
-pub mod data;
-pub mod device;
 pub mod error;
-pub mod generate;
-pub mod gguf;
-pub mod inspect;
-pub mod model;
-pub mod report;
 pub mod rng;
-pub mod selftest;
-pub mod simd;
+pub mod device;
+pub mod sys;
 pub mod thread_tuning;
+pub mod alloc_tuning;
+
+pub mod data;
 pub mod tokenizer;
-pub mod train;
+pub mod gguf;
+
+pub mod model;
+pub mod adapter;
 pub mod verify;
+pub mod generate;
+pub mod inspect;
+
+pub mod records;
+
+pub mod train;
+
+pub mod report;
+pub mod bench;
+pub mod selftest;
+
+pub mod cli;
+pub mod assets;
 
 pub use error::{Error, Result};

@@ -12,9 +12,9 @@ use crate::error::Result;
 use crate::model::fixture::FixtureSpec;
 use crate::model::{Llama, LoraConfig, Mode, Projection};
 use crate::rng::Rng;
-use crate::train::loss_scale::{LossScaler, ScaleDecision};
-use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads, grad_norm};
-use crate::train::trainer::forward_backward;
+use crate::train::loss_scale::LossScaler;
+use crate::train::optim::{AdamWParams, collect_grads};
+use crate::train::step::{Updater, nonzero_grads};
 use crate::verify::{Fingerprint, base_tensors_with_grad};
 
 /// One line of the selftest table.
@@ -91,8 +91,8 @@ fn loss_and_grads(m: &Llama, ids: &Tensor, labels: &Tensor) -> Result<(Tensor, V
     Ok((loss, grads))
 }
 
-/// Runs `steps` optimizer steps on the fixed batch through the trainer's own
-/// `forward_backward` (f16's loss scaler where the precision needs it), clipping to 1 and
+/// Runs `steps` optimizer steps on the fixed batch through the trainer's own step
+/// (`train::step`, with f16's loss scaler where the precision needs it), clipping to 1 and
 /// AdamW; returns the losses. Used by the selftest and by the precision tests.
 pub fn train_fixed_batch(
     m: &Llama,
@@ -101,22 +101,13 @@ pub fn train_fixed_batch(
     lr: f64,
 ) -> Result<Vec<f64>> {
     let batch = fixed_batch(m.device())?;
-    let named = m.lora_vars();
-    let vars = named.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(vars, AdamWParams::default())?;
+    let mut updater = Updater::new(m, AdamWParams::default(), 1.0)?;
     let mut scaler = LossScaler::for_precision(precision);
     let mut rng = Rng::new(4);
     let mut losses = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let micro = std::slice::from_ref(&batch);
-        let (sum, mut grads, _) =
-            forward_backward(m, &named, micro, batch.targets, scaler.scale, &mut rng)?;
-        losses.push(sum / batch.targets as f64);
-        if scaler.update(grad_norm(&grads)?.is_finite()) == ScaleDecision::Skip {
-            continue;
-        }
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads, lr)?;
+        let report = updater.step(m, std::slice::from_ref(&batch), &mut scaler, &mut rng, lr)?;
+        losses.push(report.loss());
     }
     Ok(losses)
 }
@@ -178,27 +169,12 @@ pub fn run(dev: &Device, precision: Precision) -> Result<Vec<Check>> {
         format!("{} base tensors with a gradient", leaked.len()),
     );
     let grads = collect_grads(&named, &store)?;
-    let nonzero = |gs: &[Tensor], part: &str| -> Result<(usize, usize)> {
-        let mut n = (0, 0);
-        for ((name, _), g) in named.iter().zip(gs) {
-            if name.contains(part) {
-                n.1 += 1;
-                let m = g
-                    .abs()?
-                    .max_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                n.0 += usize::from(m > 0.0);
-            }
-        }
-        Ok(n)
-    };
-    let (b_ok, b_all) = nonzero(&grads, "lora_B")?;
+    let (b_ok, b_all) = nonzero_grads(&named, &grads, "lora_B")?;
     let losses = train_fixed_batch(&fresh, precision, 1, 1e-2)?;
     let loss = fresh
         .loss_sum(&ids, None, &labels, &mut Mode::Eval)?
         .mean()?;
-    let (a_ok, a_all) = nonzero(&collect_grads(&named, &loss.backward()?)?, "lora_A")?;
+    let (a_ok, a_all) = nonzero_grads(&named, &collect_grads(&named, &loss.backward()?)?, "lora_A")?;
     check(
         "every adapter tensor receives gradient",
         b_ok == b_all && a_ok == a_all && b_all > 0,

@@ -2,9 +2,9 @@
 
 use std::process::Command;
 
-fn lorasft() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lorasft"))
-}
+mod common;
+
+use common::lorasft;
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -287,7 +287,7 @@ fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() 
         "ratio {ratio} for a step of {ours} ms: {out}"
     );
     let written = std::fs::read_to_string(&json).unwrap();
-    let row: lorasft::bench::BenchRow =
+    let row: lorasft::bench::table::BenchRow =
         serde_json::from_str(written.lines().next().unwrap()).unwrap();
     assert!(row.step_ms > 0.0 && row.tokens_per_s > 0.0 && row.peak_rss_mib > 0.0);
     assert_eq!((row.batch, row.seq, row.threads), (4, 128, 1));

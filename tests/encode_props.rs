@@ -9,7 +9,7 @@ use lorasft::data::batch::Batch;
 use lorasft::data::encode::{EncodeConfig, Encoder, EosPolicy, LabelPolicy, Padding, PaddingSide};
 use lorasft::data::prompt;
 use lorasft::model::{Llama, Mode};
-use lorasft::train::loss::{IGNORE_INDEX, causal_lm_loss_sum};
+use lorasft::model::loss::{IGNORE_INDEX, causal_lm_loss_sum};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{bits, ids, max_abs_diff, randomise_adapters, tiny};
 use lorasft::model::{Llama, LoraConfig, Mode, Projection};
 use lorasft::rng::Rng;
-use lorasft::train::loss::causal_lm_loss;
+use lorasft::model::loss::causal_lm_loss;
 use lorasft::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads};
 use lorasft::verify::{
     Fingerprint, adapter_grad_norms, base_tensors_with_grad, weight_shaped_gradients,

@@ -5,9 +5,10 @@ mod common;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use common::{max_abs, max_abs_diff};
-use lorasft::model::{host_ops, ops};
+use lorasft::model::cpu::ops as host_ops;
+use lorasft::model::ops;
 use lorasft::rng::Rng;
-use lorasft::train::linear_ce::{exp_f32, linear_cross_entropy_sum};
+use lorasft::model::cpu::linear_ce::{exp_f32, linear_cross_entropy_sum};
 
 fn randn(dims: &[usize], seed: u64) -> Tensor {
     let mut r = Rng::new(seed);
@@ -512,7 +513,7 @@ fn model_ops_take_the_fused_path_for_f32_on_the_cpu() {
 
 #[test]
 fn fused_attention_f32_matches_f64_composed_in_all_three_inputs() {
-    use lorasft::model::host_attention::Attention;
+    use lorasft::model::cpu::attention::Attention;
     use lorasft::model::llama::attention_bias;
     let (b, nh, nkv, d) = (2, 4, 2, 8);
     let keep = vec![vec![1, 1, 1, 1, 1], vec![0, 0, 1, 1, 1]];

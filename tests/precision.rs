@@ -51,13 +51,13 @@ fn half_precision_training_follows_the_fp32_loss_curve() {
 
 #[test]
 fn the_trainer_runs_in_bf16_and_f16_with_f32_adapters_and_a_falling_loss() {
-    use lorasft::train::trainer::{self, RunOptions};
+    use lorasft::train::run::RunOptions;
     for p in [Precision::Bf16, Precision::F16] {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = common::smoke(tmp.path(), 20);
         cfg.run.precision = p;
         cfg.run.device = lorasft::device::DeviceSpec::Cpu;
-        let s = trainer::train(trainer::prepare(cfg).unwrap(), &RunOptions::default()).unwrap();
+        let s = common::train_run(cfg, &RunOptions::default());
         let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
         println!("{p}: loss {first:.4} -> {last:.4}");
         assert!(last < first - 0.5, "{p}: {first} -> {last}");

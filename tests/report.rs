@@ -5,7 +5,7 @@ mod common;
 
 use common::smoke;
 
-use lorasft::train::trainer::{self, RunOptions};
+use lorasft::train::run::RunOptions;
 
 /// The reference's section headings, in order.
 const SECTIONS: [&str; 14] = [
@@ -28,11 +28,7 @@ const SECTIONS: [&str; 14] = [
 #[test]
 fn smoke_report_has_the_reference_sections_and_a_stable_shape() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = trainer::train(
-        trainer::prepare(smoke(tmp.path(), 12)).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let s = common::train_run(smoke(tmp.path(), 12), &RunOptions::default());
     let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
     let mut at = 0;
     for sec in SECTIONS {
@@ -57,8 +53,8 @@ fn smoke_report_has_the_reference_sections_and_a_stable_shape() {
         );
     }
     // Every number in the results table is a line of metrics.jsonl.
-    let metrics = trainer::metrics_from(&s.run_dir.join("metrics.jsonl")).unwrap();
-    for m in metrics.iter().filter(|m| m.kind == "train") {
+    let metrics = lorasft::records::read_metrics(&s.run_dir.join("metrics.jsonl")).unwrap();
+    for m in metrics.iter().filter(|m| m.is_train()) {
         assert!(
             report.contains(&format!("| {} | {:.4} |", m.step, m.loss)),
             "step {} missing from the report",
@@ -84,11 +80,7 @@ fn smoke_report_has_the_reference_sections_and_a_stable_shape() {
 #[test]
 fn reproduce_repeats_a_smoke_run_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = trainer::train(
-        trainer::prepare(smoke(tmp.path(), 6)).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let s = common::train_run(smoke(tmp.path(), 6), &RunOptions::default());
     let r = lorasft::train::reproduce::reproduce(&s.run_dir).unwrap();
     assert!(
         r.matched(),
@@ -108,11 +100,7 @@ fn reproduce_repeats_a_smoke_run_bit_for_bit() {
 #[test]
 fn report_command_writes_the_report_and_its_curves_where_asked() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = trainer::train(
-        trainer::prepare(smoke(tmp.path(), 3)).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let s = common::train_run(smoke(tmp.path(), 3), &RunOptions::default());
     let out = tmp.path().join("docs/R.md");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_lorasft"))

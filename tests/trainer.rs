@@ -13,14 +13,18 @@ use lorasft::model::fixture::FixtureSpec;
 use lorasft::model::{LoraConfig, Mode};
 use lorasft::rng::Rng;
 use lorasft::train::config::TrainConfig;
-use lorasft::train::trainer::{self, Metric, RunOptions, Summary};
+use lorasft::records::{Metric, MetricKind, Summary};
+use lorasft::train::eval::evaluate;
+use lorasft::train::prepare::prepare;
+use lorasft::train::run::{RunOptions, train};
+use lorasft::train::step::forward_backward;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn run(cfg: TrainConfig, opts: &RunOptions) -> Summary {
-    trainer::train(trainer::prepare(cfg).unwrap(), opts).unwrap()
+    common::train_run(cfg, opts)
 }
 
 fn metrics(dir: &Path) -> Vec<Metric> {
@@ -31,7 +35,7 @@ fn metrics(dir: &Path) -> Vec<Metric> {
         .collect()
 }
 
-fn losses(dir: &Path) -> Vec<(usize, String, u64)> {
+fn losses(dir: &Path) -> Vec<(usize, MetricKind, u64)> {
     metrics(dir)
         .into_iter()
         .map(|m| (m.step, m.kind, m.loss.to_bits()))
@@ -53,7 +57,7 @@ fn smoke_preset_learns_and_its_adapter_reloads_to_the_same_logits() {
     );
     let evals: Vec<f64> = metrics(&s.run_dir)
         .iter()
-        .filter(|m| m.kind == "eval")
+        .filter(|m| m.is_eval())
         .map(|m| m.loss)
         .collect();
     assert!(
@@ -63,10 +67,10 @@ fn smoke_preset_learns_and_its_adapter_reloads_to_the_same_logits() {
 
     // Reload the saved adapter into a fresh base: the same eval loss, and logits equal to those
     // of the final checkpoint's adapter bit for bit.
-    let p = trainer::prepare(smoke(tmp.path(), 60)).unwrap();
+    let p = prepare(smoke(tmp.path(), 60)).unwrap();
     let mut reloaded = p.base.model.clone();
     adapter::load(&mut reloaded, &s.adapter_dir).unwrap();
-    let (eval, _) = trainer::evaluate(&reloaded, &p.encoder, &p.val, 4).unwrap();
+    let (eval, _) = evaluate(&reloaded, &p.encoder, &p.val, 4).unwrap();
     assert_eq!(eval.to_bits(), s.eval_loss.unwrap().to_bits());
     let mut from_ckpt = p.base.model.clone();
     adapter::load(&mut from_ckpt, &s.run_dir.join("checkpoints/step-000060")).unwrap();
@@ -136,7 +140,7 @@ fn resume_continues_bitwise_identically_to_an_uninterrupted_run() {
 fn accumulating_micro_batches_equals_one_larger_batch() {
     let mut cfg = smoke(Path::new("/nonexistent"), 1);
     cfg.lora.dropout = 0.0;
-    let p = trainer::prepare(cfg).unwrap();
+    let p = prepare(cfg).unwrap();
     let mut model = p.base.model.clone();
     model.add_lora(&p.cfg.lora, 3).unwrap();
     // Non-zero B so that every gradient is non-trivial.
@@ -153,9 +157,9 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
     assert_eq!(t_big, t_small);
     let mut rng = Rng::new(0);
     let (l1, g1, _) =
-        trainer::forward_backward(&model, &named, &big, t_big, 1.0, &mut rng).unwrap();
+        forward_backward(&model, &named, &big, t_big, 1.0, &mut rng).unwrap();
     let (l2, g2, _) =
-        trainer::forward_backward(&model, &named, &small, t_small, 1.0, &mut rng).unwrap();
+        forward_backward(&model, &named, &small, t_small, 1.0, &mut rng).unwrap();
     assert!((l1 - l2).abs() / t_big as f64 <= 1e-6, "loss {l1} vs {l2}");
     let worst = g1
         .iter()
@@ -187,7 +191,7 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     cfg.optim.warmup = lorasft::train::schedule::Warmup::Steps(0);
     cfg.optim.schedule = lorasft::train::schedule::Schedule::Constant;
     cfg.train.save_every = 1;
-    let err = trainer::train(trainer::prepare(cfg).unwrap(), &RunOptions::default())
+    let err = train(prepare(cfg).unwrap(), &RunOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -210,8 +214,8 @@ fn corrupt_checkpoint_and_mismatched_adapters_give_clear_errors() {
     let s = run(cfg.clone(), &RunOptions::default());
     let ckpt = s.run_dir.join("checkpoints/step-000004");
     std::fs::write(ckpt.join("optimizer.safetensors"), b"garbage").unwrap();
-    let err = trainer::train(
-        trainer::prepare(cfg).unwrap(),
+    let err = train(
+        prepare(cfg).unwrap(),
         &RunOptions {
             resume: true,
             ..RunOptions::default()
@@ -266,7 +270,7 @@ fn corrupt_checkpoint_and_mismatched_adapters_give_clear_errors() {
         .unwrap()
         .replace("\"gate_proj\",", "");
     std::fs::write(odd.join("adapter_config.json"), cfg_text).unwrap();
-    let mut m = trainer::prepare(smoke(tmp.path(), 4)).unwrap().base.model;
+    let mut m = prepare(smoke(tmp.path(), 4)).unwrap().base.model;
     let err = adapter::load(&mut m, &odd).unwrap_err().to_string();
     assert!(
         err.contains("gate_proj") && err.contains("matches no adapted module"),
@@ -326,9 +330,7 @@ fn peft_written_adapter_loads_and_unsupported_features_are_refused() {
     );
 }
 
-fn lorasft() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lorasft"))
-}
+use common::lorasft;
 
 fn ok(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap();
@@ -534,6 +536,6 @@ fn max_grad_norm_zero_disables_clipping_and_negative_is_refused() {
         "training still descends without clipping"
     );
     cfg.optim.max_grad_norm = -1.0;
-    let err = trainer::prepare(cfg).err().unwrap().to_string();
+    let err = prepare(cfg).err().unwrap().to_string();
     assert!(err.contains("max_grad_norm") && err.contains("-1"), "{err}");
 }

@@ -18,7 +18,10 @@ use tokenizers::Tokenizer;
 use crate::data::dataset::Record;
 use crate::data::prompt;
 use crate::error::{Error, Result};
-use crate::train::loss::IGNORE_INDEX;
+
+/// Label value that contributes nothing to the loss (PyTorch's `ignore_index`): the data
+/// pipeline writes it, the loss skips it.
+pub const IGNORE_INDEX: i64 = -100;
 
 /// Which positions carry a label (the rest are -100).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

@@ -213,3 +213,45 @@ impl FixtureSpec {
         Ok(())
     }
 }
+
+/// The benchmark shapes, each with the batch and sequence length of one step: what `lorasft
+/// bench` times and what `fixture:SHAPE:SEED` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchShape {
+    /// hidden 256, 4 layers, 8/2 heads, intermediate 688, vocab 32000, untied; batch 4 × 128.
+    Tiny,
+    /// SmolLM2-135M (hidden 576, 30 layers, 9/3 heads, vocab 49152, tied); batch 1 × 256.
+    Smollm2,
+    /// TinyLlama-1.1B-Chat (hidden 2048, 22 layers, 32/4 heads, vocab 32000); batch 4 × 512.
+    Tinyllama,
+}
+
+impl BenchShape {
+    /// The model shape.
+    pub fn spec(self) -> FixtureSpec {
+        match self {
+            BenchShape::Tiny => FixtureSpec::tiny_bench(),
+            BenchShape::Smollm2 => FixtureSpec::smollm2_135m(),
+            BenchShape::Tinyllama => FixtureSpec::tinyllama_1_1b(),
+        }
+    }
+
+    /// (batch, sequence length) of one step.
+    pub fn batch_seq(self) -> (usize, usize) {
+        match self {
+            BenchShape::Tiny => (4, 128),
+            BenchShape::Smollm2 => (1, 256),
+            BenchShape::Tinyllama => (4, 512),
+        }
+    }
+
+    /// The name used on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchShape::Tiny => "tiny",
+            BenchShape::Smollm2 => "smollm2-135m",
+            BenchShape::Tinyllama => "tinyllama-1.1b",
+        }
+    }
+}

@@ -1,16 +1,20 @@
-//! The Llama model for training: config, weights, forward, LoRA adapters and custom ops.
+//! The Llama model for training: config, weights, forward, loss, LoRA adapters and custom ops.
+//!
+//! Inside, the imports run one way: `autograd` and `cpu` (the fast path) at the bottom, then
+//! `ops` and `loss`, then `lora` and `llama`, then what builds models (`load`, `fixture`,
+//! `gguf_import`, `source`).
 
+pub mod autograd;
 pub mod config;
+pub mod cpu;
 pub mod fixture;
 pub mod gguf_import;
-pub mod host_attention;
-pub mod host_kernels;
-pub mod host_ops;
 pub mod llama;
 pub mod load;
 pub mod lora;
-pub mod matmul;
+pub mod loss;
 pub mod ops;
+pub mod source;
 
 pub use config::{LlamaConfig, ModelShape, Projection};
 pub use llama::KvCache;

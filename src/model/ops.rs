@@ -7,99 +7,11 @@
 //! backward sits right under its forward and is pinned to the composed primitive form and to
 //! finite differences in `tests/ops.rs`.
 
-use candle_core::backend::BackendStorage;
-
-use crate::model::host_attention::Attention;
-use crate::model::host_ops::{self, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
-use crate::model::matmul::matmul_frozen;
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
-
-type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
-
-/// A custom op whose forward returns a precomputed value and whose backward is a closure.
-struct AttachBackward {
-    name: &'static str,
-    /// `bwd(input, output, grad_output) -> grad_input`.
-    bwd: Box<BackwardFn>,
-}
-
-/// Copies the contiguous region of a CPU storage described by `layout`.
-fn copy_contiguous(s: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("attach_backward: value must be contiguous".into())
-    })?;
-    Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-        other => candle_core::bail!("attach_backward: unsupported dtype {:?}", other.dtype()),
-    })
-}
-
-impl CustomOp2 for AttachBackward {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        value: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((copy_contiguous(value, vl)?, vl.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        value: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendDevice;
-        let dev = value.device();
-        // SAFETY: every element of the fresh buffer is written by the copy just below.
-        let mut out = unsafe { dev.alloc_uninit(vl.shape(), value.dtype())? };
-        value.copy_strided_src(&mut out, 0, vl)?;
-        Ok((out, vl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        input: &Tensor,
-        _value: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.bwd)(input, res, grad)?), None))
-    }
-}
-
-/// Returns `value` (computed from `input.detach()`) as a tensor whose gradient with respect to
-/// `input` is `bwd(input, value, grad_value)`. When `input` needs no gradient, `value` is
-/// returned as is, at no cost.
-pub fn attach_backward(
-    name: &'static str,
-    input: &Tensor,
-    value: Tensor,
-    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
-) -> Result<Tensor> {
-    if !input.track_op() {
-        return Ok(value);
-    }
-    let value = value.contiguous()?;
-    input.apply_op2(
-        &value,
-        AttachBackward {
-            name,
-            bwd: Box::new(bwd),
-        },
-    )
-}
+use crate::model::cpu::attention::Attention;
+use crate::model::autograd::attach_backward;
+use crate::model::cpu::ops::{self as cpu_ops, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
+use crate::model::cpu::matmul::matmul_frozen;
+use candle_core::{D, DType, Result, Tensor};
 
 /// `x @ w^T` for a frozen weight `w` (out, in): the backward computes dX only, never dW.
 /// `x` is (..., in); the result is (..., out).
@@ -114,7 +26,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.shape()
         );
     }
-    if host_ops::on_host_f32(x) && w.dtype() == DType::F32 {
+    if cpu_ops::on_host_f32(x) && w.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() });
     }
     let rows = x.elem_count() / in_f;
@@ -141,7 +53,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let y = rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
         return y.to_dtype(x.dtype());
     }
-    if host_ops::on_host_f32(x) && w.dtype() == DType::F32 {
+    if cpu_ops::on_host_f32(x) && w.dtype() == DType::F32 {
         let w = w.contiguous()?;
         return x.contiguous()?.apply_op1(RmsNorm { w, eps: eps as f32 });
     }
@@ -192,8 +104,8 @@ fn rope_apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// rotated by `rotation` = (cos, sin) when given (queries and keys) and only transposed when
 /// not (values). One fused pass each way on the CPU in f32.
 pub fn to_heads(x: &Tensor, heads: usize, rotation: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-    if host_ops::on_host_f32(x)
-        && rotation.is_none_or(|(c, s)| host_ops::on_host_f32(c) && host_ops::on_host_f32(s))
+    if cpu_ops::on_host_f32(x)
+        && rotation.is_none_or(|(c, s)| cpu_ops::on_host_f32(c) && cpu_ops::on_host_f32(s))
     {
         let rotation = rotation.map(|(c, s)| (c.clone(), s.clone()));
         return x.contiguous()?.apply_op1(RopeHeads { heads, rotation });
@@ -221,7 +133,7 @@ fn attention_probs(raw: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
 /// (b, kv_heads, t, d) and a constant bias (b or 1, 1, s, t), returned as (b, s, heads * d).
 /// One fused node with a written backward on the CPU in f32; composed elsewhere.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if [q, k, v, bias].into_iter().all(host_ops::on_host_f32) {
+    if [q, k, v, bias].into_iter().all(cpu_ops::on_host_f32) {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         return q.apply_op3(&k, &v, Attention::new(bias.contiguous()?, scale as f32));
     }
@@ -241,7 +153,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
 
 /// SwiGLU, `silu(gate) * up`: one fused pass each way on the CPU in f32.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if host_ops::on_host_f32(gate) && host_ops::on_host_f32(up) {
+    if cpu_ops::on_host_f32(gate) && cpu_ops::on_host_f32(up) {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
     }
     gate.silu()? * up

@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter;
+use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::rng::Rng;
@@ -43,6 +44,29 @@ pub struct LoopState {
     #[serde(default)]
     pub overflow_steps: usize,
 }
+
+impl LoopState {
+    /// The state before a fresh run's first step: dropout drawn from the run's seed, the loss
+    /// scaler the precision needs, every count at zero.
+    pub fn start(seed: u64, precision: Precision) -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            dropout_rng: Rng::derive(seed, "dropout"),
+            best_eval: None,
+            tokens_seen: 0,
+            metrics_lines: 0,
+            skipped_steps: 0,
+            clipped_steps: 0,
+            loss_scaler: LossScaler::for_precision(precision),
+            overflow_steps: 0,
+        }
+    }
+}
+
+/// Checkpoints kept on disk: the newest two, so a crash while writing one leaves another.
+pub const KEEP_CHECKPOINTS: usize = 2;
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))

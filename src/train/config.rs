@@ -42,6 +42,10 @@ pub struct ModelConfig {
     pub source: String,
     /// tokenizer.json; default: the one in the model directory.
     pub tokenizer: Option<PathBuf>,
+    /// Start from this saved adapter instead of a fresh one; its r, alpha, dropout and
+    /// targets replace the `lora` section's (the run states the adopted values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 /// The dataset and its split.
@@ -134,6 +138,7 @@ impl Default for TrainConfig {
             model: ModelConfig {
                 source: DEFAULT_HUB_ID.into(),
                 tokenizer: None,
+                init_adapter: None,
             },
             data: DataConfig {
                 path: "data.json".into(),
@@ -188,6 +193,7 @@ impl TrainConfig {
         c.model = ModelConfig {
             source: "fixture:0".into(),
             tokenizer: Some("fixtures/tokenizer.json".into()),
+            init_adapter: None,
         };
         c.data = DataConfig {
             path: "fixtures/instructions.json".into(),
@@ -239,6 +245,7 @@ impl TrainConfig {
         c.model = ModelConfig {
             source: "gguf:.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             tokenizer: None,
+            init_adapter: None,
         };
         c.data = DataConfig {
             path: ".cache/assets/data/alpaca_en_demo.json".into(),
@@ -334,6 +341,15 @@ impl TrainConfig {
             .map_err(|e: toml::de::Error| Error::Invalid(format!("overrides: {e}")))
     }
 
+    /// Reads a run directory's recorded config (a complete config, no preset under it).
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
     /// The config as TOML (what the run directory records).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))
@@ -365,6 +381,71 @@ impl TrainConfig {
             )));
         }
         self.lora.validate()
+    }
+}
+
+/// Where a run's config comes from: a preset, an optional TOML file over it, `--set key=value`
+/// overrides, then typed flags (which win). The command line builds one of these; nothing
+/// typed is turned back into TOML text.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// Preset name (`day2`, `smoke`, `smollm2-demo`).
+    pub preset: String,
+    /// A TOML file whose keys replace the preset's.
+    pub file: Option<PathBuf>,
+    /// `key=value` overrides in TOML syntax (`optim.lr=1e-4`).
+    pub set: Vec<String>,
+    /// `train.max_steps`.
+    pub max_steps: Option<usize>,
+    /// `run.name`.
+    pub name: Option<String>,
+    /// `run.out_dir`.
+    pub out_dir: Option<PathBuf>,
+    /// `run.seed`.
+    pub seed: Option<u64>,
+    /// `run.device`.
+    pub device: Option<DeviceSpec>,
+    /// `run.precision`.
+    pub precision: Option<Precision>,
+    /// `model.init_adapter`.
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// The resolved, validated config.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let base = TrainConfig::preset(&self.preset)?;
+        let cfg = match &self.file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                TrainConfig::from_toml(&text, base, path)?
+            }
+            None => base,
+        };
+        let mut cfg = cfg.with_overrides(&self.set)?;
+        if let Some(n) = self.max_steps {
+            cfg.train.max_steps = Some(n);
+        }
+        if let Some(n) = &self.name {
+            cfg.run.name = n.clone();
+        }
+        if let Some(d) = &self.out_dir {
+            cfg.run.out_dir = d.clone();
+        }
+        if let Some(s) = self.seed {
+            cfg.run.seed = s;
+        }
+        if let Some(d) = self.device {
+            cfg.run.device = d;
+        }
+        if let Some(p) = self.precision {
+            cfg.run.precision = p;
+        }
+        if let Some(a) = &self.init_adapter {
+            cfg.model.init_adapter = Some(a.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 

@@ -1,11 +1,17 @@
-//! Training: loss, optimiser, schedules, configuration, checkpoints and the loop.
+//! Training: the run's configuration, the optimizer and its schedule, the one optimizer step,
+//! evaluation, checkpoints, and the run loop that ties them together.
+//!
+//! Inside, `config`, `optim`, `schedule` and `loss_scale` are plain parts; `step` uses them;
+//! `eval`, `checkpoint` and `prepare` sit beside it; `run` drives all of them; `reproduce`
+//! repeats a run.
 
 pub mod checkpoint;
 pub mod config;
-pub mod linear_ce;
-pub mod loss;
+pub mod eval;
 pub mod loss_scale;
 pub mod optim;
+pub mod prepare;
 pub mod reproduce;
+pub mod run;
 pub mod schedule;
-pub mod trainer;
+pub mod step;

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::report::Manifest;
+use crate::records::{self, Manifest, Metric, files};
 use crate::train::config::TrainConfig;
-use crate::train::trainer::{self, RunOptions, metrics_from};
+use crate::train::prepare::prepare;
+use crate::train::run::{RunOptions, train};
 
 /// The outcome of a reproduction.
 #[derive(Debug, Clone)]
@@ -30,46 +31,39 @@ impl Reproduction {
 
 /// Repeats the run in `dir` into `dir`'s sibling `<name>-reproduce` and compares.
 pub fn reproduce(dir: &Path) -> Result<Reproduction> {
-    let cfg_path = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| Error::Json {
-        path: cfg_path.clone(),
-        msg: e.to_string(),
-    })?;
-    let manifest_path = dir.join("manifest.json");
-    let manifest: Manifest = serde_json::from_str(
-        &std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?,
-    )
-    .map_err(|e| Error::Json {
-        path: manifest_path.clone(),
-        msg: e.to_string(),
-    })?;
-    let name = format!("{}-reproduce", cfg.run.name);
-    cfg.run.name = name.clone();
+    let mut cfg = TrainConfig::read(&dir.join(files::CONFIG))?;
+    let manifest: Manifest = records::read_json(&dir.join(files::MANIFEST))?;
+    cfg.run.name = format!("{}-reproduce", cfg.run.name);
     cfg.run.out_dir = dir
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let prepared = trainer::prepare(cfg)?;
-    let new = trainer::train(prepared, &RunOptions::default())?;
-    let new_manifest: Manifest = serde_json::from_str(
-        &std::fs::read_to_string(new.run_dir.join("manifest.json"))
-            .map_err(|e| Error::io(&new.run_dir, e))?,
-    )
-    .map_err(|e| Error::Json {
-        path: new.run_dir.join("manifest.json"),
-        msg: e.to_string(),
-    })?;
+    let new = train(prepare(cfg)?, &RunOptions::default())?;
+    let new_manifest: Manifest = records::read_json(&new.run_dir.join(files::MANIFEST))?;
+    same_inputs(&manifest, &new_manifest)?;
+    let old = records::read_metrics(&dir.join(files::METRICS))?;
+    let fresh = records::read_metrics(&new.run_dir.join(files::METRICS))?;
+    let read = |d: &Path| {
+        let p = d.join("adapter").join("adapter_model.safetensors");
+        std::fs::read(&p).map_err(|e| Error::io(&p, e))
+    };
+    let adapter_identical = read(dir)? == read(&new.run_dir)?;
+    Ok(Reproduction {
+        run_dir: new.run_dir,
+        compared: old.len().min(fresh.len()),
+        first_mismatch: first_mismatch(&old, &fresh),
+        adapter_identical,
+    })
+}
+
+/// Refuses a comparison whose data, tokenizer or base weights differ from the recorded run's.
+fn same_inputs(recorded: &Manifest, new: &Manifest) -> Result<()> {
     for (what, a, b) in [
-        ("data", &manifest.data_sha256, &new_manifest.data_sha256),
-        (
-            "tokenizer",
-            &manifest.tokenizer_sha256,
-            &new_manifest.tokenizer_sha256,
-        ),
+        ("data", &recorded.data_sha256, &new.data_sha256),
+        ("tokenizer", &recorded.tokenizer_sha256, &new.tokenizer_sha256),
         (
             "base weights",
-            &manifest.base_weights_digest,
-            &new_manifest.base_weights_digest,
+            &recorded.base_weights_digest,
+            &new.base_weights_digest,
         ),
     ] {
         if a != b {
@@ -78,31 +72,23 @@ pub fn reproduce(dir: &Path) -> Result<Reproduction> {
             )));
         }
     }
-    let old = metrics_from(&dir.join("metrics.jsonl"))?;
-    let fresh = metrics_from(&new.run_dir.join("metrics.jsonl"))?;
-    let mut first_mismatch = None;
-    for (a, b) in old.iter().zip(&fresh) {
+    Ok(())
+}
+
+/// The first metrics line whose step, kind or loss bits differ (step, kind, old, new), or a
+/// length mismatch.
+fn first_mismatch(old: &[Metric], fresh: &[Metric]) -> Option<(usize, String, f64, f64)> {
+    for (a, b) in old.iter().zip(fresh) {
         if a.step != b.step || a.kind != b.kind || a.loss.to_bits() != b.loss.to_bits() {
-            first_mismatch = Some((a.step, a.kind.clone(), a.loss, b.loss));
-            break;
+            return Some((a.step, format!("{:?}", a.kind).to_lowercase(), a.loss, b.loss));
         }
     }
-    if first_mismatch.is_none() && old.len() != fresh.len() {
-        first_mismatch = Some((
+    (old.len() != fresh.len()).then(|| {
+        (
             old.len().min(fresh.len()),
             "length".into(),
             old.len() as f64,
             fresh.len() as f64,
-        ));
-    }
-    let read = |d: &Path| {
-        std::fs::read(d.join("adapter/adapter_model.safetensors")).map_err(|e| Error::io(d, e))
-    };
-    let adapter_identical = read(dir)? == read(&new.run_dir)?;
-    Ok(Reproduction {
-        run_dir: new.run_dir,
-        compared: old.len().min(fresh.len()),
-        first_mismatch,
-        adapter_identical,
+        )
     })
 }

@@ -313,3 +313,24 @@ pub fn smoke(out: &std::path::Path, steps: usize) -> lorasft::train::config::Tra
     c.train.max_steps = Some(steps);
     c
 }
+
+/// Prepares and trains `cfg`, then writes its REPORT.md, as `lorasft train` does.
+pub fn train_run(
+    cfg: lorasft::train::config::TrainConfig,
+    opts: &lorasft::train::run::RunOptions,
+) -> lorasft::records::Summary {
+    let p = lorasft::train::prepare::prepare(cfg).unwrap();
+    let s = lorasft::train::run::train(p, opts).unwrap();
+    lorasft::report::write(&s.run_dir).unwrap();
+    s
+}
+
+/// The built `lorasft` binary as a command.
+pub fn lorasft() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lorasft"))
+}
+
+/// `|a - b| / |b|` for scalars, through `approx`'s relative comparison: true when within `rel`.
+pub fn close(a: f64, b: f64, rel: f64) -> bool {
+    approx::relative_eq!(a, b, epsilon = 0.0, max_relative = rel)
+}

@@ -11,10 +11,10 @@ use candle_core::{D, DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::matmul::{cpu_f32, gemm_rows_f32};
-use crate::model::ops::attach_backward;
-use crate::simd;
-pub use crate::simd::exp_f32;
+use crate::model::cpu::matmul::{cpu_f32, gemm_rows_f32};
+use crate::model::autograd::attach_backward;
+use crate::model::cpu::simd;
+pub use crate::model::cpu::simd::exp_f32;
 
 /// Logit elements per chunk (16 MiB of f32): bounds peak memory and keeps a chunk in cache
 /// range for the row kernel.

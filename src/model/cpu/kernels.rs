@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{self, exp_f32};
+use crate::model::cpu::simd::{self, exp_f32};
 
 /// Below this many elements per block a thread split costs more than it gains.
 const MIN_BLOCK_ELEMS: usize = 1 << 14;

@@ -13,10 +13,10 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::model::host_kernels::{softmax_row, softmax_row_bwd};
-use crate::model::host_ops::{host, read, slice};
-use crate::model::matmul::{SendPtr, View, gemm_view};
-use crate::simd;
+use crate::model::cpu::kernels::{softmax_row, softmax_row_bwd};
+use crate::model::cpu::ops::{host, read, slice};
+use crate::model::cpu::matmul::{SendPtr, View, gemm_view};
+use crate::model::cpu::simd;
 
 /// Attention over q (b, heads, s, d), k and v (b, kv_heads, t, d) with a constant bias
 /// (b or 1, 1, s, t): `softmax(q k^T * scale + bias) v`, as (b, s, heads * d).

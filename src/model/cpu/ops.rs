@@ -1,9 +1,9 @@
-//! The fused CPU f32 kernels of `host_kernels` as candle ops with their backward.
+//! The fused CPU f32 kernels of [`super::kernels`] as candle ops with their backward.
 //!
 //! Each op computes its forward straight into its output (no detached copy to re-attach) and
 //! its backward with one kernel pass whose result carries no graph. A candle graph node costs a
 //! zero-filled gradient buffer and an add on top of its own pass, so one node instead of 5 to
-//! 12 per op is most of the saving. `ops.rs` picks these for contiguous f32 tensors on the CPU
+//! 12 per op is most of the saving. `model::ops` picks these for contiguous f32 tensors on the CPU
 //! and the composed forms everywhere else.
 
 use candle_core::backend::BackendStorage;
@@ -11,10 +11,10 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor, bail,
 };
 
-use crate::model::host_kernels::{
+use crate::model::cpu::kernels::{
     self, HeadsLayout, Rotation, rms_norm_bwd, rms_norm_fwd, swiglu_bwd, swiglu_fwd,
 };
-use crate::model::matmul::gemm_rows_f32;
+use crate::model::cpu::matmul::gemm_rows_f32;
 
 /// Whether `t` can take the fused host path: an f32 tensor on the CPU.
 pub fn on_host_f32(t: &Tensor) -> bool {
@@ -146,7 +146,7 @@ impl RopeHeads {
     fn apply(&self, src: &[f32], l: HeadsLayout, to_heads: bool) -> Result<Vec<f32>> {
         let mut out = vec![0f32; src.len()];
         match &self.rotation {
-            None => host_kernels::rope_heads(src, l, None, to_heads, &mut out),
+            None => kernels::rope_heads(src, l, None, to_heads, &mut out),
             Some((cos, sin)) => {
                 let table = l.seq * l.head_dim;
                 let per_batch = cos.elem_count() == l.batch * table && l.batch > 1;
@@ -160,7 +160,7 @@ impl RopeHeads {
                             sin: s,
                             per_batch,
                         };
-                        host_kernels::rope_heads(src, l, Some(rot), to_heads, &mut out)
+                        kernels::rope_heads(src, l, Some(rot), to_heads, &mut out)
                     })
                 })??;
             }

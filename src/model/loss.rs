@@ -7,10 +7,9 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::ops::log_softmax;
-use crate::train::linear_ce::linear_cross_entropy_sum;
+use crate::model::cpu::linear_ce::linear_cross_entropy_sum;
 
-/// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::data::encode::IGNORE_INDEX;
 
 /// The summed loss of a batch and the number of tokens it was summed over.
 #[derive(Debug, Clone)]

@@ -1,0 +1,178 @@
+//! Step-time benchmarks at fixed shapes with weights from a seed: the figures `lorasft bench`
+//! prints and the README quotes. The step is the trainer's own (`train::step`: forward and
+//! backward, clipping, AdamW), so what is timed is what trains. Timing lives here and in `benches/`, never in tests.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+pub mod suite;
+pub mod table;
+
+use crate::bench::table::{BenchRow, median};
+use crate::data::batch::Batch;
+use crate::error::{Error, Result};
+use crate::generate::{Sampling, pick};
+use crate::model::fixture::BenchShape;
+use crate::model::{KvCache, Llama, LoraConfig, Mode};
+use crate::rng::Rng;
+use crate::train::loss_scale::LossScaler;
+use crate::train::optim::AdamWParams;
+use crate::train::step::Updater;
+
+/// A model with LoRA r 8 on q,v (the reference config), a fixed random batch with labels =
+/// input_ids and no padding, and the trainer's optimizer: one training step on demand.
+pub struct StepBench {
+    model: Llama,
+    updater: Updater,
+    scaler: LossScaler,
+    batch: Batch,
+    rng: Rng,
+}
+
+impl StepBench {
+    /// Builds the model from `seed` in `dtype` on `dev` and draws the batch.
+    pub fn new(shape: BenchShape, dtype: DType, dev: &Device, seed: u64) -> Result<Self> {
+        let spec = shape.spec();
+        let mut model = spec.build(seed, dtype, dev)?;
+        model.add_lora(&LoraConfig::default(), seed)?;
+        let (b, s) = shape.batch_seq();
+        let mut rng = Rng::derive(seed, "bench-batch");
+        let ids: Vec<u32> = (0..b * s)
+            .map(|_| rng.below(spec.vocab as u64) as u32)
+            .collect();
+        let batch = Batch::unpadded(Tensor::from_vec(ids, (b, s), dev)?)?;
+        let updater = Updater::new(&model, AdamWParams::default(), 1.0)?;
+        Ok(Self {
+            model,
+            updater,
+            scaler: LossScaler::disabled(),
+            batch,
+            rng: Rng::derive(seed, "bench-dropout"),
+        })
+    }
+
+    /// The model under test.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// One optimizer step: forward + backward (dropout on), clip to 1.0, AdamW; the mean loss.
+    pub fn step(&mut self) -> Result<f64> {
+        let report = self.updater.step(
+            &self.model,
+            std::slice::from_ref(&self.batch),
+            &mut self.scaler,
+            &mut self.rng,
+            1e-4,
+        )?;
+        Ok(report.loss())
+    }
+
+    /// The forward alone: logits (b, s, v) in evaluation mode, synchronised to the host.
+    pub fn forward(&self) -> Result<()> {
+        let b = &self.batch;
+        let logits = self
+            .model
+            .forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
+        sync(&logits)
+    }
+
+    /// Greedy generation with the KV cache: a `prompt`-token prompt, then `new` tokens one by
+    /// one. Returns the seconds spent on the new tokens.
+    pub fn generate(&self, prompt: usize, new: usize) -> Result<f64> {
+        let ids = self.batch.input_ids.narrow(0, 0, 1)?.narrow(1, 0, prompt)?;
+        let mut cache = KvCache::new();
+        let logits = self.model.forward_cached(&ids, &mut cache)?;
+        let mut next = greedy(&logits)?;
+        let start = Instant::now();
+        for _ in 0..new {
+            let input = Tensor::from_vec(vec![next], (1, 1), self.model.device())?;
+            next = greedy(&self.model.forward_cached(&input, &mut cache)?)?;
+        }
+        Ok(start.elapsed().as_secs_f64())
+    }
+}
+
+fn greedy(logits: &Tensor) -> Result<u32> {
+    let v = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    pick(&v, Sampling::Greedy, &mut Rng::new(0))
+}
+
+/// Waits for a device's queued work by reading one value back.
+fn sync(t: &Tensor) -> Result<()> {
+    t.flatten_all()?
+        .narrow(0, 0, 1)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(())
+}
+
+/// How a shape is measured.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    /// Shape to run.
+    pub shape: BenchShape,
+    /// Steps timed after one untimed warm-up step.
+    pub steps: usize,
+    /// New tokens generated for the generation figure.
+    pub gen_tokens: usize,
+    /// Weight and batch seed.
+    pub seed: u64,
+}
+
+/// Runs one shape in this process: warm-up, timed steps, timed forwards, generation; the
+/// thread count is candle's (RAYON_NUM_THREADS).
+pub fn run_shape(plan: &BenchPlan) -> Result<BenchRow> {
+    let dev = Device::Cpu;
+    let mut bench = StepBench::new(plan.shape, DType::F32, &dev, plan.seed)?;
+    let steps = plan.steps.max(1);
+    bench.step()?;
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        let loss = bench.step()?;
+        times.push(t.elapsed().as_secs_f64());
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!("bench loss is {loss}")));
+        }
+    }
+    let mut fwd = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        bench.forward()?;
+        fwd.push(t.elapsed().as_secs_f64());
+    }
+    let gen_secs = bench.generate(16, plan.gen_tokens)?;
+    let (b, s) = plan.shape.batch_seq();
+    let step = median(&mut times);
+    Ok(BenchRow {
+        impl_name: "lorasft".into(),
+        shape: plan.shape.name().into(),
+        batch: b,
+        seq: s,
+        threads: candle_core::utils::get_num_threads(),
+        step_ms: step * 1e3,
+        step_range_ms: (times[0] * 1e3, times[times.len() - 1] * 1e3),
+        tokens_per_s: (b * s) as f64 / step,
+        forward_ms: median(&mut fwd) * 1e3,
+        gen_tokens_per_s: plan.gen_tokens as f64 / gen_secs,
+        peak_rss_mib: crate::sys::peak_rss_mib().unwrap_or(0.0),
+    })
+}
+
+/// Encoding a dataset with the reference encoder (template, tokenizer, max length 512):
+/// records encoded and the seconds it took (loading the tokenizer and file excluded).
+pub fn time_encoding(data: &std::path::Path, tokenizer: &std::path::Path) -> Result<(usize, f64)> {
+    use crate::data::encode::{EncodeConfig, Encoder};
+    let dataset = crate::data::dataset::load(data)?;
+    let encoder = Encoder::from_file(tokenizer, EncodeConfig::default())?;
+    let start = Instant::now();
+    for r in &dataset.records {
+        encoder.encode(r)?;
+    }
+    Ok((dataset.records.len(), start.elapsed().as_secs_f64()))
+}

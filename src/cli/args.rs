@@ -1,0 +1,424 @@
+//! Argument types of the subcommands, each turned into the typed library config it stands for.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use clap::{Args, Subcommand};
+
+use crate::bench::suite::Suite;
+use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide};
+use crate::device::{DeviceSpec, Precision};
+use crate::error::Result;
+use crate::model::fixture::{BenchShape, FixtureDtype, FixtureSpec};
+use crate::model::load::DEFAULT_HUB_ID;
+use crate::model::lora::LoraConfig;
+use crate::train::config::ConfigSource;
+
+/// `lorasft train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// TOML config; keys not given keep the preset's values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Preset the config starts from: day2, smoke, smollm2-demo.
+    #[arg(long, default_value = "day2")]
+    pub preset: String,
+    /// Override any key, e.g. `--set optim.lr=1e-4 --set train.max_steps=20`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Sets `train.max_steps`.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Sets `run.name`.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Sets `run.out_dir`.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Sets `run.seed`.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sets `run.device`: auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Sets `run.precision`.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// Sets `model.init_adapter`: start from a saved adapter (its r, alpha, dropout and
+    /// targets are adopted).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// Where the run's config comes from: the flags, typed.
+    pub fn config_source(&self) -> ConfigSource {
+        ConfigSource {
+            preset: self.preset.clone(),
+            file: self.config.clone(),
+            set: self.overrides.clone(),
+            max_steps: self.max_steps,
+            name: self.name.clone(),
+            out_dir: self.out_dir.clone(),
+            seed: self.seed,
+            device: self.device,
+            precision: self.precision,
+            init_adapter: self.init_adapter.clone(),
+        }
+    }
+}
+
+/// Where to compute and in what precision (every command that runs the model).
+#[derive(Args, Clone, Copy)]
+pub struct DeviceArgs {
+    /// auto (CUDA when built with it and present, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Precision of the frozen base and activations; adapters, AdamW and the loss stay f32.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+}
+
+impl DeviceArgs {
+    /// Opens the device.
+    pub fn open(self) -> Result<Device> {
+        self.device.open()
+    }
+}
+
+/// The model a command runs: where, in what precision, with which adapter and tokenizer.
+#[derive(Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    /// Device and precision.
+    pub dev: DeviceArgs,
+    /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
+    #[arg(long)]
+    pub model: String,
+    /// Adapter directory (PEFT format).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Encoding flags shared by the data commands.
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// Longest row in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Label policy.
+    #[arg(long, value_enum, default_value_t = LabelPolicy::InputIds)]
+    pub labels: LabelPolicy,
+    /// Padding: `max-length` or `longest`.
+    #[arg(long, default_value = "max-length", value_parser = ["max-length", "longest"])]
+    pub padding: String,
+    /// With `--padding longest`, round the length up to a multiple of this.
+    #[arg(long)]
+    pub pad_to_multiple_of: Option<usize>,
+    /// Padding side.
+    #[arg(long, value_enum, default_value_t = PaddingSide::Right)]
+    pub padding_side: PaddingSide,
+    /// Append EOS after the response.
+    #[arg(long, value_enum, default_value_t = EosPolicy::Omit)]
+    pub eos: EosPolicy,
+}
+
+impl EncodeArgs {
+    /// The encoding these flags describe.
+    pub fn config(&self) -> EncodeConfig {
+        EncodeConfig {
+            max_len: self.max_len,
+            padding: if self.padding == "longest" {
+                Padding::Longest {
+                    multiple_of: self.pad_to_multiple_of,
+                }
+            } else {
+                Padding::MaxLength
+            },
+            padding_side: self.padding_side,
+            labels: self.labels,
+            eos: self.eos,
+        }
+    }
+}
+
+/// `lorasft eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    /// The model.
+    pub m: ModelArgs,
+    /// Dataset.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    /// Encoding.
+    pub encode: EncodeArgs,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Write per-record losses as JSON to this file.
+    #[arg(long)]
+    pub per_record: Option<PathBuf>,
+}
+
+/// `lorasft generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    /// The model.
+    pub m: ModelArgs,
+    /// Raw prompt text.
+    #[arg(long, conflicts_with = "instruction")]
+    pub prompt: Vec<String>,
+    /// Instruction, formatted with the reference template (repeatable).
+    #[arg(long)]
+    pub instruction: Vec<String>,
+    /// Input for the (single) instruction.
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sample with this temperature (greedy when absent).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus mass for sampling.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// With --adapter, also answer with the base model, side by side.
+    #[arg(long)]
+    pub compare: bool,
+}
+
+/// `lorasft merge`.
+#[derive(Args)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    /// Device and precision.
+    pub dev: DeviceArgs,
+    /// Base model directory or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Adapter directory.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `lorasft tokenizer ...`.
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Convert the vocabulary of a GGUF file into tokenizer.json (+ tokenizer_config.json beside it).
+    FromGguf {
+        /// The GGUF file.
+        file: PathBuf,
+        /// Output tokenizer.json path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train the small Llama-shaped fixture tokenizer on a dataset's formatted text.
+    TrainFixture {
+        /// Dataset (JSON array or JSONL).
+        #[arg(long)]
+        data: PathBuf,
+        /// Vocabulary size.
+        #[arg(long, default_value_t = 512)]
+        vocab: usize,
+        /// Output tokenizer.json path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `lorasft data stats`.
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Dataset (JSON array or JSONL of {instruction, input?, output}).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// tokenizer.json (tokenizer_config.json beside it is read for EOS/pad).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[command(flatten)]
+    /// Encoding.
+    pub encode: EncodeArgs,
+    /// Rows per batch when padding to the longest (batches in file order).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `lorasft fixture tiny-llama`.
+#[derive(Args)]
+pub struct TinyLlamaArgs {
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Residual width.
+    #[arg(long, default_value_t = FixtureSpec::default().hidden)]
+    pub hidden: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = FixtureSpec::default().intermediate)]
+    pub intermediate: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = FixtureSpec::default().layers)]
+    pub layers: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = FixtureSpec::default().heads)]
+    pub heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = FixtureSpec::default().kv_heads)]
+    pub kv_heads: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = FixtureSpec::default().vocab)]
+    pub vocab: usize,
+    /// Longest position.
+    #[arg(long, default_value_t = FixtureSpec::default().max_positions)]
+    pub max_positions: usize,
+    /// Tie lm_head to the embedding.
+    #[arg(long)]
+    pub tied: bool,
+    /// Storage dtype of model.safetensors.
+    #[arg(long, value_enum, default_value_t = FixtureDtype::F32)]
+    pub dtype: FixtureDtype,
+}
+
+impl TinyLlamaArgs {
+    /// The fixture shape these flags describe.
+    pub fn spec(&self) -> FixtureSpec {
+        FixtureSpec {
+            hidden: self.hidden,
+            intermediate: self.intermediate,
+            layers: self.layers,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            vocab: self.vocab,
+            max_positions: self.max_positions,
+            tied: self.tied,
+            dtype: self.dtype,
+            ..FixtureSpec::default()
+        }
+    }
+}
+
+/// `lorasft inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A model directory (Hugging Face layout) or a hub id.
+    #[arg(long, default_value = DEFAULT_HUB_ID)]
+    pub model: String,
+    /// Read config.json only; do not load weights.
+    #[arg(long)]
+    pub config_only: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = LoraConfig::default().r)]
+    pub r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = LoraConfig::default().alpha)]
+    pub alpha: f64,
+    /// Comma-separated target modules, or `all-linear`.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub targets: String,
+    /// Use rsLoRA scaling (alpha / sqrt r).
+    #[arg(long)]
+    pub rslora: bool,
+}
+
+impl InspectArgs {
+    /// The LoRA config these flags describe, validated.
+    pub fn lora(&self) -> Result<LoraConfig> {
+        let lora = LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            targets: LoraConfig::parse_targets(&self.targets)?,
+            use_rslora: self.rslora,
+            ..LoraConfig::default()
+        };
+        lora.validate()?;
+        Ok(lora)
+    }
+}
+
+/// `lorasft bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Shapes to run.
+    #[arg(long, value_delimiter = ',', default_values = ["tiny", "smollm2"])]
+    pub shapes: Vec<BenchShape>,
+    /// Thread counts; each (shape, threads) pair runs in a fresh process.
+    #[arg(long, value_delimiter = ',', default_values = ["1", "2"])]
+    pub threads: Vec<usize>,
+    /// Timed steps per shape (after one warm-up step); the table gives the median.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// New tokens for the generation figure.
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Seed of the weights and the batch.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// JSON-lines rows of another implementation (scripts/bench_pytorch.py) to show beside.
+    #[arg(long)]
+    pub compare: Vec<PathBuf>,
+    /// A command that benchmarks another implementation, run back to back with each lorasft
+    /// process and given `--shapes S --threads T --steps N --seed X`; it prints bench rows as
+    /// JSON lines (e.g. "python scripts/bench_pytorch.py"). The ratio column is then paired.
+    #[arg(long)]
+    pub against: Option<String>,
+    /// Rounds of the whole run; with --against, the order of the pair alternates per round
+    /// and the table gives medians over rounds.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Also write every row as JSON lines here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Dataset for the encoding figure.
+    #[arg(long, default_value = ".cache/assets/data/alpaca_en_demo.json")]
+    pub data: PathBuf,
+    /// Tokenizer for the encoding figure.
+    #[arg(long, default_value = ".cache/assets/tok/llama-spm/tokenizer.json")]
+    pub tokenizer: PathBuf,
+    /// Run one shape in this process and print its row as JSON (what the table spawns).
+    #[arg(long, hide = true)]
+    pub one: bool,
+}
+
+impl BenchArgs {
+    /// The suite these flags describe.
+    pub fn suite(&self) -> Suite {
+        Suite {
+            shapes: self.shapes.clone(),
+            threads: self.threads.clone(),
+            steps: self.steps,
+            gen_tokens: self.gen_tokens,
+            seed: self.seed,
+            against: self.against.clone(),
+            rounds: self.rounds,
+            compare: self.compare.clone(),
+            encoding: (self.data.clone(), self.tokenizer.clone()),
+        }
+    }
+}

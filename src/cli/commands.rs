@@ -1,0 +1,229 @@
+//! What each subcommand computes, returning values for `main` to print. Errors are the
+//! library's, each naming the file or flag at fault.
+
+use std::path::{Path, PathBuf};
+
+use crate::adapter;
+use crate::cli::args::{EvalArgs, GenerateArgs, InspectArgs, MergeArgs, ModelArgs, StatsArgs};
+use crate::data::dataset;
+use crate::data::encode::{EncodeConfig, Encoder};
+use crate::data::prompt;
+use crate::data::stats::{self, DataStats};
+use crate::error::{Error, Result};
+use crate::generate::{self, GenerateConfig, Generation, Sampling};
+use crate::inspect;
+use crate::model::Llama;
+use crate::model::load::{self, ModelSource};
+use crate::model::source::{ResolvedModel, resolve_model};
+use crate::train::eval::{batch_loss_sums, mean_loss};
+use crate::train::prepare::Prepared;
+use crate::verify::trainable_params_line;
+
+/// A model as a command runs it: with the adapter attached (if any), the base beside it, and
+/// the tokenizer to use.
+pub struct Loaded {
+    /// The model with the adapter attached (the base when there is none).
+    pub adapted: Llama,
+    /// The base model as resolved.
+    pub base: ResolvedModel,
+    /// tokenizer.json.
+    pub tokenizer: PathBuf,
+}
+
+/// Resolves `--model`, `--adapter` and `--tokenizer` on the chosen device and precision.
+pub fn load(a: &ModelArgs) -> Result<Loaded> {
+    let base = resolve_model(&a.model, &a.dev.open()?, a.dev.precision.dtype())?;
+    let tokenizer = base.tokenizer_path(a.tokenizer.as_deref())?;
+    let mut adapted = base.model.clone();
+    if let Some(dir) = &a.adapter {
+        adapter::load(&mut adapted, dir)?;
+    }
+    Ok(Loaded {
+        adapted,
+        base,
+        tokenizer,
+    })
+}
+
+/// What `eval` measured.
+pub struct EvalOutput {
+    /// Records evaluated.
+    pub records: usize,
+    /// Loss targets over all of them.
+    pub targets: usize,
+    /// Mean loss per target.
+    pub loss: f64,
+}
+
+/// Mean loss over a dataset; with `--per-record`, every record is its own batch and its loss
+/// is written there (the totals are summed from those same losses).
+pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
+    let m = load(&a.m)?;
+    let enc = Encoder::from_file(&m.tokenizer, a.encode.config())?;
+    let ds = dataset::load(&a.data)?;
+    let examples = ds
+        .records
+        .iter()
+        .map(|r| enc.encode(r))
+        .collect::<Result<Vec<_>>>()?;
+    let batch = if a.per_record.is_some() { 1 } else { a.batch_size };
+    let sums = batch_loss_sums(&m.adapted, &enc, &examples, batch)?;
+    let (loss, targets) = mean_loss(&sums);
+    if let Some(path) = &a.per_record {
+        let per: Vec<serde_json::Value> = examples
+            .iter()
+            .zip(&sums)
+            .enumerate()
+            .map(|(i, (e, &(sum, t)))| {
+                serde_json::json!({"record": i, "line": ds.lines[i], "loss": (t > 0).then(|| sum / t as f64), "targets": t, "truncated": e.truncated()})
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&per).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(EvalOutput {
+        records: examples.len(),
+        targets,
+        loss,
+    })
+}
+
+/// One prompt's answers: the adapted model's, and the base model's with `--compare`.
+pub struct Answer {
+    /// The prompt as given to the model.
+    pub prompt: String,
+    /// The adapted model's generation.
+    pub adapted: Generation,
+    /// The base model's, side by side.
+    pub base: Option<Generation>,
+}
+
+/// Generates for each `--prompt`, or each `--instruction` in the reference template.
+pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
+    let m = load(&a.m)?;
+    let enc = Encoder::from_file(&m.tokenizer, EncodeConfig::default())?;
+    let eos = m.base.eos_ids(enc.special_ids().eos);
+    let prompts: Vec<String> = if a.instruction.is_empty() {
+        a.prompt.clone()
+    } else {
+        a.instruction
+            .iter()
+            .map(|i| prompt::prompt(i, a.input.as_deref()))
+            .collect()
+    };
+    if prompts.is_empty() {
+        return Err(Error::Invalid("give --prompt TEXT or --instruction TEXT".into()));
+    }
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: match a.temperature {
+            Some(temperature) => Sampling::TopP {
+                temperature,
+                top_p: a.top_p,
+            },
+            None => Sampling::Greedy,
+        },
+        seed: a.seed,
+    };
+    let compare = a.compare && a.m.adapter.is_some();
+    prompts
+        .into_iter()
+        .map(|p| {
+            let adapted = generate::generate(&m.adapted, enc.tokenizer(), &p, &eos, &cfg)?;
+            let base = compare
+                .then(|| generate::generate(&m.base.model, enc.tokenizer(), &p, &eos, &cfg))
+                .transpose()?;
+            Ok(Answer {
+                prompt: p,
+                adapted,
+                base,
+            })
+        })
+        .collect()
+}
+
+/// Folds the adapter into the base and writes a Hugging Face model directory.
+pub fn merge(a: &MergeArgs) -> Result<()> {
+    let resolved = resolve_model(&a.model, &a.dev.open()?, a.dev.precision.dtype())?;
+    let dir = resolved.dir.clone().ok_or_else(|| {
+        Error::Invalid(format!(
+            "merge needs a model directory or hub id, not {}",
+            a.model
+        ))
+    })?;
+    let mut model = resolved.model;
+    adapter::load(&mut model, &a.adapter)?;
+    model.merge_lora()?;
+    adapter::export_merged(&model, &dir.join("config.json"), &a.out)
+}
+
+/// The shape and PEFT's trainable-parameter line from config.json; without `--config-only`,
+/// also from the loaded weights, refusing a count that disagrees with the config's.
+pub fn inspect(a: &InspectArgs) -> Result<String> {
+    let lora = a.lora()?;
+    let source = ModelSource::parse(&a.model);
+    let config_path = load::resolve_config(&source)?;
+    let cfg = crate::model::LlamaConfig::from_file(&config_path)?;
+    let shape = cfg.shape().map_err(|msg| Error::Config {
+        path: config_path.clone(),
+        msg,
+    })?;
+    let mut text = inspect::summary(&source.to_string(), &shape, &lora);
+    if !a.config_only {
+        text.push_str(&inspect::from_weights(&source, &cfg, &shape, &lora)?);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Statistics of a dataset under an encoding, and the seconds encoding took.
+pub fn stats(a: &StatsArgs) -> Result<(DataStats, Encoder, f64)> {
+    let ds = dataset::load(&a.data)?;
+    let enc = Encoder::from_file(&a.tokenizer, a.encode.config())?;
+    let start = std::time::Instant::now();
+    let (stats, _) = stats::compute(&ds.records, &enc, a.batch_size)?;
+    Ok((stats, enc, start.elapsed().as_secs_f64()))
+}
+
+/// Trains the fixture tokenizer on a dataset's formatted text and writes it; its size.
+pub fn train_fixture_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<usize> {
+    let ds = dataset::load(data)?;
+    let texts: Vec<String> = ds.records.iter().map(|r| prompt::format(r).text).collect();
+    let spm = crate::tokenizer::train::train_spm_bpe(&texts, vocab)?;
+    let json = serde_json::to_string_pretty(&spm.to_json()?)
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(out, json + "\n").map_err(|e| Error::io(out, e))?;
+    Ok(spm.tokens.len())
+}
+
+/// The line `train` prints before the first step: model, split, encoding problems and the
+/// trainable-parameter count of the LoRA settings the run trains (adopted ones included).
+pub fn startup_line(p: &Prepared) -> String {
+    let s = &p.train_stats;
+    let shape = p.base.model.shape();
+    let trainable = inspect::lora_params(shape, &p.cfg.lora);
+    let mut line = format!(
+        "model {} | {} train / {} validation records | {} truncated, {} with no trainable label | {}",
+        p.base.label,
+        p.train.len(),
+        p.val.len(),
+        s.truncated,
+        s.no_trainable_label,
+        trainable_params_line(trainable, shape.base_params() + trainable)
+    );
+    if let Some((was, now)) = &p.adopted_lora {
+        line.push_str(&format!(
+            "\nLoRA settings adopted from {}: r {}, alpha {}, dropout {}, targets {} (the config said r {}, alpha {}, dropout {}, targets {})",
+            p.cfg.model.init_adapter.as_deref().unwrap_or(Path::new("?")).display(),
+            now.r,
+            now.alpha,
+            now.dropout,
+            adapter::target_names(now),
+            was.r,
+            was.alpha,
+            was.dropout,
+            adapter::target_names(was),
+        ));
+    }
+    line
+}

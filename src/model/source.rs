@@ -1,0 +1,119 @@
+//! Model sources as a config or a flag names them, resolved to a loaded model: `fixture:SEED`
+//! (the test fixture's shape), `fixture:SHAPE:SEED` (a benchmark shape), `gguf:PATH` (imported
+//! once into `PATH.hf/`), a local directory, or a hub id. Also where a source's tokenizer and
+//! end-of-sequence ids come from, so every command finds them the same way.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::fixture::{BenchShape, FixtureSpec};
+use crate::model::load::{self, ModelSource};
+use crate::model::{Llama, gguf_import};
+
+/// A base model resolved from a source string.
+pub struct ResolvedModel {
+    /// The model, in the dtype and on the device asked for.
+    pub model: Llama,
+    /// Its config.json contents.
+    pub config: LlamaConfig,
+    /// The directory holding config.json, weights and (usually) tokenizer.json.
+    pub dir: Option<PathBuf>,
+    /// How to name the base model in adapters and reports (hub id or path).
+    pub label: String,
+}
+
+impl ResolvedModel {
+    /// The tokenizer.json to use: `given`, else the model directory's.
+    pub fn tokenizer_path(&self, given: Option<&Path>) -> Result<PathBuf> {
+        match (given, &self.dir) {
+            (Some(t), _) => Ok(t.to_path_buf()),
+            (None, Some(d)) => Ok(d.join("tokenizer.json")),
+            (None, None) => Err(Error::Invalid(format!(
+                "model {} has no directory: name a tokenizer (model.tokenizer, --tokenizer)",
+                self.label
+            ))),
+        }
+    }
+
+    /// Token ids that end generation: the tokenizer's EOS and the config's `eos_token_id`s,
+    /// sorted and without repeats.
+    pub fn eos_ids(&self, tokenizer_eos: u32) -> Vec<u32> {
+        let mut ids = vec![tokenizer_eos];
+        if let Some(more) = &self.config.eos_token_id {
+            ids.extend(more.to_vec());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Builds a `fixture:` source: `fixture:SEED` or `fixture:SHAPE:SEED`.
+fn fixture(source: &str, rest: &str, dev: &Device, dtype: DType) -> Result<ResolvedModel> {
+    let (spec, seed) = match rest.split_once(':') {
+        None => (FixtureSpec::default(), rest),
+        Some((shape, seed)) => {
+            let shape = <BenchShape as clap::ValueEnum>::from_str(shape, true).map_err(|_| {
+                Error::Invalid(format!(
+                    "model source {source:?}: the shape must be tiny, smollm2 or tinyllama"
+                ))
+            })?;
+            (shape.spec(), seed)
+        }
+    };
+    let seed: u64 = seed.parse().map_err(|_| {
+        Error::Invalid(format!(
+            "model source {source:?}: the seed must be an integer"
+        ))
+    })?;
+    Ok(ResolvedModel {
+        model: spec.build(seed, dtype, dev)?,
+        config: spec.config(),
+        dir: None,
+        label: source.to_string(),
+    })
+}
+
+/// Imports `gguf:PATH` into `PATH.hf/` unless a complete import is already there.
+fn imported_gguf(path: &str) -> Result<ModelSource> {
+    let gguf = PathBuf::from(path);
+    let dir = gguf.with_extension("hf");
+    if !["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .all(|f| dir.join(f).exists())
+    {
+        eprintln!("importing {} into {} ...", gguf.display(), dir.display());
+        gguf_import::import(&gguf, &dir)?;
+    }
+    Ok(ModelSource::Dir(dir))
+}
+
+/// Loads a model source in `dtype` on `dev`.
+pub fn resolve_model(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedModel> {
+    if let Some(rest) = source.strip_prefix("fixture:") {
+        return fixture(source, rest, dev, dtype);
+    }
+    let source = match source.strip_prefix("gguf:") {
+        Some(path) => imported_gguf(path)?,
+        None => ModelSource::parse(source),
+    };
+    let (config, model, _) = load::load_model(&source, dtype, dev)?;
+    let (dir, label) = match &source {
+        ModelSource::Dir(d) => (Some(d.clone()), d.display().to_string()),
+        ModelSource::Hub(id) => (
+            load::resolve_config(&source)?
+                .parent()
+                .map(Path::to_path_buf),
+            id.clone(),
+        ),
+    };
+    Ok(ResolvedModel {
+        model,
+        config,
+        dir,
+        label,
+    })
+}

@@ -1,0 +1,56 @@
+//! Facts about the machine a run is on, read from Linux's /proc and /etc: peak memory, the CPU
+//! model, the operating system and the host name. Each returns `None` (or a plain fallback)
+//! where the OS does not provide it, so the run records say "n/a" instead of failing.
+
+/// Peak resident set size of this process in MiB (VmHWM from /proc/self/status).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The value of the first line of a `key: value` or `key=value` file that starts with `key`.
+fn first_value(path: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once([':', '=']))
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+}
+
+/// The CPU model name, or the architecture where /proc/cpuinfo does not say.
+pub fn cpu_name() -> String {
+    first_value("/proc/cpuinfo", "model name").unwrap_or_else(|| std::env::consts::ARCH.into())
+}
+
+/// The operating system's pretty name, or its family.
+pub fn os_name() -> String {
+    first_value("/etc/os-release", "PRETTY_NAME").unwrap_or_else(|| std::env::consts::OS.into())
+}
+
+/// The host name, or an empty string.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_rss_is_positive_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_mib().is_some_and(|m| m > 0.0));
+        }
+    }
+}

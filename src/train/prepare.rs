@@ -1,0 +1,247 @@
+//! Everything a run needs, resolved before the first step: the model, the tokenizer, the data
+//! encoded and split, and the starting adapter's settings. Also the run records that describe
+//! what was prepared (manifest, data record) and the adapter's model-card text.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::adapter;
+use crate::data::dataset::{self, Dataset, Split};
+use crate::data::encode::{Encoder, Example};
+use crate::data::prompt;
+use crate::data::stats::{self, DataStats};
+use crate::device;
+use crate::error::{Error, Result};
+use crate::generate::{self, Generation};
+use crate::model::Llama;
+use crate::model::source::{ResolvedModel, resolve_model};
+use crate::records::{DataRecord, Manifest};
+use crate::train::config::TrainConfig;
+use crate::verify::Fingerprint;
+
+/// Everything a run needs, resolved before the first step.
+pub struct Prepared {
+    /// The configuration as resolved (with an `--init-adapter`'s LoRA settings adopted).
+    pub cfg: TrainConfig,
+    /// The base model (adapters attached by the run).
+    pub base: ResolvedModel,
+    /// The encoder.
+    pub encoder: Encoder,
+    /// tokenizer.json used.
+    pub tokenizer_path: PathBuf,
+    /// The dataset.
+    pub dataset: Dataset,
+    /// Its split.
+    pub split: Split,
+    /// Encoded training examples (split order).
+    pub train: Vec<Example>,
+    /// Encoded validation examples.
+    pub val: Vec<Example>,
+    /// Statistics of the training subset under the encoding.
+    pub train_stats: DataStats,
+    /// Token ids that end generation.
+    pub eos_ids: Vec<u32>,
+    /// What was adopted from the starting adapter: (the config's LoRA, the adapter's).
+    pub adopted_lora: Option<(crate::model::LoraConfig, crate::model::LoraConfig)>,
+}
+
+/// Loads model, tokenizer and data; encodes and splits.
+pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
+    cfg.validate()?;
+    let adopted_lora = adopt_init_adapter(&mut cfg)?;
+    let dev = cfg.run.device.open()?;
+    if !dev.is_cpu() {
+        // Dropout masks are drawn on accelerators: seed their generator from the run.
+        dev.set_seed(cfg.run.seed)?;
+    }
+    let base = resolve_model(&cfg.model.source, &dev, cfg.run.precision.dtype())?;
+    let tokenizer_path = base.tokenizer_path(cfg.model.tokenizer.as_deref())?;
+    let encoder = Encoder::from_file(&tokenizer_path, cfg.encode.clone())?;
+    check_fits(&cfg, &base.model, &encoder, &tokenizer_path)?;
+    let mut dataset = dataset::load(&cfg.data.path)?;
+    if let Some(n) = cfg.data.max_records {
+        dataset.records.truncate(n);
+        dataset.lines.truncate(n);
+    }
+    let split = dataset::split(dataset.records.len(), cfg.data.validation, cfg.run.seed)?;
+    let pick = |idx: &[usize]| {
+        idx.iter()
+            .map(|&i| dataset.records[i].clone())
+            .collect::<Vec<_>>()
+    };
+    let (train_records, val_records) = (pick(&split.train), pick(&split.validation));
+    let (train_stats, train) = stats::compute(&train_records, &encoder, cfg.train.batch_size)?;
+    let val = val_records
+        .iter()
+        .map(|r| encoder.encode(r))
+        .collect::<Result<Vec<_>>>()?;
+    let eos_ids = base.eos_ids(encoder.special_ids().eos);
+    Ok(Prepared {
+        cfg,
+        base,
+        encoder,
+        tokenizer_path,
+        dataset,
+        split,
+        train,
+        val,
+        train_stats,
+        eos_ids,
+        adopted_lora,
+    })
+}
+
+/// With `model.init_adapter`, the run trains the adapter it starts from: its r, alpha,
+/// dropout, targets and scaling replace the config's, so everything the run prints and
+/// writes states the values actually trained. Returns (config's, adopted) when they differ.
+fn adopt_init_adapter(
+    cfg: &mut TrainConfig,
+) -> Result<Option<(crate::model::LoraConfig, crate::model::LoraConfig)>> {
+    let Some(dir) = &cfg.model.init_adapter else {
+        return Ok(None);
+    };
+    let (_, lora) = adapter::read_config(dir)?;
+    if lora == cfg.lora {
+        return Ok(None);
+    }
+    let was = std::mem::replace(&mut cfg.lora, lora.clone());
+    Ok(Some((was, lora)))
+}
+
+/// Refuses a tokenizer larger than the model's vocabulary and a max length beyond its positions.
+fn check_fits(cfg: &TrainConfig, model: &Llama, encoder: &Encoder, tokenizer: &Path) -> Result<()> {
+    let vocab = encoder.tokenizer().get_vocab_size(true);
+    let shape = model.shape();
+    if vocab > shape.vocab {
+        return Err(Error::Invalid(format!(
+            "tokenizer {} has {vocab} tokens but the model's vocabulary is {}",
+            tokenizer.display(),
+            shape.vocab
+        )));
+    }
+    if cfg.encode.max_len > shape.max_positions {
+        return Err(Error::Invalid(format!(
+            "encode.max_len {} exceeds the model's max_position_embeddings {}",
+            cfg.encode.max_len, shape.max_positions
+        )));
+    }
+    Ok(())
+}
+
+impl Prepared {
+    /// Generates an answer for each instruction prompt (the reference template, no input).
+    pub fn generate_all(&self, model: &Llama) -> Result<Vec<Generation>> {
+        self.cfg
+            .prompts
+            .iter()
+            .map(|instr| {
+                generate::generate(
+                    model,
+                    self.encoder.tokenizer(),
+                    &prompt::prompt(instr, None),
+                    &self.eos_ids,
+                    &self.cfg.generate,
+                )
+            })
+            .collect()
+    }
+
+    /// The manifest of this run, whose base fingerprint is `base`.
+    pub fn manifest(&self, base: &Fingerprint) -> Result<Manifest> {
+        let sh = self.base.model.shape();
+        Ok(Manifest {
+            lorasft_version: env!("CARGO_PKG_VERSION").into(),
+            git_commit: env!("LORASFT_GIT_COMMIT").into(),
+            candle_version: env!("LORASFT_DEP_CANDLE_CORE").into(),
+            tokenizers_version: env!("LORASFT_DEP_TOKENIZERS").into(),
+            safetensors_version: env!("LORASFT_DEP_SAFETENSORS").into(),
+            command: std::env::args().collect(),
+            seed: self.cfg.run.seed,
+            config_sha256: format!("{:x}", Sha256::digest(self.cfg.to_toml()?.as_bytes())),
+            data_path: self.cfg.data.path.clone(),
+            data_sha256: sha256_file(&self.cfg.data.path)?,
+            tokenizer_path: self.tokenizer_path.clone(),
+            tokenizer_sha256: sha256_file(&self.tokenizer_path)?,
+            base_model: self.base.label.clone(),
+            model_shape: format!(
+                "{} layers, hidden {}, intermediate {}, {} attention heads ({} key/value heads, head dim {}), vocabulary {}, max positions {}, RoPE theta {}, {} lm_head",
+                sh.layers,
+                sh.hidden,
+                sh.intermediate,
+                sh.heads,
+                sh.kv_heads,
+                sh.head_dim,
+                sh.vocab,
+                sh.max_positions,
+                sh.rope_theta,
+                if sh.tied { "tied" } else { "untied" }
+            ),
+            base_weights_digest: base.digest(),
+            device: device::describe(self.base.model.device()),
+            precision: self.cfg.run.precision.to_string(),
+            cpu: crate::sys::cpu_name(),
+            threads: candle_core::utils::get_num_threads(),
+            os: crate::sys::os_name(),
+            host: crate::sys::host_name(),
+            started_at: crate::sys::unix_time(),
+        })
+    }
+
+    /// The data record of this run.
+    pub fn data_record(&self) -> DataRecord {
+        let tok = self.encoder.tokenizer();
+        let ids = self.encoder.special_ids();
+        let first = self
+            .split
+            .train
+            .first()
+            .map(|&i| prompt::format(&self.dataset.records[i]).text)
+            .unwrap_or_default();
+        DataRecord {
+            path: self.cfg.data.path.clone(),
+            records: self.dataset.records.len(),
+            validation: self.cfg.data.validation,
+            split: self.split.clone(),
+            train_stats: self.train_stats.clone(),
+            with_input: self.dataset.records.iter().filter(|r| r.has_input()).count(),
+            vocab: tok.get_vocab_size(true),
+            eos: tok.id_to_token(ids.eos).unwrap_or_default(),
+            pad: tok.id_to_token(ids.pad).unwrap_or_default(),
+            example: first,
+        }
+    }
+
+    /// The model-card body of an adapter after `steps` steps: a short summary of the run.
+    pub fn card_body(&self, steps: usize, eval: Option<f64>) -> String {
+        let c = &self.cfg;
+        format!(
+            "# LoRA adapter for {base}\n\nTrained by lorasft (run `{name}`): LoRA r {r}, alpha {alpha}, dropout {dropout} on {targets}; \
+             {steps} optimizer steps of {bs}×{acc} examples at lr {lr} ({sched:?}), max length {max_len}, labels {labels:?}, seed {seed}. \
+             Data: {data} ({n_train} train / {n_val} validation records). Final validation loss: {eval}.\n",
+            base = self.base.label,
+            name = c.run.name,
+            r = c.lora.r,
+            alpha = c.lora.alpha,
+            dropout = c.lora.dropout,
+            targets = adapter::target_names(&c.lora),
+            bs = c.train.batch_size,
+            acc = c.train.grad_accum,
+            lr = c.optim.lr,
+            sched = c.optim.schedule,
+            max_len = c.encode.max_len,
+            labels = c.encode.labels,
+            seed = c.run.seed,
+            data = c.data.path.display(),
+            n_train = self.train.len(),
+            n_val = self.val.len(),
+            eval = eval.map_or("not measured".to_string(), |e| format!("{e:.4}")),
+        )
+    }
+}
+
+/// SHA-256 of a file's bytes, hex.
+fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}

@@ -1,0 +1,543 @@
+//! The training run, read top to bottom like nanoGPT's `train.py`:
+//!
+//! ```text
+//! open or resume -> baseline evaluation -> loop { next batch -> step -> log -> evaluate
+//! -> checkpoint -> stop? } -> finish (adapter, generations, checks, summary)
+//! ```
+//!
+//! [`train`] is that sequence; each phase is one method of [`Run`]. The run writes its records
+//! (`crate::records`) into the run directory and never renders the report: the command that
+//! trains asks for it afterwards.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::adapter;
+use crate::data::batch::Batch;
+use crate::data::encode::Example;
+use crate::error::{Error, Result};
+use crate::generate::Generation;
+use crate::model::Llama;
+use crate::records::{self, Metric, MetricKind, RunChecks, Summary, files};
+use crate::rng::Rng;
+use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
+use crate::train::config::TrainConfig;
+use crate::train::eval::evaluate;
+use crate::train::prepare::Prepared;
+use crate::train::schedule::lambda;
+use crate::train::step::{StepOutcome, Updater, nonzero_grads};
+use crate::verify::{Fingerprint, trainable_params_line};
+
+/// How a run is started.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Stop after this step exactly as Ctrl-C would (checkpoint, then return): for chunked runs
+    /// on time-limited machines, and for the resume tests.
+    pub stop_at_step: Option<usize>,
+}
+
+/// The run directory of a config.
+pub fn run_dir(cfg: &TrainConfig) -> PathBuf {
+    cfg.run.out_dir.join(&cfg.run.name)
+}
+
+/// Total optimizer steps of a run over `n` training examples.
+pub fn total_steps(cfg: &TrainConfig, n: usize) -> usize {
+    cfg.train.max_steps.unwrap_or_else(|| {
+        let micro_per_epoch = n.div_ceil(cfg.train.batch_size);
+        cfg.train.epochs * (micro_per_epoch / cfg.train.grad_accum).max(1)
+    })
+}
+
+/// The order of training examples in an epoch: seeded shuffle, or file order.
+fn epoch_order(n: usize, epoch: usize, seed: u64, shuffle: bool) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    if shuffle {
+        Rng::derive(seed, &format!("shuffle-epoch-{epoch}")).shuffle(&mut v);
+    }
+    v
+}
+
+/// Runs training for a prepared run; writes metrics, checkpoints, the adapter, generations,
+/// checks and the summary into the run directory.
+pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
+    let mut run = Run::open(p, opts)?;
+    run.evaluate_baseline()?;
+    while !run.finished() {
+        let micro = run.next_batch()?;
+        let trained = run.step(&micro)?;
+        run.log(trained)?;
+        let stop = run.stop_requested();
+        run.evaluate_if_due()?;
+        run.checkpoint_if_due(stop)?;
+        if stop && !run.finished() {
+            run.interrupt();
+            break;
+        }
+    }
+    run.finish()
+}
+
+/// What an applied update measured, for the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Trained {
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// Learning rate of the update.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Loss targets in the step.
+    pub targets: usize,
+}
+
+/// A run in progress: the prepared inputs, the model with its adapter, the optimizer and
+/// everything the loop tracks between phases.
+pub struct Run<'o> {
+    p: Prepared,
+    opts: &'o RunOptions,
+    dir: PathBuf,
+    model: Llama,
+    updater: Updater,
+    state: LoopState,
+    total: usize,
+    warmup: usize,
+    order: Vec<usize>,
+    checks: RunChecks,
+    fingerprint_before: Fingerprint,
+    before: Vec<Generation>,
+    bar: indicatif::ProgressBar,
+    start: Instant,
+    tokens_at_start: u64,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+    last_ckpt: Option<PathBuf>,
+    last_eval: Option<(usize, f64)>,
+    b_moved: bool,
+    resumed: bool,
+    interrupted: bool,
+}
+
+impl<'o> Run<'o> {
+    /// Opens the run directory, then resumes from its latest checkpoint or starts fresh
+    /// (a new adapter, or the configured starting adapter); writes the manifest and data
+    /// records and the generations with the starting adapter.
+    pub fn open(p: Prepared, opts: &'o RunOptions) -> Result<Self> {
+        let dir = run_dir(&p.cfg);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let config_path = dir.join(files::CONFIG);
+        std::fs::write(&config_path, p.cfg.to_toml()?).map_err(|e| Error::io(&config_path, e))?;
+        let total = total_steps(&p.cfg, p.train.len());
+        let mut model = p.base.model.clone();
+        let resume_from = if opts.resume {
+            checkpoint::latest(&dir)?
+        } else {
+            None
+        };
+        let (state, opt_state) = restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
+        let mut updater = Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
+        if let Some((step, m, v)) = opt_state {
+            updater.opt.restore(step, m, v)?;
+        }
+        let fingerprint_before = Fingerprint::of(&model)?;
+        records::write_json(&dir.join(files::MANIFEST), &p.manifest(&fingerprint_before)?)?;
+        records::write_json(&dir.join(files::DATA), &p.data_record())?;
+        let checks = initial_checks(&model, &fingerprint_before);
+        let before = generations_before(&p, &model, &dir, resume_from.is_some())?;
+        let bar = progress_bar(opts.progress, total, state.step);
+        let order = epoch_order(p.train.len(), state.epoch, p.cfg.run.seed, p.cfg.data.shuffle);
+        Ok(Self {
+            warmup: p.cfg.optim.warmup.steps(total),
+            b_moved: resume_from.is_some() || p.cfg.model.init_adapter.is_some(),
+            resumed: resume_from.is_some(),
+            tokens_at_start: state.tokens_seen,
+            last_ckpt: resume_from,
+            p,
+            opts,
+            dir,
+            model,
+            updater,
+            state,
+            total,
+            order,
+            checks,
+            fingerprint_before,
+            before,
+            bar,
+            start: Instant::now(),
+            first_loss: None,
+            last_loss: None,
+            last_eval: None,
+            interrupted: false,
+        })
+    }
+
+    /// Whether every step of the run is done.
+    pub fn finished(&self) -> bool {
+        self.state.step >= self.total
+    }
+
+    /// A validation loss before the first update, so the curve starts where the base model is
+    /// (fresh runs with step-based evaluation only).
+    pub fn evaluate_baseline(&mut self) -> Result<()> {
+        if self.resumed || self.p.cfg.train.eval_every == 0 {
+            return Ok(());
+        }
+        let (loss, targets) = self.evaluate()?;
+        self.append(&Metric::eval(0, loss, targets, 0.0))?;
+        self.checks.eval_losses.push((0, loss));
+        Ok(())
+    }
+
+    /// The next `grad_accum` micro-batches, continuing across epochs.
+    pub fn next_batch(&mut self) -> Result<Vec<Batch>> {
+        let cfg = &self.p.cfg;
+        let mut micro = Vec::with_capacity(cfg.train.grad_accum);
+        for _ in 0..cfg.train.grad_accum {
+            if self.state.cursor >= self.order.len() {
+                self.state.epoch += 1;
+                self.state.cursor = 0;
+                self.order =
+                    epoch_order(self.p.train.len(), self.state.epoch, cfg.run.seed, cfg.data.shuffle);
+            }
+            let end = (self.state.cursor + cfg.train.batch_size).min(self.order.len());
+            let exs: Vec<&Example> = self.order[self.state.cursor..end]
+                .iter()
+                .map(|&i| &self.p.train[i])
+                .collect();
+            self.state.cursor = end;
+            micro.push(Batch::from_rows(&self.p.encoder.collate(&exs), self.model.device())?);
+        }
+        Ok(micro)
+    }
+
+    /// One optimizer step (`train::step`). A step without loss targets or with overflowed f16
+    /// gradients is skipped and counted; a non-finite loss or gradient norm ends the run,
+    /// naming the last checkpoint.
+    pub fn step(&mut self, micro: &[Batch]) -> Result<Option<Trained>> {
+        let cfg = &self.p.cfg;
+        let lr = cfg.optim.lr * lambda(cfg.optim.schedule, self.state.step, self.warmup, self.total);
+        let report = self.updater.step(
+            &self.model,
+            micro,
+            &mut self.state.loss_scaler,
+            &mut self.state.dropout_rng,
+            lr,
+        )?;
+        self.state.tokens_seen += report.real_tokens as u64;
+        let (loss, targets) = (report.loss(), report.targets);
+        let next = self.state.step + 1;
+        let trained = match report.outcome {
+            StepOutcome::NoTargets => {
+                self.state.skipped_steps += 1;
+                self.bar.println(format!(
+                    "step {next}: no trainable token in the batch; update skipped"
+                ));
+                None
+            }
+            StepOutcome::Diverged { what, value } => {
+                return Err(Error::Diverged {
+                    what,
+                    value,
+                    step: next,
+                    checkpoint: self
+                        .last_ckpt
+                        .as_ref()
+                        .map_or("none".to_string(), |c| c.display().to_string()),
+                });
+            }
+            StepOutcome::Overflowed => {
+                self.state.overflow_steps += 1;
+                self.bar.println(format!(
+                    "step {next}: gradients overflowed in f16; update skipped, loss scale now {}",
+                    self.state.loss_scaler.scale
+                ));
+                None
+            }
+            StepOutcome::Updated {
+                grad_norm,
+                clipped,
+                grads,
+            } => {
+                self.record_coverage(&grads)?;
+                self.state.clipped_steps += usize::from(clipped);
+                // Under warmup the first update has lr 0 and leaves B at zero; A's gradient is
+                // checked on the step after the first update that actually moved B.
+                self.b_moved |= lr > 0.0;
+                self.first_loss.get_or_insert(loss);
+                self.last_loss = Some(loss);
+                Some(Trained {
+                    loss,
+                    lr,
+                    grad_norm,
+                    targets,
+                })
+            }
+        };
+        self.state.step = next;
+        Ok(trained)
+    }
+
+    /// Gradient coverage as this run sees it: every lora_B on the first backward, every lora_A
+    /// after the first update (B = 0 before it, so dL/dA = 0).
+    fn record_coverage(&mut self, grads: &[candle_core::Tensor]) -> Result<()> {
+        let vars = &self.updater.vars;
+        if self.checks.lora_b_with_grad_first_step.is_none() {
+            self.checks.lora_b_with_grad_first_step = Some(nonzero_grads(vars, grads, "lora_B")?.0);
+        } else if self.b_moved && self.checks.lora_a_with_grad_after_first_update.is_none() {
+            self.checks.lora_a_with_grad_after_first_update =
+                Some(nonzero_grads(vars, grads, "lora_A")?.0);
+        }
+        Ok(())
+    }
+
+    /// Progress, and a metrics line every `log_every` steps, on the first and on the last.
+    pub fn log(&mut self, trained: Option<Trained>) -> Result<()> {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let tps = (self.state.tokens_seen - self.tokens_at_start) as f64 / elapsed.max(1e-9);
+        self.bar.set_position(self.state.step as u64);
+        let Some(t) = trained else {
+            return Ok(());
+        };
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} gn {:.3} {tps:.0} tok/s",
+            t.loss, t.lr, t.grad_norm
+        ));
+        let step = self.state.step;
+        if step % self.p.cfg.train.log_every.max(1) == 0 || self.finished() || step == 1 {
+            self.append(&Metric {
+                step,
+                kind: MetricKind::Train,
+                loss: t.loss,
+                ppl: None,
+                lr: Some(t.lr),
+                grad_norm: Some(t.grad_norm),
+                targets: t.targets,
+                tokens_seen: Some(self.state.tokens_seen),
+                tokens_per_s: Some(tps),
+                elapsed_s: elapsed,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether Ctrl-C (or `stop_at_step`) asks the run to stop after this step.
+    pub fn stop_requested(&self) -> bool {
+        self.opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst))
+            || self.opts.stop_at_step == Some(self.state.step)
+    }
+
+    /// The validation loss every `eval_every` steps and at the end; a new best is saved as
+    /// the `best` adapter.
+    pub fn evaluate_if_due(&mut self) -> Result<()> {
+        let every = self.p.cfg.train.eval_every;
+        if !((every > 0 && self.state.step % every == 0) || self.finished()) {
+            return Ok(());
+        }
+        let step = self.state.step;
+        let (loss, targets) = self.evaluate()?;
+        self.append(&Metric::eval(step, loss, targets, self.start.elapsed().as_secs_f64()))?;
+        self.checks.eval_losses.push((step, loss));
+        self.last_eval = Some((step, loss));
+        self.bar.println(format!(
+            "step {step}: eval loss {loss:.4} (ppl {:.2})",
+            loss.exp()
+        ));
+        if targets > 0 && self.state.best_eval.is_none_or(|b| loss < b) {
+            self.state.best_eval = Some(loss);
+            let card = self.p.card_body(step, Some(loss));
+            adapter::save(&self.model, &self.dir.join("best"), &self.p.base.label, &card)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint every `save_every` steps, at the end, and when stopping.
+    pub fn checkpoint_if_due(&mut self, stop: bool) -> Result<()> {
+        let every = self.p.cfg.train.save_every;
+        if (every > 0 && self.state.step % every == 0) || self.finished() || stop {
+            self.last_ckpt = Some(checkpoint::save(
+                &self.dir,
+                &self.model,
+                &self.updater.opt,
+                &self.state,
+                &self.p.base.label,
+                KEEP_CHECKPOINTS,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Marks the run as stopped early (its checkpoint is written).
+    pub fn interrupt(&mut self) {
+        self.interrupted = true;
+        self.bar.println(format!(
+            "interrupted: checkpoint written at step {}; continue with --resume",
+            self.state.step
+        ));
+    }
+
+    /// Saves the final adapter, generates with it, checks the base against its fingerprint,
+    /// and writes generations, checks and the summary.
+    pub fn finish(mut self) -> Result<Summary> {
+        self.bar.finish_and_clear();
+        let wall_s = self.start.elapsed().as_secs_f64();
+        let eval_loss = match self.last_eval {
+            Some((step, loss)) if step == self.state.step => loss,
+            _ => self.evaluate()?.0,
+        };
+        let adapter_dir = self.dir.join("adapter");
+        let card = self.p.card_body(self.state.step, Some(eval_loss));
+        adapter::save(&self.model, &adapter_dir, &self.p.base.label, &card)?;
+        let after = self.p.generate_all(&self.model)?;
+        let generations: Vec<(Generation, Generation)> =
+            std::mem::take(&mut self.before).into_iter().zip(after).collect();
+        records::write_json(&self.dir.join(files::GENERATIONS), &generations)?;
+        self.final_checks()?;
+        let summary = Summary {
+            run_dir: self.dir.clone(),
+            adapter_dir,
+            steps: self.state.step,
+            first_loss: self.first_loss,
+            last_loss: self.last_loss,
+            eval_loss: Some(eval_loss),
+            best_eval_loss: self.state.best_eval,
+            tokens_per_s: (self.state.tokens_seen - self.tokens_at_start) as f64 / wall_s.max(1e-9),
+            wall_s,
+            peak_rss_mib: crate::sys::peak_rss_mib(),
+            skipped_steps: self.state.skipped_steps,
+            overflow_steps: self.state.overflow_steps,
+            clipped_steps: self.state.clipped_steps,
+            interrupted: self.interrupted,
+            generations,
+        };
+        records::write_json(&self.dir.join(files::SUMMARY), &summary)?;
+        Ok(summary)
+    }
+
+    /// The checks measured at the end: the base fingerprint after training, losses, finiteness.
+    fn final_checks(&mut self) -> Result<()> {
+        let after = Fingerprint::of(&self.model)?;
+        self.checks.base_fingerprint_after = after.digest();
+        self.checks.changed_base_tensors = self.fingerprint_before.changed(&after);
+        self.checks.first_loss = self.first_loss;
+        self.checks.last_loss = self.last_loss;
+        self.checks.all_losses_finite = records::read_metrics(&self.dir.join(files::METRICS))?
+            .iter()
+            .all(|m| m.loss.is_finite());
+        records::write_json(&self.dir.join(files::CHECKS), &self.checks)
+    }
+
+    /// Mean validation loss and its target count with the current adapter.
+    fn evaluate(&self) -> Result<(f64, usize)> {
+        evaluate(&self.model, &self.p.encoder, &self.p.val, self.p.cfg.train.batch_size)
+    }
+
+    /// Appends a metrics line and counts it (a resume truncates to the count).
+    fn append(&mut self, m: &Metric) -> Result<()> {
+        records::append_metric(&self.dir.join(files::METRICS), m)?;
+        self.state.metrics_lines += 1;
+        Ok(())
+    }
+}
+
+/// The loop state and optimizer moments to continue from: a checkpoint's, or a fresh start
+/// with a new adapter (or the configured starting adapter) and no metrics.
+fn restore_or_start(
+    cfg: &TrainConfig,
+    dir: &Path,
+    resume_from: Option<&Path>,
+    model: &mut Llama,
+) -> Result<(LoopState, Option<checkpoint::OptimState>)> {
+    let metrics = dir.join(files::METRICS);
+    if let Some(ckpt) = resume_from {
+        let (state, opt) = checkpoint::load(ckpt, model)?;
+        records::truncate_metrics(&metrics, state.metrics_lines)?;
+        return Ok((state, Some(opt)));
+    }
+    match &cfg.model.init_adapter {
+        Some(a) => {
+            adapter::load(model, a)?;
+        }
+        None => model.add_lora(&cfg.lora, cfg.run.seed)?,
+    }
+    let _ = std::fs::remove_file(&metrics);
+    Ok((LoopState::start(cfg.run.seed, cfg.run.precision), None))
+}
+
+/// The checks as known before the first step; the rest is measured as the run goes.
+fn initial_checks(model: &Llama, base: &Fingerprint) -> RunChecks {
+    RunChecks {
+        trainable_params: trainable_params_line(model.trainable_params(), model.all_params()),
+        base_tensors: base.0.len(),
+        base_fingerprint_before: base.digest(),
+        base_fingerprint_after: String::new(),
+        changed_base_tensors: Vec::new(),
+        adapter_tensors: model.lora_vars().len(),
+        lora_b_with_grad_first_step: None,
+        lora_a_with_grad_after_first_update: None,
+        first_loss: None,
+        last_loss: None,
+        all_losses_finite: true,
+        eval_losses: Vec::new(),
+    }
+}
+
+/// Generations with the starting adapter (B = 0 for a fresh run: the base model's answers);
+/// a resumed run reads the ones its first part wrote.
+fn generations_before(p: &Prepared, model: &Llama, dir: &Path, resumed: bool) -> Result<Vec<Generation>> {
+    let path = dir.join(files::GENERATIONS_BEFORE);
+    if resumed && path.exists() {
+        return records::read_json(&path);
+    }
+    let g = p.generate_all(model)?;
+    records::write_json(&path, &g)?;
+    Ok(g)
+}
+
+/// A progress bar on stderr at `position` of `total` steps, or a hidden one.
+fn progress_bar(show: bool, total: usize, position: usize) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(position as u64);
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_seeded_per_epoch_and_file_order_when_shuffle_is_off() {
+        assert_eq!(epoch_order(5, 3, 1, false), vec![0, 1, 2, 3, 4]);
+        let (a, b) = (epoch_order(50, 0, 1, true), epoch_order(50, 1, 1, true));
+        assert_ne!(a, b, "each epoch gets its own order");
+        assert_eq!(
+            a,
+            epoch_order(50, 0, 1, true),
+            "the same seed and epoch give the same order"
+        );
+        let mut s = a.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+    }
+}
