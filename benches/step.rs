@@ -13,10 +13,10 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use lorasft::bench::{StepBench, time_encoding};
+use lorasft::model::cpu::linear_ce::linear_cross_entropy_sum;
 use lorasft::model::fixture::BenchShape;
 use lorasft::model::ops::log_softmax;
 use lorasft::rng::Rng;
-use lorasft::model::cpu::linear_ce::linear_cross_entropy_sum;
 
 fn bench_shape(c: &mut Criterion, shape: BenchShape) {
     // SAFETY: benchmarks run one after another on this thread, and nothing in this process

@@ -72,7 +72,13 @@ mod tests {
             vec![PathBuf::from(".cache/assets/nowhere/x.gguf")]
         );
         cfg.model.source = "fixture:0".into();
-        assert!(missing(&cfg).is_empty(), "nothing outside the cache is fetched");
-        assert!(fetch_script().is_file(), "the script ships with the source tree");
+        assert!(
+            missing(&cfg).is_empty(),
+            "nothing outside the cache is fetched"
+        );
+        assert!(
+            fetch_script().is_file(),
+            "the script ships with the source tree"
+        );
     }
 }

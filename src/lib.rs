@@ -13,32 +13,32 @@
 //! 6. tools over training: [`report`], [`bench`], [`selftest`]
 //! 7. the command line: [`cli`], [`assets`] (and `src/main.rs` on top)
 
+pub mod alloc_tuning;
+pub mod device;
 pub mod error;
 pub mod rng;
-pub mod device;
 pub mod sys;
 pub mod thread_tuning;
-pub mod alloc_tuning;
 
 pub mod data;
-pub mod tokenizer;
 pub mod gguf;
+pub mod tokenizer;
 
-pub mod model;
 pub mod adapter;
-pub mod verify;
 pub mod generate;
 pub mod inspect;
+pub mod model;
+pub mod verify;
 
 pub mod records;
 
 pub mod train;
 
-pub mod report;
 pub mod bench;
+pub mod report;
 pub mod selftest;
 
-pub mod cli;
 pub mod assets;
+pub mod cli;
 
 pub use error::{Error, Result};

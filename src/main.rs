@@ -113,7 +113,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => print!("{}", commands::inspect(&a)?),
         Command::Tokenizer(TokenizerCommand::FromGguf { file, out }) => {
             let n = lorasft::tokenizer::from_gguf::convert(&file, &out)?;
-            println!("wrote {} ({n} tokens) and tokenizer_config.json beside it", out.display());
+            println!(
+                "wrote {} ({n} tokens) and tokenizer_config.json beside it",
+                out.display()
+            );
         }
         Command::Tokenizer(TokenizerCommand::TrainFixture { data, vocab, out }) => {
             let n = commands::train_fixture_tokenizer(&data, vocab, &out)?;
@@ -203,7 +206,11 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         summary.eval_loss.unwrap_or(f64::NAN),
         summary.tokens_per_s,
         summary.peak_rss_mib.unwrap_or(f64::NAN),
-        if summary.interrupted { " (interrupted)" } else { "" }
+        if summary.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        }
     );
     println!("adapter: {}", summary.adapter_dir.display());
     println!("report: {}", report.display());
@@ -277,7 +284,10 @@ fn selftest_cmd(dev: DeviceArgs) -> Result<()> {
     let device = dev.open()?;
     let checks = lorasft::selftest::run(&device, dev.precision)?;
     let name = lorasft::device::describe(&device);
-    print!("{}", lorasft::selftest::render(&checks, &name, dev.precision));
+    print!(
+        "{}",
+        lorasft::selftest::render(&checks, &name, dev.precision)
+    );
     let failed = checks.iter().filter(|c| !c.passed).count();
     if failed > 0 {
         bail!("{failed} of {} selftest checks failed", checks.len());
@@ -299,7 +309,11 @@ fn reproduce_cmd(run: &std::path::Path) -> Result<()> {
             println!("losses: FIRST MISMATCH at step {step} ({kind}): {a} vs {b}")
         }
     }
-    let same = if r.adapter_identical { "identical" } else { "DIFFERENT" };
+    let same = if r.adapter_identical {
+        "identical"
+    } else {
+        "DIFFERENT"
+    };
     println!("adapter bytes: {same}");
     if !r.matched() {
         bail!("the run did not reproduce");

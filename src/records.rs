@@ -354,6 +354,9 @@ mod tests {
         assert_eq!(read_metrics(&path).unwrap().len(), 2);
         std::fs::write(&path, "{\"step\": 1}\n").unwrap();
         let err = read_metrics(&path).unwrap_err().to_string();
-        assert!(err.contains("metrics.jsonl") && err.contains("line 1"), "{err}");
+        assert!(
+            err.contains("metrics.jsonl") && err.contains("line 1"),
+            "{err}"
+        );
     }
 }

@@ -114,87 +114,90 @@ pub fn train_fixed_batch(
 
 /// Runs every check on `dev` in `precision`.
 pub fn run(dev: &Device, precision: Precision) -> Result<Vec<Check>> {
-    let (tol, grad_tol) = tolerance(precision);
-    let dtype = precision.dtype();
-    let mut out = Vec::new();
-    let mut check = |name, passed, detail: String| {
-        out.push(Check {
-            name,
-            passed,
-            detail,
-        })
-    };
+    let mut out = agreement(dev, precision)?;
+    out.extend(coverage_and_frozen_base(dev, precision)?);
+    out.push(learning(dev, precision)?);
+    Ok(out)
+}
 
-    // Agreement with the CPU in f64.
+/// Logits and adapter gradients against the CPU in f64.
+fn agreement(dev: &Device, precision: Precision) -> Result<Vec<Check>> {
+    let (tol, grad_tol) = tolerance(precision);
     let reference = model(DType::F64, &Device::Cpu)?;
-    let tested = model(dtype, dev)?;
+    let tested = model(precision.dtype(), dev)?;
     let (ids_cpu, labels_cpu) = batch(&Device::Cpu)?;
     let (ids, labels) = batch(dev)?;
     let logits_ref = reference.forward(&ids_cpu, None, &mut Mode::Eval)?;
     let logits = tested.forward(&ids, None, &mut Mode::Eval)?;
     let d = rel_diff(&logits, &logits_ref)?;
-    check(
-        "logits match the CPU in f64",
-        d <= tol,
-        format!("max rel diff {d:.2e} <= {tol:.0e}"),
-    );
     let (_, g_ref) = loss_and_grads(&reference, &ids_cpu, &labels_cpu)?;
     let (_, g) = loss_and_grads(&tested, &ids, &labels)?;
     let mut worst = 0f64;
     for (a, b) in g.iter().zip(&g_ref) {
         worst = worst.max(rel_diff(a, b)?);
     }
-    check(
-        "adapter gradients match the CPU in f64",
-        worst <= grad_tol,
-        format!(
-            "worst rel diff {worst:.2e} <= {grad_tol:.0e} over {} tensors",
-            g.len()
-        ),
-    );
+    Ok(vec![
+        Check {
+            name: "logits match the CPU in f64",
+            passed: d <= tol,
+            detail: format!("max rel diff {d:.2e} <= {tol:.0e}"),
+        },
+        Check {
+            name: "adapter gradients match the CPU in f64",
+            passed: worst <= grad_tol,
+            detail: format!(
+                "worst rel diff {worst:.2e} <= {grad_tol:.0e} over {} tensors",
+                g.len()
+            ),
+        },
+    ])
+}
 
-    // Coverage, leaks and the frozen base, on a fresh adapter as training starts.
-    let mut fresh = FixtureSpec::default().build(0, dtype, dev)?;
+/// Coverage, leaks and the frozen base, on a fresh adapter as training starts.
+fn coverage_and_frozen_base(dev: &Device, precision: Precision) -> Result<Vec<Check>> {
+    let (ids, labels) = batch(dev)?;
+    let mut fresh = FixtureSpec::default().build(0, precision.dtype(), dev)?;
     fresh.add_lora(&LoraConfig::default(), 5)?;
     let before = Fingerprint::of(&fresh)?;
     let named = fresh.lora_vars();
-    let loss = fresh
-        .loss_sum(&ids, None, &labels, &mut Mode::Eval)?
-        .mean()?;
-    let store = loss.backward()?;
+    let loss = |m: &Llama| m.loss_sum(&ids, None, &labels, &mut Mode::Eval)?.mean();
+    let store = loss(&fresh)?.backward()?;
     let leaked = base_tensors_with_grad(&fresh, &store);
-    check(
-        "no base tensor in the gradient store",
-        leaked.is_empty(),
-        format!("{} base tensors with a gradient", leaked.len()),
-    );
-    let grads = collect_grads(&named, &store)?;
-    let (b_ok, b_all) = nonzero_grads(&named, &grads, "lora_B")?;
+    let (b_ok, b_all) = nonzero_grads(&named, &collect_grads(&named, &store)?, "lora_B")?;
     let losses = train_fixed_batch(&fresh, precision, 1, 1e-2)?;
-    let loss = fresh
-        .loss_sum(&ids, None, &labels, &mut Mode::Eval)?
-        .mean()?;
-    let (a_ok, a_all) = nonzero_grads(&named, &collect_grads(&named, &loss.backward()?)?, "lora_A")?;
-    check(
-        "every adapter tensor receives gradient",
-        b_ok == b_all && a_ok == a_all && b_all > 0,
-        format!("lora_B {b_ok}/{b_all} first backward, lora_A {a_ok}/{a_all} after one update"),
-    );
+    let after_one = collect_grads(&named, &loss(&fresh)?.backward()?)?;
+    let (a_ok, a_all) = nonzero_grads(&named, &after_one, "lora_A")?;
     let more = train_fixed_batch(&fresh, precision, 4, 1e-2)?;
     let changed = before.changed(&Fingerprint::of(&fresh)?);
-    check(
-        "base weights bitwise unchanged by training",
-        changed.is_empty(),
-        format!(
-            "{} of {} base tensors changed after {} steps",
-            changed.len(),
-            before.0.len(),
-            losses.len() + more.len()
-        ),
-    );
+    Ok(vec![
+        Check {
+            name: "no base tensor in the gradient store",
+            passed: leaked.is_empty(),
+            detail: format!("{} base tensors with a gradient", leaked.len()),
+        },
+        Check {
+            name: "every adapter tensor receives gradient",
+            passed: b_ok == b_all && a_ok == a_all && b_all > 0,
+            detail: format!(
+                "lora_B {b_ok}/{b_all} first backward, lora_A {a_ok}/{a_all} after one update"
+            ),
+        },
+        Check {
+            name: "base weights bitwise unchanged by training",
+            passed: changed.is_empty(),
+            detail: format!(
+                "{} of {} base tensors changed after {} steps",
+                changed.len(),
+                before.0.len(),
+                losses.len() + more.len()
+            ),
+        },
+    ])
+}
 
-    // A short training whose loss falls.
-    let mut learner = FixtureSpec::default().build(0, dtype, dev)?;
+/// A short training on the fixed batch whose loss falls.
+fn learning(dev: &Device, precision: Precision) -> Result<Check> {
+    let mut learner = FixtureSpec::default().build(0, precision.dtype(), dev)?;
     learner.add_lora(
         &LoraConfig {
             r: 16,
@@ -206,12 +209,11 @@ pub fn run(dev: &Device, precision: Precision) -> Result<Vec<Check>> {
     )?;
     let curve = train_fixed_batch(&learner, precision, 30, 1e-2)?;
     let (first, last) = (curve[0], curve[curve.len() - 1]);
-    check(
-        "30 steps on a fixed batch lower the loss",
-        last.is_finite() && last < first - 0.5,
-        format!("{first:.4} -> {last:.4} (must fall by > 0.5)"),
-    );
-    Ok(out)
+    Ok(Check {
+        name: "30 steps on a fixed batch lower the loss",
+        passed: last.is_finite() && last < first - 0.5,
+        detail: format!("{first:.4} -> {last:.4} (must fall by > 0.5)"),
+    })
 }
 
 /// The checks as a Markdown table.

@@ -1,4 +1,4 @@
-//! Property tests (proptest) for the prompt template and encoding rules 1-6 of DESIGN.md,
+//! Property tests (proptest) for the prompt template and encoding rules 1-6 of docs/ARCHITECTURE.md,
 //! over arbitrary records, max lengths, padding modes and label policies.
 
 mod common;
@@ -8,8 +8,8 @@ use lorasft::data::Record;
 use lorasft::data::batch::Batch;
 use lorasft::data::encode::{EncodeConfig, Encoder, EosPolicy, LabelPolicy, Padding, PaddingSide};
 use lorasft::data::prompt;
-use lorasft::model::{Llama, Mode};
 use lorasft::model::loss::{IGNORE_INDEX, causal_lm_loss_sum};
+use lorasft::model::{Llama, Mode};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 

@@ -58,6 +58,15 @@ fn the_trainer_runs_in_bf16_and_f16_with_f32_adapters_and_a_falling_loss() {
         cfg.run.precision = p;
         cfg.run.device = lorasft::device::DeviceSpec::Cpu;
         let s = common::train_run(cfg, &RunOptions::default());
+        let manifest: lorasft::records::Manifest =
+            lorasft::records::read_json(&s.run_dir.join("manifest.json")).unwrap();
+        assert_eq!(
+            manifest.precision,
+            p.to_string(),
+            "the manifest records the precision used"
+        );
+        let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
+        assert!(report.contains(&format!("- Precision: {}", p.to_string().to_uppercase())));
         let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
         println!("{p}: loss {first:.4} -> {last:.4}");
         assert!(last < first - 0.5, "{p}: {first} -> {last}");

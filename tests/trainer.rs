@@ -11,9 +11,9 @@ use lorasft::adapter;
 use lorasft::data::batch::Batch;
 use lorasft::model::fixture::FixtureSpec;
 use lorasft::model::{LoraConfig, Mode};
+use lorasft::records::{Metric, MetricKind, Summary};
 use lorasft::rng::Rng;
 use lorasft::train::config::TrainConfig;
-use lorasft::records::{Metric, MetricKind, Summary};
 use lorasft::train::eval::evaluate;
 use lorasft::train::prepare::prepare;
 use lorasft::train::run::{RunOptions, train};
@@ -156,10 +156,8 @@ fn accumulating_micro_batches_equals_one_larger_batch() {
     let t_small: usize = small.iter().map(|b| b.targets).sum();
     assert_eq!(t_big, t_small);
     let mut rng = Rng::new(0);
-    let (l1, g1, _) =
-        forward_backward(&model, &named, &big, t_big, 1.0, &mut rng).unwrap();
-    let (l2, g2, _) =
-        forward_backward(&model, &named, &small, t_small, 1.0, &mut rng).unwrap();
+    let (l1, g1, _) = forward_backward(&model, &named, &big, t_big, 1.0, &mut rng).unwrap();
+    let (l2, g2, _) = forward_backward(&model, &named, &small, t_small, 1.0, &mut rng).unwrap();
     assert!((l1 - l2).abs() / t_big as f64 <= 1e-6, "loss {l1} vs {l2}");
     let worst = g1
         .iter()
@@ -538,4 +536,85 @@ fn max_grad_norm_zero_disables_clipping_and_negative_is_refused() {
     cfg.optim.max_grad_norm = -1.0;
     let err = prepare(cfg).err().unwrap().to_string();
     assert!(err.contains("max_grad_norm") && err.contains("-1"), "{err}");
+}
+
+#[test]
+fn init_adapter_settings_are_adopted_and_stated_everywhere() {
+    // The source adapter: the smoke preset's r 16, alpha 32 on every linear.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().to_str().unwrap();
+    let base = ["train", "--preset", "smoke", "--max-steps", "2", "--quiet"];
+    ok(lorasft()
+        .current_dir(root())
+        .args(base)
+        .args(["--out-dir", out, "--name", "src"]));
+    let src = tmp.path().join("src/adapter");
+    // A run whose config says r 4, alpha 8, started from it: the adapter's values are trained
+    // and stated by the startup line, config.toml, REPORT.md and the model card.
+    let run = lorasft()
+        .current_dir(root())
+        .args(base)
+        .args(["--out-dir", out, "--name", "adopt"])
+        .args(["--set", "lora.r=4", "--set", "lora.alpha=8.0"])
+        .arg("--init-adapter")
+        .arg(&src)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let line = "trainable params: 35,840 || all params: 187,712";
+    assert!(stderr.contains(line), "{stderr}");
+    assert!(
+        stderr.contains("LoRA settings adopted from") && stderr.contains("the config said r 4"),
+        "{stderr}"
+    );
+    let dir = tmp.path().join("adopt");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let cfg = read("config.toml");
+    assert!(
+        cfg.contains("r = 16") && cfg.contains("alpha = 32.0"),
+        "{cfg}"
+    );
+    assert!(cfg.contains("init_adapter = "), "{cfg}");
+    let report = read("REPORT.md");
+    assert!(
+        report.contains("- Rank (r): 16\n- LoRA Alpha: 32\n"),
+        "{report}"
+    );
+    assert!(report.contains(line), "the report states the adopted count");
+    assert!(read("adapter/README.md").contains("LoRA r 16, alpha 32"));
+}
+
+#[test]
+fn a_one_step_run_reports_what_it_could_not_measure_and_records_its_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 1);
+    cfg.train.eval_every = 0;
+    let s = run(cfg, &RunOptions::default());
+    let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
+    for row in [
+        "| Every lora_A has a gradient after the first update | none: the run made no such backward | not measured |",
+        "| Training loss falls (mean of the first vs the last 1 logged steps) | 1 logged step(s): no trend to measure | not measured |",
+        "| Validation loss falls (first → last evaluation) | 1 evaluation(s): no trend to measure | not measured |",
+    ] {
+        assert!(report.contains(row), "missing row {row}\n{report}");
+    }
+    assert!(
+        report.contains("| Every lora_B has a gradient on the first backward | 14/14 | pass |")
+    );
+    assert!(
+        report.contains("Status: Completed, 3 check(s) not measured"),
+        "{report}"
+    );
+    assert!(!report.contains("Completed Successfully"));
+    let manifest: lorasft::records::Manifest =
+        lorasft::records::read_json(&s.run_dir.join("manifest.json")).unwrap();
+    assert_eq!(
+        (manifest.device.as_str(), manifest.precision.as_str()),
+        ("cpu", "fp32")
+    );
+    assert!(
+        report.contains("- Device: cpu ("),
+        "the device line comes from the manifest"
+    );
 }

@@ -88,7 +88,7 @@ impl Suite {
                     Some(cmd) => self.other_rows(cmd, &name, threads),
                     None => Ok(Vec::new()),
                 };
-                if round % 2 == 0 {
+                if round.is_multiple_of(2) {
                     rows.push(self.lorasft_row(&name, threads)?);
                     rows.extend(theirs()?);
                 } else {

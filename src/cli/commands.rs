@@ -66,7 +66,11 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
         .iter()
         .map(|r| enc.encode(r))
         .collect::<Result<Vec<_>>>()?;
-    let batch = if a.per_record.is_some() { 1 } else { a.batch_size };
+    let batch = if a.per_record.is_some() {
+        1
+    } else {
+        a.batch_size
+    };
     let sums = batch_loss_sums(&m.adapted, &enc, &examples, batch)?;
     let (loss, targets) = mean_loss(&sums);
     if let Some(path) = &a.per_record {
@@ -112,7 +116,9 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
             .collect()
     };
     if prompts.is_empty() {
-        return Err(Error::Invalid("give --prompt TEXT or --instruction TEXT".into()));
+        return Err(Error::Invalid(
+            "give --prompt TEXT or --instruction TEXT".into(),
+        ));
     }
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,
@@ -190,8 +196,8 @@ pub fn train_fixture_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<
     let ds = dataset::load(data)?;
     let texts: Vec<String> = ds.records.iter().map(|r| prompt::format(r).text).collect();
     let spm = crate::tokenizer::train::train_spm_bpe(&texts, vocab)?;
-    let json = serde_json::to_string_pretty(&spm.to_json()?)
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(&spm.to_json()?).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(out, json + "\n").map_err(|e| Error::io(out, e))?;
     Ok(spm.tokens.len())
 }

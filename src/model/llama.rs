@@ -9,9 +9,9 @@ use crate::device::master_dtype;
 use crate::error::{Error, Result};
 use crate::model::config::{ModelShape, Projection};
 use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
+use crate::model::loss::{LossSum, lm_head_loss_sum};
 use crate::model::ops::{attention, frozen_linear, rms_norm, swiglu, to_heads};
 use crate::rng::Rng;
-use crate::model::loss::{LossSum, lm_head_loss_sum};
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]

@@ -6,8 +6,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::ops::log_softmax;
 use crate::model::cpu::linear_ce::linear_cross_entropy_sum;
+use crate::model::ops::log_softmax;
 
 pub use crate::data::encode::IGNORE_INDEX;
 

@@ -7,10 +7,10 @@
 //! backward sits right under its forward and is pinned to the composed primitive form and to
 //! finite differences in `tests/ops.rs`.
 
-use crate::model::cpu::attention::Attention;
 use crate::model::autograd::attach_backward;
-use crate::model::cpu::ops::{self as cpu_ops, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
+use crate::model::cpu::attention::Attention;
 use crate::model::cpu::matmul::matmul_frozen;
+use crate::model::cpu::ops::{self as cpu_ops, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
 use candle_core::{D, DType, Result, Tensor};
 
 /// `x @ w^T` for a frozen weight `w` (out, in): the backward computes dX only, never dW.

@@ -107,7 +107,10 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
     };
     let coverage = |seen: Option<usize>| match seen {
         Some(n) => (format!("{n}/{n_b}"), Outcome::of(n == n_b && n_b > 0)),
-        None => ("none: the run made no such backward".into(), Outcome::NotMeasured),
+        None => (
+            "none: the run made no such backward".into(),
+            Outcome::NotMeasured,
+        ),
     };
     let (b_measured, b_outcome) = coverage(k.lora_b_with_grad_first_step);
     let (a_measured, a_outcome) = coverage(k.lora_a_with_grad_after_first_update);
@@ -119,14 +122,24 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
         format!(", changed: {}", k.changed_base_tensors.join(", "))
     };
     let short = |s: &str| s[..16.min(s.len())].to_string();
+    let s = &run.summary;
+    let updated = s.steps - s.skipped_steps - s.overflow_steps;
     vec![
+        row(
+            "The adapter was updated (steps that applied an update)".into(),
+            format!("{updated} of {}", s.steps),
+            Outcome::of(updated > 0),
+        ),
         row(
             "Trainable parameters (PEFT's format)".into(),
             format!("`{}`", k.trainable_params),
             Outcome::of(k.adapter_tensors > 0),
         ),
         row(
-            format!("Base weights unchanged (SHA-256 of {} tensors before vs after)", k.base_tensors),
+            format!(
+                "Base weights unchanged (SHA-256 of {} tensors before vs after)",
+                k.base_tensors
+            ),
             format!(
                 "`{}…` vs `{}…`{changed}",
                 short(&k.base_fingerprint_before),
@@ -134,11 +147,24 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
             ),
             Outcome::of(fp_equal),
         ),
-        row("Every lora_B has a gradient on the first backward".into(), b_measured, b_outcome),
-        row("Every lora_A has a gradient after the first update".into(), a_measured, a_outcome),
+        row(
+            "Every lora_B has a gradient on the first backward".into(),
+            b_measured,
+            b_outcome,
+        ),
+        row(
+            "Every lora_A has a gradient after the first update".into(),
+            a_measured,
+            a_outcome,
+        ),
         row(
             "Loss finite at every step".into(),
-            if k.all_losses_finite { "all finite" } else { "non-finite value seen" }.into(),
+            if k.all_losses_finite {
+                "all finite"
+            } else {
+                "non-finite value seen"
+            }
+            .into(),
             Outcome::of(k.all_losses_finite),
         ),
         training_loss_row(run),
@@ -179,7 +205,12 @@ fn validation_falls_row(run: &RunRecords) -> CheckRow {
     CheckRow {
         name: "Validation loss falls (first → last evaluation)".into(),
         measured: trend.map_or_else(
-            || format!("{} evaluation(s): no trend to measure", run.checks.eval_losses.len()),
+            || {
+                format!(
+                    "{} evaluation(s): no trend to measure",
+                    run.checks.eval_losses.len()
+                )
+            },
             |(a, b)| format!("{a:.4} → {b:.4}"),
         ),
         outcome: trend.map_or(Outcome::NotMeasured, |(a, b)| Outcome::of(b < a)),

@@ -73,8 +73,14 @@ fn all_params(line: &str) -> String {
 /// How the report names a precision.
 fn precision_text(precision: &str) -> (&'static str, &'static str) {
     match precision {
-        "bf16" => ("BF16 (frozen base and activations; adapters, AdamW state and the loss in FP32)", "Enabled (bf16)"),
-        "f16" => ("F16 (frozen base and activations, dynamic loss scaling; adapters, AdamW state and the loss in FP32)", "Enabled (f16 with loss scaling)"),
+        "bf16" => (
+            "BF16 (frozen base and activations; adapters, AdamW state and the loss in FP32)",
+            "Enabled (bf16)",
+        ),
+        "f16" => (
+            "F16 (frozen base and activations, dynamic loss scaling; adapters, AdamW state and the loss in FP32)",
+            "Enabled (f16 with loss scaling)",
+        ),
         _ => ("FP32 (no mixed precision in this run)", "Disabled"),
     }
 }
@@ -130,7 +136,11 @@ pub fn model_and_method(c: &Ctx, r: &mut String) {
         l.alpha,
         l.dropout,
         l.scaling(),
-        if l.use_rslora { "rsLoRA: alpha/√r" } else { "alpha/r" },
+        if l.use_rslora {
+            "rsLoRA: alpha/√r"
+        } else {
+            "alpha/r"
+        },
         cfg.run.seed,
         cfg.model
             .init_adapter
@@ -181,11 +191,15 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         Padding::MaxLength => "max_length".to_string(),
         Padding::Longest { multiple_of } => format!(
             "longest in batch{}",
-            multiple_of.map_or(String::new(), |m| format!(", rounded up to a multiple of {m}"))
+            multiple_of.map_or(String::new(), |m| format!(
+                ", rounded up to a multiple of {m}"
+            ))
         ),
     };
     let labels = match e.labels {
-        LabelPolicy::InputIds => " (labels = input_ids, the reference's rule: padding is trained on)",
+        LabelPolicy::InputIds => {
+            " (labels = input_ids, the reference's rule: padding is trained on)"
+        }
         LabelPolicy::MaskPadding => " (padding masked with -100)",
         LabelPolicy::CompletionOnly => " (prompt and padding masked: only the response is learned)",
     };
@@ -248,7 +262,11 @@ pub fn training(c: &Ctx, r: &mut String) {
         t.batch_size,
         t.grad_accum,
         t.batch_size * t.grad_accum,
-        if t.grad_accum > 1 { "Enabled" } else { "Disabled" },
+        if t.grad_accum > 1 {
+            "Enabled"
+        } else {
+            "Disabled"
+        },
         o.max_grad_norm,
         s.clipped_steps,
         s.steps,
@@ -288,7 +306,13 @@ pub fn verification(c: &Ctx, r: &mut String) {
     let _ = writeln!(r, "## Verification & Validation\n");
     let _ = writeln!(r, "| check | measured | result |\n|---|---|---|");
     for row in &c.rows {
-        let _ = writeln!(r, "| {} | {} | {} |", row.name, row.measured, row.outcome.label());
+        let _ = writeln!(
+            r,
+            "| {} | {} | {} |",
+            row.name,
+            row.measured,
+            row.outcome.label()
+        );
     }
     let _ = writeln!(
         r,
@@ -351,7 +375,10 @@ pub fn issues(c: &Ctx, r: &mut String) {
     let mut issues = Vec::new();
     if st.truncated > 0 {
         let lost = if st.response_truncated_away > 0 {
-            format!("; {} of them lost their whole response", st.response_truncated_away)
+            format!(
+                "; {} of them lost their whole response",
+                st.response_truncated_away
+            )
         } else {
             String::new()
         };
@@ -367,10 +394,16 @@ pub fn issues(c: &Ctx, r: &mut String) {
         issues.push(format!("{:.1}% of loss targets were padding (labels = input_ids with padding): the model is trained to predict pad tokens; `encode.labels = \"mask_padding\"` with dynamic padding removes this", 100.0 * st.padding_label_share()));
     }
     if s.skipped_steps > 0 {
-        issues.push(format!("{} optimizer steps had no trainable token and were skipped", s.skipped_steps));
+        issues.push(format!(
+            "{} optimizer steps had no trainable token and were skipped",
+            s.skipped_steps
+        ));
     }
     if s.overflow_steps > 0 {
-        issues.push(format!("{} steps overflowed in f16 and were skipped, halving the loss scale", s.overflow_steps));
+        issues.push(format!(
+            "{} steps overflowed in f16 and were skipped, halving the loss scale",
+            s.overflow_steps
+        ));
     }
     if s.clipped_steps > 0 {
         issues.push(format!(
@@ -379,7 +412,9 @@ pub fn issues(c: &Ctx, r: &mut String) {
         ));
     }
     if s.interrupted {
-        issues.push("the run was interrupted; its checkpoint can be continued with `--resume`".into());
+        issues.push(
+            "the run was interrupted; its checkpoint can be continued with `--resume`".into(),
+        );
     }
     issues.push(if k.all_losses_finite { "NaN/inf guard: not tripped (a non-finite loss or gradient would have stopped the run, keeping the last good checkpoint)".into() } else { "NaN/inf guard tripped".into() });
     let _ = writeln!(r, "## Issues Faced & Resolutions\n");

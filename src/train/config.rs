@@ -464,3 +464,44 @@ fn merge(base: &mut toml::Value, user: toml::Value) {
         (b, u) => *b = u,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_flags_set_typed_fields_and_win_over_set_strings() {
+        let src = ConfigSource {
+            preset: "smoke".into(),
+            set: vec!["train.max_steps=7".into(), "run.name=\"from-set\"".into()],
+            max_steps: Some(3),
+            out_dir: Some("a dir with \"quotes\"".into()),
+            seed: Some(9),
+            device: Some(DeviceSpec::Cpu),
+            precision: Some(Precision::Bf16),
+            init_adapter: Some("some/adapter".into()),
+            ..ConfigSource::default()
+        };
+        let cfg = src.resolve().unwrap();
+        assert_eq!(cfg.train.max_steps, Some(3), "the typed flag wins");
+        assert_eq!(
+            cfg.run.name, "from-set",
+            "a --set key without a flag applies"
+        );
+        assert_eq!(cfg.run.out_dir, PathBuf::from("a dir with \"quotes\""));
+        assert_eq!((cfg.run.seed, cfg.run.device), (9, DeviceSpec::Cpu));
+        assert_eq!(cfg.run.precision, Precision::Bf16);
+        assert_eq!(cfg.model.init_adapter, Some(PathBuf::from("some/adapter")));
+        let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(back, cfg, "config.toml round-trips every typed field");
+    }
+
+    #[test]
+    fn a_config_without_init_adapter_writes_no_such_key() {
+        let toml = TrainConfig::smoke().to_toml().unwrap();
+        assert!(
+            !toml.contains("init_adapter"),
+            "older run directories stay comparable"
+        );
+    }
+}

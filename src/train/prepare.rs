@@ -204,7 +204,12 @@ impl Prepared {
             validation: self.cfg.data.validation,
             split: self.split.clone(),
             train_stats: self.train_stats.clone(),
-            with_input: self.dataset.records.iter().filter(|r| r.has_input()).count(),
+            with_input: self
+                .dataset
+                .records
+                .iter()
+                .filter(|r| r.has_input())
+                .count(),
             vocab: tok.get_vocab_size(true),
             eos: tok.id_to_token(ids.eos).unwrap_or_default(),
             pad: tok.id_to_token(ids.pad).unwrap_or_default(),

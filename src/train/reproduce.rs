@@ -59,7 +59,11 @@ pub fn reproduce(dir: &Path) -> Result<Reproduction> {
 fn same_inputs(recorded: &Manifest, new: &Manifest) -> Result<()> {
     for (what, a, b) in [
         ("data", &recorded.data_sha256, &new.data_sha256),
-        ("tokenizer", &recorded.tokenizer_sha256, &new.tokenizer_sha256),
+        (
+            "tokenizer",
+            &recorded.tokenizer_sha256,
+            &new.tokenizer_sha256,
+        ),
         (
             "base weights",
             &recorded.base_weights_digest,
@@ -80,7 +84,12 @@ fn same_inputs(recorded: &Manifest, new: &Manifest) -> Result<()> {
 fn first_mismatch(old: &[Metric], fresh: &[Metric]) -> Option<(usize, String, f64, f64)> {
     for (a, b) in old.iter().zip(fresh) {
         if a.step != b.step || a.kind != b.kind || a.loss.to_bits() != b.loss.to_bits() {
-            return Some((a.step, format!("{:?}", a.kind).to_lowercase(), a.loss, b.loss));
+            return Some((
+                a.step,
+                format!("{:?}", a.kind).to_lowercase(),
+                a.loss,
+                b.loss,
+            ));
         }
     }
     (old.len() != fresh.len()).then(|| {

@@ -142,18 +142,28 @@ impl<'o> Run<'o> {
         } else {
             None
         };
-        let (state, opt_state) = restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
-        let mut updater = Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
+        let (state, opt_state) =
+            restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
+        let mut updater =
+            Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
         if let Some((step, m, v)) = opt_state {
             updater.opt.restore(step, m, v)?;
         }
         let fingerprint_before = Fingerprint::of(&model)?;
-        records::write_json(&dir.join(files::MANIFEST), &p.manifest(&fingerprint_before)?)?;
+        records::write_json(
+            &dir.join(files::MANIFEST),
+            &p.manifest(&fingerprint_before)?,
+        )?;
         records::write_json(&dir.join(files::DATA), &p.data_record())?;
         let checks = initial_checks(&model, &fingerprint_before);
         let before = generations_before(&p, &model, &dir, resume_from.is_some())?;
         let bar = progress_bar(opts.progress, total, state.step);
-        let order = epoch_order(p.train.len(), state.epoch, p.cfg.run.seed, p.cfg.data.shuffle);
+        let order = epoch_order(
+            p.train.len(),
+            state.epoch,
+            p.cfg.run.seed,
+            p.cfg.data.shuffle,
+        );
         Ok(Self {
             warmup: p.cfg.optim.warmup.steps(total),
             b_moved: resume_from.is_some() || p.cfg.model.init_adapter.is_some(),
@@ -205,8 +215,12 @@ impl<'o> Run<'o> {
             if self.state.cursor >= self.order.len() {
                 self.state.epoch += 1;
                 self.state.cursor = 0;
-                self.order =
-                    epoch_order(self.p.train.len(), self.state.epoch, cfg.run.seed, cfg.data.shuffle);
+                self.order = epoch_order(
+                    self.p.train.len(),
+                    self.state.epoch,
+                    cfg.run.seed,
+                    cfg.data.shuffle,
+                );
             }
             let end = (self.state.cursor + cfg.train.batch_size).min(self.order.len());
             let exs: Vec<&Example> = self.order[self.state.cursor..end]
@@ -214,7 +228,10 @@ impl<'o> Run<'o> {
                 .map(|&i| &self.p.train[i])
                 .collect();
             self.state.cursor = end;
-            micro.push(Batch::from_rows(&self.p.encoder.collate(&exs), self.model.device())?);
+            micro.push(Batch::from_rows(
+                &self.p.encoder.collate(&exs),
+                self.model.device(),
+            )?);
         }
         Ok(micro)
     }
@@ -224,7 +241,8 @@ impl<'o> Run<'o> {
     /// naming the last checkpoint.
     pub fn step(&mut self, micro: &[Batch]) -> Result<Option<Trained>> {
         let cfg = &self.p.cfg;
-        let lr = cfg.optim.lr * lambda(cfg.optim.schedule, self.state.step, self.warmup, self.total);
+        let lr =
+            cfg.optim.lr * lambda(cfg.optim.schedule, self.state.step, self.warmup, self.total);
         let report = self.updater.step(
             &self.model,
             micro,
@@ -312,7 +330,7 @@ impl<'o> Run<'o> {
             t.loss, t.lr, t.grad_norm
         ));
         let step = self.state.step;
-        if step % self.p.cfg.train.log_every.max(1) == 0 || self.finished() || step == 1 {
+        if step.is_multiple_of(self.p.cfg.train.log_every.max(1)) || self.finished() || step == 1 {
             self.append(&Metric {
                 step,
                 kind: MetricKind::Train,
@@ -342,12 +360,17 @@ impl<'o> Run<'o> {
     /// the `best` adapter.
     pub fn evaluate_if_due(&mut self) -> Result<()> {
         let every = self.p.cfg.train.eval_every;
-        if !((every > 0 && self.state.step % every == 0) || self.finished()) {
+        if !((every > 0 && self.state.step.is_multiple_of(every)) || self.finished()) {
             return Ok(());
         }
         let step = self.state.step;
         let (loss, targets) = self.evaluate()?;
-        self.append(&Metric::eval(step, loss, targets, self.start.elapsed().as_secs_f64()))?;
+        self.append(&Metric::eval(
+            step,
+            loss,
+            targets,
+            self.start.elapsed().as_secs_f64(),
+        ))?;
         self.checks.eval_losses.push((step, loss));
         self.last_eval = Some((step, loss));
         self.bar.println(format!(
@@ -357,7 +380,12 @@ impl<'o> Run<'o> {
         if targets > 0 && self.state.best_eval.is_none_or(|b| loss < b) {
             self.state.best_eval = Some(loss);
             let card = self.p.card_body(step, Some(loss));
-            adapter::save(&self.model, &self.dir.join("best"), &self.p.base.label, &card)?;
+            adapter::save(
+                &self.model,
+                &self.dir.join("best"),
+                &self.p.base.label,
+                &card,
+            )?;
         }
         Ok(())
     }
@@ -365,7 +393,7 @@ impl<'o> Run<'o> {
     /// A checkpoint every `save_every` steps, at the end, and when stopping.
     pub fn checkpoint_if_due(&mut self, stop: bool) -> Result<()> {
         let every = self.p.cfg.train.save_every;
-        if (every > 0 && self.state.step % every == 0) || self.finished() || stop {
+        if (every > 0 && self.state.step.is_multiple_of(every)) || self.finished() || stop {
             self.last_ckpt = Some(checkpoint::save(
                 &self.dir,
                 &self.model,
@@ -400,8 +428,10 @@ impl<'o> Run<'o> {
         let card = self.p.card_body(self.state.step, Some(eval_loss));
         adapter::save(&self.model, &adapter_dir, &self.p.base.label, &card)?;
         let after = self.p.generate_all(&self.model)?;
-        let generations: Vec<(Generation, Generation)> =
-            std::mem::take(&mut self.before).into_iter().zip(after).collect();
+        let generations: Vec<(Generation, Generation)> = std::mem::take(&mut self.before)
+            .into_iter()
+            .zip(after)
+            .collect();
         records::write_json(&self.dir.join(files::GENERATIONS), &generations)?;
         self.final_checks()?;
         let summary = Summary {
@@ -440,7 +470,12 @@ impl<'o> Run<'o> {
 
     /// Mean validation loss and its target count with the current adapter.
     fn evaluate(&self) -> Result<(f64, usize)> {
-        evaluate(&self.model, &self.p.encoder, &self.p.val, self.p.cfg.train.batch_size)
+        evaluate(
+            &self.model,
+            &self.p.encoder,
+            &self.p.val,
+            self.p.cfg.train.batch_size,
+        )
     }
 
     /// Appends a metrics line and counts it (a resume truncates to the count).
@@ -495,7 +530,12 @@ fn initial_checks(model: &Llama, base: &Fingerprint) -> RunChecks {
 
 /// Generations with the starting adapter (B = 0 for a fresh run: the base model's answers);
 /// a resumed run reads the ones its first part wrote.
-fn generations_before(p: &Prepared, model: &Llama, dir: &Path, resumed: bool) -> Result<Vec<Generation>> {
+fn generations_before(
+    p: &Prepared,
+    model: &Llama,
+    dir: &Path,
+    resumed: bool,
+) -> Result<Vec<Generation>> {
     let path = dir.join(files::GENERATIONS_BEFORE);
     if resumed && path.exists() {
         return records::read_json(&path);

@@ -201,7 +201,11 @@ impl Updater {
 }
 
 /// How many of the tensors whose name contains `part` have a non-zero gradient, of how many.
-pub fn nonzero_grads(vars: &[(String, Var)], grads: &[Tensor], part: &str) -> Result<(usize, usize)> {
+pub fn nonzero_grads(
+    vars: &[(String, Var)],
+    grads: &[Tensor],
+    part: &str,
+) -> Result<(usize, usize)> {
     let mut n = (0, 0);
     for ((name, _), g) in vars.iter().zip(grads) {
         if name.contains(part) {

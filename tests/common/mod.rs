@@ -42,6 +42,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     max_abs(&(a - b).unwrap())
 }
 
+/// Max |a - b| / max |b| over two tensors, in f64: the relative error of a whole tensor.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs_diff(a, b) / max_abs(b).max(1e-30)
+}
+
 /// Raw bytes of a tensor, for bitwise comparisons.
 pub fn bits(t: &Tensor) -> Vec<u64> {
     let t = t.flatten_all().unwrap();

@@ -14,8 +14,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::model::cpu::kernels::{softmax_row, softmax_row_bwd};
-use crate::model::cpu::ops::{host, read, slice};
 use crate::model::cpu::matmul::{SendPtr, View, gemm_view};
+use crate::model::cpu::ops::{host, read, slice};
 use crate::model::cpu::simd;
 
 /// Attention over q (b, heads, s, d), k and v (b, kv_heads, t, d) with a constant bias

@@ -11,8 +11,8 @@ use candle_core::{D, DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::cpu::matmul::{cpu_f32, gemm_rows_f32};
 use crate::model::autograd::attach_backward;
+use crate::model::cpu::matmul::{cpu_f32, gemm_rows_f32};
 use crate::model::cpu::simd;
 pub use crate::model::cpu::simd::exp_f32;
 

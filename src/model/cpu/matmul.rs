@@ -1,7 +1,8 @@
 //! Products with frozen weights on the CPU in f32: `gemm` (candle's own kernels) called on the
-//! tensors' storage, with the rows split across threads. candle's matmul leaves gemm to decide
-//! its parallelism, and gemm keeps a product of a few hundred rows on one core (measured: the
-//! same 60 GFLOP/s with 1 or 2 threads at 256 × 576 × 1536); splitting rows runs every core.
+//! tensors' storage, with the output columns split across threads. candle's matmul leaves gemm
+//! to decide its parallelism, and gemm keeps a product of a few hundred rows on one core
+//! (measured: the same 60 GFLOP/s with 1 or 2 threads at 256 × 576 × 1536); splitting the
+//! columns runs every core, and each thread packs only its share of the weight.
 //! Other devices and dtypes go through candle's matmul.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
