@@ -2,8 +2,6 @@
 //! prints, and picks the exit code (0 on success, 1 on any error, 130 on a second Ctrl-C).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -165,21 +163,6 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Ctrl-C sets the flag (the run stops after its step with a checkpoint); a second exits.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nCtrl-C: finishing the current step and writing a checkpoint (press again to abort)"
-        );
-    })?;
-    Ok(stop)
-}
-
 fn train_cmd(a: &TrainArgs) -> Result<()> {
     let cfg = a.config_source().resolve()?;
     if a.dry_run {
@@ -190,7 +173,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let opts = RunOptions {
         resume: a.resume,
         progress: !a.quiet,
-        stop: Some(stop_flag()?),
+        stop: Some(commands::stop_on_ctrl_c()?),
         stop_at_step: None,
     };
     let prepared = prepare(cfg)?;

@@ -2,6 +2,8 @@
 //! library's, each naming the file or flag at fault.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::adapter;
 use crate::cli::args::{EvalArgs, GenerateArgs, InspectArgs, MergeArgs, ModelArgs, StatsArgs};
@@ -232,4 +234,21 @@ pub fn startup_line(p: &Prepared) -> String {
         ));
     }
     line
+}
+
+/// A flag Ctrl-C sets: the run stops after its current step with a checkpoint. A second
+/// Ctrl-C exits at once with status 130.
+pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing the current step and writing a checkpoint (press again to abort)"
+        );
+    })
+    .map_err(|e| Error::Invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
+    Ok(stop)
 }
