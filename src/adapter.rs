@@ -165,7 +165,13 @@ pub fn model_card_front_matter(base: &str) -> String {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::sys::sync_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    crate::sys::sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Saves the model's adapters in PEFT's format into `dir`, with a model card whose body is
@@ -192,6 +198,7 @@ pub fn save(model: &Llama, dir: &Path, base: &str, card_body: &str) -> Result<()
         msg: e.to_string(),
     })?;
     let st = dir.join("adapter_model.safetensors");
+    crate::sys::sync_file(&st_tmp).map_err(|e| Error::io(&st_tmp, e))?;
     std::fs::rename(&st_tmp, &st).map_err(|e| Error::io(&st, e))?;
     let cfg = serde_json::to_string_pretty(&AdapterConfig::from_lora(lora, base))
         .map_err(|e| Error::Invalid(e.to_string()))?;

@@ -172,6 +172,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     lorasft::assets::ensure(&cfg)?;
     let opts = RunOptions {
         resume: a.resume,
+        overwrite: a.overwrite,
         progress: !a.quiet,
         stop: Some(commands::stop_on_ctrl_c()?),
         stop_at_step: None,

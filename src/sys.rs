@@ -43,6 +43,39 @@ pub fn unix_time() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// fsyncs a file's data and metadata.
+pub fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// fsyncs a directory, so the entries created or renamed in it survive a power loss.
+pub fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// fsyncs every file under `dir`, then `dir` itself.
+pub fn sync_tree(dir: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            sync_file(&path)?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// A named point where fault-injection tests stop the process as `kill -9` would: it aborts
+/// (no destructors, no flushing) when the environment variable `LORASFT_CRASH_AT` equals
+/// `name`, and does nothing otherwise. The crash-safety tests use it to kill a run in the
+/// middle of a checkpoint write, a moment a timed kill hits only by chance.
+pub fn crash_point(name: &str) {
+    if std::env::var_os("LORASFT_CRASH_AT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

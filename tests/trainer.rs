@@ -181,11 +181,51 @@ fn model_dir(tmp: &Path) -> PathBuf {
 }
 
 #[test]
-fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
-    // An absurd constant learning rate blows the adapters up after the first update.
+fn non_finite_loss_stops_the_run_and_names_a_checkpoint_that_is_really_good() {
+    // Warmup makes the first update's lr 0 (the adapter stays finite and good); the second
+    // update at an absurd lr blows the adapter up, and the third forward is non-finite. The
+    // checkpoint of step 2 holds the adapter that produced it: it is removed, `latest` goes
+    // back to step 1, and the error names step 1, whose adapter evaluates to a finite loss.
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = smoke(tmp.path(), 5);
+    let mut cfg = smoke(tmp.path(), 6);
     cfg.optim.lr = 1e30;
+    cfg.optim.warmup = lorasft::train::schedule::Warmup::Steps(2);
+    cfg.optim.schedule = lorasft::train::schedule::Schedule::Constant;
+    cfg.train.save_every = 1;
+    cfg.train.eval_every = 0;
+    let p = prepare(cfg.clone()).unwrap();
+    let err = train(p, &RunOptions::default()).unwrap_err().to_string();
+    println!("{err}");
+    assert!(
+        err.contains("non-finite") && err.contains("at step 3"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoints/step-000001"), "{err}");
+    let ckpts = tmp.path().join("smoke/checkpoints");
+    assert!(
+        !ckpts.join("step-000002").exists(),
+        "the bad checkpoint is removed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ckpts.join("latest")).unwrap(),
+        "step-000001"
+    );
+    let p = prepare(cfg).unwrap();
+    let mut good = p.base.model.clone();
+    adapter::load(&mut good, &ckpts.join("step-000001")).unwrap();
+    let (loss, targets) = evaluate(&good, &p.encoder, &p.val, 4).unwrap();
+    assert!(
+        targets > 0 && loss.is_finite(),
+        "the named checkpoint evaluates to {loss}"
+    );
+}
+
+#[test]
+fn an_update_that_makes_the_adapter_non_finite_stops_before_it_is_saved() {
+    // lr = inf: the first update itself is non-finite. Nothing of it may be saved.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 3);
+    cfg.optim.lr = f64::MAX;
     cfg.optim.warmup = lorasft::train::schedule::Warmup::Steps(0);
     cfg.optim.schedule = lorasft::train::schedule::Schedule::Constant;
     cfg.train.save_every = 1;
@@ -193,16 +233,17 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("non-finite loss") && err.contains("at step 2"),
+        err.contains("non-finite") && err.contains("at step 1"),
         "{err}"
     );
-    assert!(err.contains("checkpoints/step-000001"), "{err}");
+    assert!(err.contains("last good checkpoint: none"), "{err}");
+    let run = tmp.path().join("smoke");
+    assert!(!run.join("checkpoints/step-000001").exists() && !run.join("adapter").exists());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
     assert!(
-        tmp.path()
-            .join("smoke/checkpoints/step-000001/adapter_model.safetensors")
-            .exists()
+        !metrics.contains("null"),
+        "no NaN is written as null: {metrics}"
     );
-    assert!(!tmp.path().join("smoke/checkpoints/step-000002").exists());
 }
 
 #[test]
@@ -499,22 +540,31 @@ fn steps_without_targets_are_skipped_but_still_checkpointed_and_stoppable() {
         part.run_dir.join("checkpoints/step-000002").exists(),
         "the stop on a skipped step wrote a checkpoint"
     );
-    let done = run(
-        cfg,
+    let err = train(
+        prepare(cfg).unwrap(),
         &RunOptions {
             resume: true,
             ..RunOptions::default()
         },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("nothing was trained") && err.contains("none of the 4 steps"),
+        "{err}"
     );
+    let dir = tmp.path().join("smoke");
+    let done: Summary = lorasft::records::read_json(&dir.join("summary.json")).unwrap();
     assert_eq!(
         (done.steps, done.skipped_steps, done.first_loss),
         (4, 4, None)
     );
     assert!(
-        done.run_dir.join("checkpoints/step-000004").exists(),
+        dir.join("checkpoints/step-000004").exists(),
         "the final (skipped) step is checkpointed"
     );
-    let report = std::fs::read_to_string(done.run_dir.join("REPORT.md")).unwrap();
+    lorasft::report::write(&dir).unwrap();
+    let report = std::fs::read_to_string(dir.join("REPORT.md")).unwrap();
     assert!(
         report.contains("4 optimizer steps had no trainable token and were skipped"),
         "{report}"
@@ -616,5 +666,110 @@ fn a_one_step_run_reports_what_it_could_not_measure_and_records_its_device() {
     assert!(
         report.contains("- Device: cpu ("),
         "the device line comes from the manifest"
+    );
+}
+
+#[test]
+fn a_run_directory_belongs_to_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().to_str().unwrap();
+    let train = || {
+        let mut c = lorasft();
+        c.current_dir(root())
+            .args(["train", "--preset", "smoke", "--max-steps", "2", "--quiet"])
+            .args(["--out-dir", out]);
+        c
+    };
+    ok(&mut train());
+    // A fresh run into a finished run's directory refuses, naming what is there.
+    let refused = train().output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("holds another run") && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
+    // --overwrite clears it and runs; the result equals a run into an empty directory.
+    ok(train().arg("--overwrite"));
+    let dir = tmp.path().join("smoke");
+    let other = tempfile::tempdir().unwrap();
+    ok(lorasft()
+        .current_dir(root())
+        .args(["train", "--preset", "smoke", "--max-steps", "2", "--quiet"])
+        .args(["--out-dir", other.path().to_str().unwrap()]));
+    assert_eq!(losses(&dir), losses(&other.path().join("smoke")));
+    // While a run holds the directory, a second one fails at once naming the holder's PID.
+    let _held =
+        lorasft::train::run_dir::RunDir::claim(&dir, lorasft::train::run_dir::Claim::Resume)
+            .unwrap();
+    let busy = train().arg("--resume").output().unwrap();
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", std::process::id())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn pruning_keeps_this_runs_checkpoints_and_drops_stale_later_ones() {
+    // A stale checkpoint numbered after every step of this run (left by an attempt this run
+    // resumed past) must not make the pruning delete the checkpoints just written.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 4);
+    cfg.train.save_every = 1;
+    let part = run(
+        cfg.clone(),
+        &RunOptions {
+            stop_at_step: Some(2),
+            ..RunOptions::default()
+        },
+    );
+    let ckpts = part.run_dir.join("checkpoints");
+    std::fs::create_dir_all(ckpts.join("step-000999")).unwrap();
+    let done = run(
+        cfg,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    );
+    assert_eq!(done.steps, 4);
+    let mut left: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["latest", "step-000003", "step-000004"]);
+    assert_eq!(
+        std::fs::read_to_string(ckpts.join("latest")).unwrap(),
+        "step-000004"
+    );
+}
+
+#[test]
+fn eval_with_no_loss_target_is_an_error() {
+    let out = lorasft()
+        .current_dir(root())
+        .args([
+            "eval",
+            "--model",
+            "fixture:0",
+            "--tokenizer",
+            "fixtures/tokenizer.json",
+        ])
+        .args([
+            "--data",
+            "fixtures/instructions.json",
+            "--labels",
+            "completion-only",
+        ])
+        .args(["--max-len", "8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("instructions.json") && stderr.contains("no loss target"),
+        "{stderr}"
     );
 }

@@ -49,8 +49,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
     /// Continue from the run directory's latest checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Clear a run directory that holds another run's files and start over (without it, a
+    /// fresh run refuses such a directory).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Print the resolved config and exit.
     #[arg(long)]
     pub dry_run: bool,

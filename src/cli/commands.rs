@@ -75,6 +75,15 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
     };
     let sums = batch_loss_sums(&m.adapted, &enc, &examples, batch)?;
     let (loss, targets) = mean_loss(&sums);
+    if targets == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: no loss target in {} records under labels {:?} with max length {}: nothing to evaluate",
+            a.data.display(),
+            examples.len(),
+            a.encode.labels,
+            a.encode.max_len
+        )));
+    }
     if let Some(path) = &a.per_record {
         let per: Vec<serde_json::Value> = examples
             .iter()

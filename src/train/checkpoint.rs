@@ -72,8 +72,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
-/// Writes a checkpoint for `state` under `dir/checkpoints/step-NNNNNN`, updates `latest`, and
-/// keeps the newest `keep` checkpoints. Returns the checkpoint's path.
+/// The directory name of the checkpoint at `step`.
+fn step_name(step: usize) -> String {
+    format!("step-{step:06}")
+}
+
+/// Writes a checkpoint for `state` under `dir/checkpoints/step-NNNNNN`, moves `latest` to it,
+/// and prunes (see [`prune`]). Durable in this order: every file of the checkpoint and its
+/// directory are fsync'd before the rename into place, the parent after it, and `latest` is
+/// written, fsync'd and renamed only then, so a power loss never leaves `latest` naming a torn
+/// checkpoint. Returns the checkpoint's path.
 pub fn save(
     dir: &Path,
     model: &Llama,
@@ -84,14 +92,37 @@ pub fn save(
 ) -> Result<PathBuf> {
     let root = dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-    let name = format!("step-{:06}", state.step);
+    let name = step_name(state.step);
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
+    write_contents(&tmp, model, opt, state, base)?;
+    sync::tree(&tmp)?;
+    crate::sys::crash_point("checkpoint-before-rename");
+    let final_dir = root.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    sync::dir(&root)?;
+    crate::sys::crash_point("checkpoint-before-latest");
+    point_latest(&root, Some(&name))?;
+    prune(&root, state.step, keep)?;
+    Ok(final_dir)
+}
+
+/// The adapter, the optimizer moments and the loop state, into `tmp`.
+fn write_contents(
+    tmp: &Path,
+    model: &Llama,
+    opt: &AdamW,
+    state: &LoopState,
+    base: &str,
+) -> Result<()> {
     adapter::save(
         model,
-        &tmp,
+        tmp,
         base,
         "Training checkpoint written by lorasft.\n",
     )?;
@@ -104,32 +135,92 @@ pub fn save(
     tensors.insert("step".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
     candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_file(&tmp.join("state.json"), json.as_bytes())?;
-    let final_dir = root.join(&name);
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    write_file(&tmp.join("state.json"), json.as_bytes())
+}
+
+/// fsync with errors naming the path.
+mod sync {
+    use std::path::Path;
+
+    use crate::error::{Error, Result};
+
+    pub fn tree(p: &Path) -> Result<()> {
+        crate::sys::sync_tree(p).map_err(|e| Error::io(p, e))
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+
+    pub fn dir(p: &Path) -> Result<()> {
+        crate::sys::sync_dir(p).map_err(|e| Error::io(p, e))
+    }
+
+    pub fn file(p: &Path) -> Result<()> {
+        crate::sys::sync_file(p).map_err(|e| Error::io(p, e))
+    }
+}
+
+/// Points `root/latest` at the checkpoint `name` durably, or removes it when `None`.
+fn point_latest(root: &Path, name: Option<&str>) -> Result<()> {
+    let latest = root.join("latest");
+    let Some(name) = name else {
+        if latest.exists() {
+            std::fs::remove_file(&latest).map_err(|e| Error::io(&latest, e))?;
+        }
+        return sync::dir(root);
+    };
     let latest_tmp = root.join("latest.tmp");
     write_file(&latest_tmp, name.as_bytes())?;
-    std::fs::rename(&latest_tmp, root.join("latest"))
-        .map_err(|e| Error::io(root.join("latest"), e))?;
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(|e| Error::io(&root, e))?
+    sync::file(&latest_tmp)?;
+    std::fs::rename(&latest_tmp, &latest).map_err(|e| Error::io(&latest, e))?;
+    sync::dir(root)
+}
+
+/// The complete checkpoints under `root` (`step-NNNNNN`), with their steps, oldest first.
+fn checkpoints(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name().is_some_and(|n| {
-                    n.to_string_lossy().starts_with("step-")
-                        && !n.to_string_lossy().ends_with(".tmp")
-                })
+        .filter(|p| p.is_dir())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
+            Some((step, p))
         })
         .collect();
     all.sort();
-    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    Ok(all)
+}
+
+/// Keeps the newest `keep` checkpoints at or before `step` and removes every other one:
+/// older ones, and any after `step`, left by an attempt this run has resumed past. Pruning by
+/// this run's step numbers never deletes the checkpoint just written.
+fn prune(root: &Path, step: usize, keep: usize) -> Result<()> {
+    let all = checkpoints(root)?;
+    let current = all.iter().filter(|(s, _)| *s <= step).count();
+    for (i, (s, path)) in all.iter().enumerate() {
+        if *s > step || i + keep.max(1) < current {
+            std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+        }
     }
-    Ok(final_dir)
+    Ok(())
+}
+
+/// Removes every checkpoint at or after `step` (their adapters are not trusted) and points
+/// `latest` at the newest one left. Returns that checkpoint, if any.
+pub fn roll_back(dir: &Path, step: usize) -> Result<Option<PathBuf>> {
+    let root = dir.join("checkpoints");
+    if !root.is_dir() {
+        return Ok(None);
+    }
+    let all = checkpoints(&root)?;
+    for (_, path) in all.iter().filter(|(s, _)| *s >= step) {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    let good = all.into_iter().rfind(|(s, _)| *s < step).map(|(_, p)| p);
+    let name = good
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    point_latest(&root, name.as_deref())?;
+    Ok(good)
 }
 
 /// The newest checkpoint of a run, if any.

@@ -13,5 +13,7 @@ pub mod optim;
 pub mod prepare;
 pub mod reproduce;
 pub mod run;
+pub mod run_dir;
+
 pub mod schedule;
 pub mod step;

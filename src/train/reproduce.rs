@@ -37,7 +37,12 @@ pub fn reproduce(dir: &Path) -> Result<Reproduction> {
     cfg.run.out_dir = dir
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let new = train(prepare(cfg)?, &RunOptions::default())?;
+    // The reproduction's own directory: a repeated `reproduce` replaces it.
+    let opts = RunOptions {
+        overwrite: true,
+        ..RunOptions::default()
+    };
+    let new = train(prepare(cfg)?, &opts)?;
     let new_manifest: Manifest = records::read_json(&new.run_dir.join(files::MANIFEST))?;
     same_inputs(&manifest, &new_manifest)?;
     let old = records::read_metrics(&dir.join(files::METRICS))?;

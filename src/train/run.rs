@@ -26,6 +26,7 @@ use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
 use crate::train::config::TrainConfig;
 use crate::train::eval::evaluate;
 use crate::train::prepare::Prepared;
+use crate::train::run_dir::{Claim, RunDir};
 use crate::train::schedule::lambda;
 use crate::train::step::{StepOutcome, Updater, nonzero_grads};
 use crate::verify::{Fingerprint, trainable_params_line};
@@ -33,8 +34,11 @@ use crate::verify::{Fingerprint, trainable_params_line};
 /// How a run is started.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Continue from the run directory's latest checkpoint.
+    /// Continue from the run directory's latest checkpoint (a directory without one starts
+    /// fresh).
     pub resume: bool,
+    /// Replace another run's files in the run directory (cleared first) instead of refusing.
+    pub overwrite: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
@@ -105,6 +109,7 @@ pub struct Run<'o> {
     p: Prepared,
     opts: &'o RunOptions,
     dir: PathBuf,
+    _owned: RunDir,
     model: Llama,
     updater: Updater,
     state: LoopState,
@@ -132,9 +137,6 @@ impl<'o> Run<'o> {
     /// records and the generations with the starting adapter.
     pub fn open(p: Prepared, opts: &'o RunOptions) -> Result<Self> {
         let dir = run_dir(&p.cfg);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let config_path = dir.join(files::CONFIG);
-        std::fs::write(&config_path, p.cfg.to_toml()?).map_err(|e| Error::io(&config_path, e))?;
         let total = total_steps(&p.cfg, p.train.len());
         let mut model = p.base.model.clone();
         let resume_from = if opts.resume {
@@ -142,6 +144,21 @@ impl<'o> Run<'o> {
         } else {
             None
         };
+        // The starting adapter is attached before the directory is touched, so a bad one
+        // leaves nothing behind; the claim then locks the directory for this run alone.
+        if resume_from.is_none() {
+            start_adapter(&p.cfg, &mut model)?;
+        }
+        let claim = if opts.resume {
+            Claim::Resume
+        } else {
+            Claim::Fresh {
+                overwrite: opts.overwrite,
+            }
+        };
+        let owned = RunDir::claim(&dir, claim)?;
+        let config_path = dir.join(files::CONFIG);
+        std::fs::write(&config_path, p.cfg.to_toml()?).map_err(|e| Error::io(&config_path, e))?;
         let (state, opt_state) =
             restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
         let mut updater =
@@ -173,6 +190,7 @@ impl<'o> Run<'o> {
             p,
             opts,
             dir,
+            _owned: owned,
             model,
             updater,
             state,
@@ -262,15 +280,15 @@ impl<'o> Run<'o> {
                 None
             }
             StepOutcome::Diverged { what, value } => {
-                return Err(Error::Diverged {
-                    what,
-                    value,
-                    step: next,
-                    checkpoint: self
-                        .last_ckpt
-                        .as_ref()
-                        .map_or("none".to_string(), |c| c.display().to_string()),
-                });
+                // A non-finite loss or gradient at step n comes from the adapter after update
+                // n - 1, so a checkpoint of step n - 1 holds a bad adapter. A non-finite update
+                // at step n leaves every checkpoint before step n good.
+                let bad_from = if what == "updated adapter" {
+                    next
+                } else {
+                    next - 1
+                };
+                return Err(self.diverged(what, value, next, bad_from));
             }
             StepOutcome::Overflowed => {
                 self.state.overflow_steps += 1;
@@ -365,6 +383,9 @@ impl<'o> Run<'o> {
         }
         let step = self.state.step;
         let (loss, targets) = self.evaluate()?;
+        if !loss.is_finite() {
+            return Err(self.diverged("validation loss", loss, step, step));
+        }
         self.append(&Metric::eval(
             step,
             loss,
@@ -394,6 +415,11 @@ impl<'o> Run<'o> {
     pub fn checkpoint_if_due(&mut self, stop: bool) -> Result<()> {
         let every = self.p.cfg.train.save_every;
         if (every > 0 && self.state.step.is_multiple_of(every)) || self.finished() || stop {
+            // The metrics a checkpoint counts are on disk before the checkpoint is.
+            let metrics = self.dir.join(files::METRICS);
+            if metrics.exists() {
+                crate::sys::sync_file(&metrics).map_err(|e| Error::io(&metrics, e))?;
+            }
             self.last_ckpt = Some(checkpoint::save(
                 &self.dir,
                 &self.model,
@@ -424,6 +450,10 @@ impl<'o> Run<'o> {
             Some((step, loss)) if step == self.state.step => loss,
             _ => self.evaluate()?.0,
         };
+        if !eval_loss.is_finite() {
+            let step = self.state.step;
+            return Err(self.diverged("validation loss", eval_loss, step, step + 1));
+        }
         let adapter_dir = self.dir.join("adapter");
         let card = self.p.card_body(self.state.step, Some(eval_loss));
         adapter::save(&self.model, &adapter_dir, &self.p.base.label, &card)?;
@@ -452,7 +482,31 @@ impl<'o> Run<'o> {
             generations,
         };
         records::write_json(&self.dir.join(files::SUMMARY), &summary)?;
+        let updates = summary.steps - summary.skipped_steps - summary.overflow_steps;
+        if updates == 0 && !summary.interrupted {
+            return Err(Error::Invalid(format!(
+                "{}: nothing was trained: none of the {} steps applied an update ({} had no loss target, {} overflowed); check encode.labels and encode.max_len against the data (the run's records are written: `lorasft report --run` shows them)",
+                self.dir.display(),
+                summary.steps,
+                summary.skipped_steps,
+                summary.overflow_steps
+            )));
+        }
         Ok(summary)
+    }
+
+    /// The error of a run that met a non-finite `what` at `step`: checkpoints from `bad_from` on
+    /// are removed, `latest` points at the newest good one, and the error names it.
+    fn diverged(&self, what: &'static str, value: f64, step: usize, bad_from: usize) -> Error {
+        match checkpoint::roll_back(&self.dir, bad_from) {
+            Ok(good) => Error::Diverged {
+                what,
+                value,
+                step,
+                checkpoint: good.map_or("none".to_string(), |c| c.display().to_string()),
+            },
+            Err(e) => e,
+        }
     }
 
     /// The checks measured at the end: the base fingerprint after training, losses, finiteness.
@@ -486,8 +540,16 @@ impl<'o> Run<'o> {
     }
 }
 
-/// The loop state and optimizer moments to continue from: a checkpoint's, or a fresh start
-/// with a new adapter (or the configured starting adapter) and no metrics.
+/// Attaches a fresh run's starting adapter: the configured one, or a new one from the seed.
+fn start_adapter(cfg: &TrainConfig, model: &mut Llama) -> Result<()> {
+    match &cfg.model.init_adapter {
+        Some(a) => adapter::load(model, a).map(|_| ()),
+        None => model.add_lora(&cfg.lora, cfg.run.seed),
+    }
+}
+
+/// The loop state and optimizer moments to continue from: a checkpoint's (its adapter loaded
+/// into `model`), or a fresh start (adapter already attached) with no metrics.
 fn restore_or_start(
     cfg: &TrainConfig,
     dir: &Path,
@@ -499,12 +561,6 @@ fn restore_or_start(
         let (state, opt) = checkpoint::load(ckpt, model)?;
         records::truncate_metrics(&metrics, state.metrics_lines)?;
         return Ok((state, Some(opt)));
-    }
-    match &cfg.model.init_adapter {
-        Some(a) => {
-            adapter::load(model, a)?;
-        }
-        None => model.add_lora(&cfg.lora, cfg.run.seed)?,
     }
     let _ = std::fs::remove_file(&metrics);
     Ok((LoopState::start(cfg.run.seed, cfg.run.precision), None))

@@ -69,9 +69,11 @@ pub fn forward_backward(
 pub enum StepOutcome {
     /// No micro-batch had a loss target: nothing was computed and nothing changed.
     NoTargets,
-    /// A non-finite value: no update was applied.
+    /// A non-finite value. For "loss" and "gradient norm" no update was applied; for "updated
+    /// adapter" the update made the adapter non-finite (the run must stop: it holds no good
+    /// state in memory any more).
     Diverged {
-        /// What was not finite ("loss" or "gradient norm").
+        /// What was not finite ("loss", "gradient norm" or "updated adapter").
         what: &'static str,
         /// Its value.
         value: f64,
@@ -192,12 +194,34 @@ impl Updater {
             });
         }
         self.opt.step(grads, lr)?;
+        if let Some(value) = first_non_finite(&self.vars)? {
+            return Ok(StepOutcome::Diverged {
+                what: "updated adapter",
+                value,
+            });
+        }
         Ok(StepOutcome::Updated {
             grad_norm: norm,
             clipped: clip && norm > self.max_grad_norm,
             grads: Vec::new(),
         })
     }
+}
+
+/// The sum of the first adapter tensor that holds a NaN or an infinity (itself non-finite),
+/// or `None` when every value is finite.
+fn first_non_finite(vars: &[(String, Var)]) -> Result<Option<f64>> {
+    for (_, v) in vars {
+        let sum = v
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            return Ok(Some(sum));
+        }
+    }
+    Ok(None)
 }
 
 /// How many of the tensors whose name contains `part` have a non-zero gradient, of how many.
