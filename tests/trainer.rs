@@ -773,3 +773,52 @@ fn eval_with_no_loss_target_is_an_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_failed_init_adapter_leaves_no_run_directory_and_touches_no_other_run() {
+    // An adapter for another model shape: its tensors do not fit the fixture's linears.
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter_dir = tmp.path().join("other-shape");
+    let mut other = FixtureSpec {
+        hidden: 32,
+        ..FixtureSpec::default()
+    }
+    .build(1, DType::F32, &Device::Cpu)
+    .unwrap();
+    other.add_lora(&LoraConfig::default(), 1).unwrap();
+    adapter::save(&other, &adapter_dir, "fixture:0", "test\n").unwrap();
+    let out = tmp.path().join("runs");
+    let attempt = |name: &str| {
+        lorasft()
+            .current_dir(root())
+            .args(["train", "--preset", "smoke", "--max-steps", "1", "--quiet"])
+            .args(["--out-dir", out.to_str().unwrap(), "--name", name])
+            .args([
+                "--set",
+                "lora.targets=[\"q_proj\", \"v_proj\"]",
+                "--set",
+                "lora.r=8",
+            ])
+            .args(["--set", "lora.alpha=16.0", "--set", "lora.dropout=0.05"])
+            .arg("--init-adapter")
+            .arg(&adapter_dir)
+            .output()
+            .unwrap()
+    };
+    let failed = attempt("fresh");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("adapter_model.safetensors"), "{stderr}");
+    assert!(
+        !out.join("fresh").exists(),
+        "a failed start leaves no run directory"
+    );
+    // Into another run's directory: its config.toml is left as it was.
+    ok(lorasft()
+        .current_dir(root())
+        .args(["train", "--preset", "smoke", "--max-steps", "1", "--quiet"])
+        .args(["--out-dir", out.to_str().unwrap(), "--name", "done"]));
+    let before = std::fs::read(out.join("done/config.toml")).unwrap();
+    assert_eq!(attempt("done").status.code(), Some(1));
+    assert_eq!(std::fs::read(out.join("done/config.toml")).unwrap(), before);
+}
