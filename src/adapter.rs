@@ -163,15 +163,7 @@ pub fn model_card_front_matter(base: &str) -> String {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    crate::sys::sync_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    crate::sys::sync_dir(dir).map_err(|e| Error::io(dir, e))
+    crate::sys::write_atomic(path, bytes).map_err(|(p, e)| Error::io(p, e))
 }
 
 /// Saves the model's adapters in PEFT's format into `dir`, with a model card whose body is

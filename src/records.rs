@@ -289,19 +289,10 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
-/// Writes pretty JSON atomically and durably: a temporary file, fsync'd, renamed into place,
-/// then its directory fsync'd.
+/// Writes pretty JSON atomically and durably (see [`crate::sys::write_atomic`]).
 pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-    crate::sys::sync_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    crate::sys::sync_dir(dir).map_err(|e| Error::io(dir, e))
+    crate::sys::write_atomic(path, (text + "\n").as_bytes()).map_err(|(p, e)| Error::io(p, e))
 }
 
 /// Reads every line of a metrics.jsonl, with errors naming the file and line.

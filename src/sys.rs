@@ -66,6 +66,32 @@ pub fn sync_tree(dir: &std::path::Path) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
+/// Replaces `path` with `bytes` atomically and durably: a temporary file beside it, fsync'd,
+/// renamed into place, then the directory fsync'd. A crash leaves the old file or the new one,
+/// never a torn one. On failure, the path involved and the OS error.
+pub fn write_atomic(
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> Result<(), (std::path::PathBuf, std::io::Error)> {
+    fn at(
+        p: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> (std::path::PathBuf, std::io::Error) {
+        let p = p.to_path_buf();
+        move |e| (p, e)
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(at(&tmp))?;
+    sync_file(&tmp).map_err(at(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(at(path))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    sync_dir(dir).map_err(at(dir))
+}
+
 /// A named point where fault-injection tests stop the process as `kill -9` would: it aborts
 /// (no destructors, no flushing) when the environment variable `LORASFT_CRASH_AT` equals
 /// `name`, and does nothing otherwise. The crash-safety tests use it to kill a run in the
