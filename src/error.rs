@@ -126,18 +126,19 @@ pub enum Error {
         /// Byte offset of the first invalid byte.
         offset: usize,
     },
-    /// Training produced a non-finite loss or gradient; the run stopped.
+    /// Training met a non-finite loss, gradient norm, updated adapter or validation loss; the
+    /// run stopped, and the checkpoints after the last good one were removed.
     #[error(
         "non-finite {what} ({value}) at step {step}: training stopped; last good checkpoint: {checkpoint}"
     )]
     Diverged {
-        /// "loss" or "gradient norm".
+        /// "loss", "gradient norm", "updated adapter" or "validation loss".
         what: &'static str,
         /// The value seen.
         value: f64,
         /// The optimizer step that produced it (1-based).
         step: usize,
-        /// The last checkpoint written, or "none".
+        /// The newest checkpoint whose adapter is good (`latest` points at it), or "none".
         checkpoint: String,
     },
     /// A LoRA hyper-parameter or target is invalid; the message quotes the value given.

@@ -3,8 +3,9 @@
 //! The trainer writes these files and the report reads them; neither imports the other. Each
 //! record is one file: `manifest.json`, `data.json`, `checks.json`, `summary.json`,
 //! `metrics.jsonl` and `generations.json` (the run's `config.toml` is the config's own TOML).
-//! Writes are atomic (a temporary file renamed into place), so a killed run never leaves a
-//! half-written record.
+//! Whole-file writes are atomic and durable (a temporary file fsync'd and renamed into place,
+//! then its directory fsync'd), so a killed run never leaves a half-written record; metrics
+//! lines are appended, and a resume cuts the file back to the lines its checkpoint counted.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -320,11 +321,16 @@ pub fn append_metric(path: &Path, m: &Metric) -> Result<()> {
     writeln!(f, "{line}").map_err(|e| Error::io(path, e))
 }
 
-/// Keeps the first `lines` lines of a metrics file (a resumed run rewrites what follows).
+/// Keeps the first `lines` lines of a metrics file (a resumed run rewrites what follows),
+/// replacing the file atomically so a kill midway loses nothing.
 pub fn truncate_metrics(path: &Path, lines: usize) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
     let kept: String = text.lines().take(lines).map(|l| format!("{l}\n")).collect();
-    std::fs::write(path, kept).map_err(|e| Error::io(path, e))
+    crate::sys::write_atomic(path, kept.as_bytes()).map_err(|(p, e)| Error::io(p, e))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! Facts about the machine a run is on, read from Linux's /proc and /etc: peak memory, the CPU
-//! model, the operating system and the host name. Each returns `None` (or a plain fallback)
-//! where the OS does not provide it, so the run records say "n/a" instead of failing.
+//! What lorasft asks of the operating system: facts about the machine a run is on (peak memory,
+//! the CPU model, the operating system and the host name, from Linux's /proc and /etc; `None`
+//! or a plain fallback where the OS does not say, so run records read "n/a" instead of
+//! failing), durable writes (fsync of files and directories, atomic replacement), and the named
+//! crash points the fault-injection tests stop a run at.
 
 /// Peak resident set size of this process in MiB (VmHWM from /proc/self/status).
 pub fn peak_rss_mib() -> Option<f64> {

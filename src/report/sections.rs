@@ -452,7 +452,7 @@ pub fn conclusion(c: &Ctx, r: &mut String) {
         ),
         Standing::Incomplete { not_measured } => (
             format!(
-                "The run completed {} optimizer steps; no verification check failed, but {not_measured} could not be measured in a run this short (see the table above).",
+                "The run completed {} optimizer steps; no verification check failed, but {not_measured} could not be measured in this run (see the table above).",
                 s.steps
             ),
             format!("Completed, {not_measured} check(s) not measured"),

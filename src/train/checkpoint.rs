@@ -102,7 +102,7 @@ pub fn save(
     crate::sys::crash_point("checkpoint-before-rename");
     let final_dir = root.join(&name);
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        remove(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sync::dir(&root)?;
@@ -173,7 +173,9 @@ fn point_latest(root: &Path, name: Option<&str>) -> Result<()> {
     sync::dir(root)
 }
 
-/// The complete checkpoints under `root` (`step-NNNNNN`), with their steps, oldest first.
+/// The checkpoints under `root` (`step-NNNNNN`), with their steps, oldest first. A checkpoint
+/// becomes `step-NNNNNN` only by the rename of its complete temporary directory and stops being
+/// one by the rename that starts its removal ([`remove`]), so every one listed is complete.
 fn checkpoints(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
         .map_err(|e| Error::io(root, e))?
@@ -189,15 +191,36 @@ fn checkpoints(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(all)
 }
 
+/// Removes a checkpoint: first renamed out of the `step-NNNNNN` names (so a crash midway never
+/// leaves a torn directory under a checkpoint's name), then deleted.
+fn remove(path: &Path) -> Result<()> {
+    let mut doomed = path.as_os_str().to_owned();
+    doomed.push(".del");
+    let doomed = PathBuf::from(doomed);
+    std::fs::rename(path, &doomed).map_err(|e| Error::io(path, e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+}
+
 /// Keeps the newest `keep` checkpoints at or before `step` and removes every other one:
-/// older ones, and any after `step`, left by an attempt this run has resumed past. Pruning by
-/// this run's step numbers never deletes the checkpoint just written.
+/// older ones, any after `step` (left by an attempt this run has resumed past), and the
+/// leftovers of a write or removal a crash interrupted. Pruning by this run's step numbers
+/// never deletes the checkpoint just written.
 fn prune(root: &Path, step: usize, keep: usize) -> Result<()> {
     let all = checkpoints(root)?;
     let current = all.iter().filter(|(s, _)| *s <= step).count();
     for (i, (s, path)) in all.iter().enumerate() {
         if *s > step || i + keep.max(1) < current {
-            std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+            remove(path)?;
+        }
+    }
+    for entry in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+        let path = entry.map_err(|e| Error::io(root, e))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("step-") && (name.ends_with(".tmp") || name.ends_with(".del")) {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
     }
     Ok(())
@@ -211,15 +234,16 @@ pub fn roll_back(dir: &Path, step: usize) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let all = checkpoints(&root)?;
-    for (_, path) in all.iter().filter(|(s, _)| *s >= step) {
-        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
-    }
-    let good = all.into_iter().rfind(|(s, _)| *s < step).map(|(_, p)| p);
+    let good = all.iter().rfind(|(s, _)| *s < step).map(|(_, p)| p.clone());
     let name = good
         .as_ref()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
+    // `latest` moves first: a crash during the removals leaves it on a good checkpoint.
     point_latest(&root, name.as_deref())?;
+    for (_, path) in all.iter().filter(|(s, _)| *s >= step) {
+        remove(path)?;
+    }
     Ok(good)
 }
 

@@ -1,6 +1,7 @@
 //! Evaluation without dropout: summed loss and target count per batch, and their mean. The
-//! trainer's step-based evaluation and `lorasft eval` share these, so the validation loss in a
-//! run's metrics is the number `eval` prints for the same adapter.
+//! trainer's step-based evaluation and `lorasft eval` share these, so with the same batch size
+//! and encoding the validation loss in a run's metrics is the number `eval` prints for the same
+//! adapter.
 
 use candle_core::DType;
 

@@ -124,7 +124,6 @@ pub struct Run<'o> {
     tokens_at_start: u64,
     first_loss: Option<f64>,
     last_loss: Option<f64>,
-    last_ckpt: Option<PathBuf>,
     last_eval: Option<(usize, f64)>,
     b_moved: bool,
     resumed: bool,
@@ -149,16 +148,10 @@ impl<'o> Run<'o> {
         if resume_from.is_none() {
             start_adapter(&p.cfg, &mut model)?;
         }
-        let claim = if opts.resume {
-            Claim::Resume
-        } else {
-            Claim::Fresh {
-                overwrite: opts.overwrite,
-            }
-        };
-        let owned = RunDir::claim(&dir, claim)?;
+        let owned = RunDir::claim(&dir, claim(&p.cfg, &dir, opts, resume_from.is_some())?)?;
         let config_path = dir.join(files::CONFIG);
-        std::fs::write(&config_path, p.cfg.to_toml()?).map_err(|e| Error::io(&config_path, e))?;
+        crate::sys::write_atomic(&config_path, p.cfg.to_toml()?.as_bytes())
+            .map_err(|(path, e)| Error::io(path, e))?;
         let (state, opt_state) =
             restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
         let mut updater =
@@ -186,7 +179,6 @@ impl<'o> Run<'o> {
             b_moved: resume_from.is_some() || p.cfg.model.init_adapter.is_some(),
             resumed: resume_from.is_some(),
             tokens_at_start: state.tokens_seen,
-            last_ckpt: resume_from,
             p,
             opts,
             dir,
@@ -220,6 +212,9 @@ impl<'o> Run<'o> {
             return Ok(());
         }
         let (loss, targets) = self.evaluate()?;
+        if !loss.is_finite() {
+            return Err(self.diverged("validation loss", loss, 0, 0));
+        }
         self.append(&Metric::eval(0, loss, targets, 0.0))?;
         self.checks.eval_losses.push((0, loss));
         Ok(())
@@ -280,10 +275,11 @@ impl<'o> Run<'o> {
                 None
             }
             StepOutcome::Diverged { what, value } => {
-                // A non-finite loss or gradient at step n comes from the adapter after update
-                // n - 1, so a checkpoint of step n - 1 holds a bad adapter. A non-finite update
+                // A non-finite loss or gradient at step n comes from the adapter in memory: the
+                // one after update n - 1, which a checkpoint of step n - 1 holds. It is kept
+                // only if it still evaluates to a finite validation loss. A non-finite update
                 // at step n leaves every checkpoint before step n good.
-                let bad_from = if what == "updated adapter" {
+                let bad_from = if what == "updated adapter" || self.evaluate()?.0.is_finite() {
                     next
                 } else {
                     next - 1
@@ -420,14 +416,14 @@ impl<'o> Run<'o> {
             if metrics.exists() {
                 crate::sys::sync_file(&metrics).map_err(|e| Error::io(&metrics, e))?;
             }
-            self.last_ckpt = Some(checkpoint::save(
+            checkpoint::save(
                 &self.dir,
                 &self.model,
                 &self.updater.opt,
                 &self.state,
                 &self.p.base.label,
                 KEEP_CHECKPOINTS,
-            )?);
+            )?;
         }
         Ok(())
     }
@@ -452,7 +448,7 @@ impl<'o> Run<'o> {
         };
         if !eval_loss.is_finite() {
             let step = self.state.step;
-            return Err(self.diverged("validation loss", eval_loss, step, step + 1));
+            return Err(self.diverged("validation loss", eval_loss, step, step));
         }
         let adapter_dir = self.dir.join("adapter");
         let card = self.p.card_body(self.state.step, Some(eval_loss));
@@ -496,7 +492,8 @@ impl<'o> Run<'o> {
     }
 
     /// The error of a run that met a non-finite `what` at `step`: checkpoints from `bad_from` on
-    /// are removed, `latest` points at the newest good one, and the error names it.
+    /// are removed, `latest` points at the newest good one, and the error names it. When the
+    /// roll-back itself fails, the error says both.
     fn diverged(&self, what: &'static str, value: f64, step: usize, bad_from: usize) -> Error {
         match checkpoint::roll_back(&self.dir, bad_from) {
             Ok(good) => Error::Diverged {
@@ -505,7 +502,9 @@ impl<'o> Run<'o> {
                 step,
                 checkpoint: good.map_or("none".to_string(), |c| c.display().to_string()),
             },
-            Err(e) => e,
+            Err(e) => Error::Invalid(format!(
+                "non-finite {what} ({value}) at step {step}: training stopped, and rolling the checkpoints back failed: {e}"
+            )),
         }
     }
 
@@ -538,6 +537,38 @@ impl<'o> Run<'o> {
         self.state.metrics_lines += 1;
         Ok(())
     }
+}
+
+/// How this run claims its directory. A resume with no checkpoint to continue restarts the run
+/// in place (its partial files are replaced), which lets a script always pass `--resume`. The
+/// run name must be one plain path component, and `--overwrite` must not clear the starting
+/// adapter away.
+fn claim(cfg: &TrainConfig, dir: &Path, opts: &RunOptions, resumable: bool) -> Result<Claim> {
+    let name = Path::new(&cfg.run.name);
+    let plain = matches!(
+        name.components().collect::<Vec<_>>().as_slice(),
+        [std::path::Component::Normal(_)]
+    );
+    if !plain {
+        return Err(Error::Invalid(format!(
+            "run.name {:?} must be a plain directory name (no `/`, `.` or `..`)",
+            cfg.run.name
+        )));
+    }
+    if opts.resume && resumable {
+        return Ok(Claim::Resume);
+    }
+    let overwrite = opts.overwrite || opts.resume;
+    if let Some(a) = &cfg.model.init_adapter
+        && overwrite
+        && a.starts_with(dir)
+    {
+        return Err(Error::Invalid(format!(
+            "model.init_adapter {} lies inside the run directory that would be cleared; copy it elsewhere first",
+            a.display()
+        )));
+    }
+    Ok(Claim::Fresh { overwrite })
 }
 
 /// Attaches a fresh run's starting adapter: the configured one, or a new one from the seed.

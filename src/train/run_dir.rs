@@ -2,7 +2,9 @@
 //! `File::try_lock`: `flock` on Linux, released by the OS when the process dies, even by
 //! `kill -9`) for its whole life, with its PID written inside so a second run can name the
 //! holder. A fresh run refuses a directory that holds another run's files unless asked to
-//! overwrite it (which clears it first); `--resume` continues what is there.
+//! overwrite it, which removes the files a run writes (and nothing else the user keeps there);
+//! `--resume` continues what is there. The directory is never removed: a run that loses the
+//! lock race leaves the winner's directory alone.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
@@ -23,6 +25,25 @@ const RUN_ENTRIES: &[&str] = &[
     "checkpoints",
     "adapter",
     "best",
+];
+
+/// Everything a run writes, which `--overwrite` removes; anything else in the directory is
+/// the user's and stays.
+const RUN_FILES: &[&str] = &[
+    files::CONFIG,
+    files::MANIFEST,
+    files::METRICS,
+    files::SUMMARY,
+    files::DATA,
+    files::CHECKS,
+    files::GENERATIONS,
+    files::GENERATIONS_BEFORE,
+    "checkpoints",
+    "adapter",
+    "best",
+    "REPORT.md",
+    "REPORT-loss.svg",
+    "REPORT-lr.svg",
 ];
 
 /// How a run means to use its directory.
@@ -47,15 +68,14 @@ pub struct RunDir {
 impl RunDir {
     /// Creates (if needed) and locks `path` for one run. Fails at once when another process
     /// holds the lock, naming its PID; a fresh claim on a directory with another run's files
-    /// fails naming them unless `overwrite`. A directory this call created is removed again
-    /// when the claim fails, so a refused run leaves nothing behind.
+    /// fails naming them unless `overwrite`, which removes them first.
     pub fn claim(path: &Path, claim: Claim) -> Result<Self> {
-        let created = !path.exists();
         std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
-        let claimed = lock(path).and_then(|lock| {
-            if let Claim::Fresh { overwrite } = claim {
-                let held = run_entries(path);
-                if !held.is_empty() && !overwrite {
+        let lock = lock(path)?;
+        if let Claim::Fresh { overwrite } = claim {
+            let held = run_entries(path);
+            if !held.is_empty() {
+                if !overwrite {
                     return Err(Error::Invalid(format!(
                         "{}: holds another run ({}); continue it with --resume, or replace it with --overwrite",
                         path.display(),
@@ -64,20 +84,11 @@ impl RunDir {
                 }
                 clear(path)?;
             }
-            Ok(lock)
-        });
-        match claimed {
-            Ok(lock) => Ok(Self {
-                path: path.to_path_buf(),
-                _lock: lock,
-            }),
-            Err(e) => {
-                if created {
-                    let _ = std::fs::remove_dir_all(path);
-                }
-                Err(e)
-            }
         }
+        Ok(Self {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     /// The directory.
@@ -95,11 +106,18 @@ fn run_entries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Removes everything in `dir` but the lock file.
+/// Removes the files a run writes (and their temporaries) from `dir`; nothing else.
 fn clear(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.file_name().is_some_and(|n| n == LOCK) {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ours = RUN_FILES
+            .iter()
+            .any(|f| name == *f || (name.starts_with(f) && name.ends_with(".tmp")));
+        if !ours {
             continue;
         }
         let removed = if path.is_dir() {
@@ -126,10 +144,13 @@ fn lock(dir: &Path) -> Result<File> {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "pid not yet written".to_string(),
+                pid => format!("pid {pid}"),
+            };
             return Err(Error::Invalid(format!(
-                "{}: another lorasft run (pid {}) is using this run directory; wait for it to finish or choose another run.name",
-                dir.display(),
-                holder.trim()
+                "{}: another lorasft run ({holder}) is using this run directory; wait for it to finish or choose another run.name",
+                dir.display()
             )));
         }
         Err(TryLockError::Error(e)) => return Err(Error::io(&path, e)),
@@ -174,8 +195,13 @@ mod tests {
             dir.join(files::METRICS).exists(),
             "a refused claim deletes nothing"
         );
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
         let held = RunDir::claim(&dir, Claim::Fresh { overwrite: true }).unwrap();
         assert!(!dir.join("checkpoints").exists() && !dir.join(files::METRICS).exists());
+        assert!(
+            dir.join("notes.txt").exists(),
+            "--overwrite removes only a run's files"
+        );
         assert_eq!(held.path(), dir.as_path());
     }
 }

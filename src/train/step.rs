@@ -134,8 +134,9 @@ impl Updater {
     }
 
     /// One optimizer step over `micro` at learning rate `lr`. `scaler` is the f16 loss scaler
-    /// (disabled otherwise); dropout masks come from `rng`. A non-finite loss or gradient
-    /// norm leaves the adapter untouched and is reported, not raised: the caller decides.
+    /// (disabled otherwise); dropout masks come from `rng`. A non-finite loss or gradient norm
+    /// leaves the adapter untouched; an update that makes the adapter non-finite has changed
+    /// it. Both are reported, not raised: the caller decides.
     pub fn step(
         &mut self,
         model: &Llama,
@@ -208,20 +209,22 @@ impl Updater {
     }
 }
 
-/// The sum of the first adapter tensor that holds a NaN or an infinity (itself non-finite),
-/// or `None` when every value is finite.
+/// The sum of every adapter value when it is NaN or infinite (some value is), or `None` when
+/// the sum is finite. One reduction per tensor on the device and a single read back, so a GPU
+/// syncs once per step for it.
 fn first_non_finite(vars: &[(String, Var)]) -> Result<Option<f64>> {
-    for (_, v) in vars {
-        let sum = v
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        if !sum.is_finite() {
-            return Ok(Some(sum));
-        }
+    let sums = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(None);
     }
-    Ok(None)
+    let total = Tensor::stack(&sums, 0)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok((!total.is_finite()).then_some(total))
 }
 
 /// How many of the tensors whose name contains `part` have a non-zero gradient, of how many.
