@@ -108,7 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             a.spec().write(a.seed, &a.out)?;
             println!("wrote {} (seed {})", a.out.display(), a.seed);
         }
-        Command::Inspect(a) => print!("{}", commands::inspect(&a)?),
+        Command::Inspect(a) => commands::inspect(&a, &mut std::io::stdout())?,
         Command::Tokenizer(TokenizerCommand::FromGguf { file, out }) => {
             let n = lorasft::tokenizer::from_gguf::convert(&file, &out)?;
             println!(
@@ -164,8 +164,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn train_cmd(a: &TrainArgs) -> Result<()> {
-    let cfg = a.config_source().resolve()?;
+    let mut cfg = a.config_source().resolve()?;
     if a.dry_run {
+        lorasft::train::prepare::adopt_init_adapter(&mut cfg)?;
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
@@ -281,7 +282,6 @@ fn selftest_cmd(dev: DeviceArgs) -> Result<()> {
 
 fn reproduce_cmd(run: &std::path::Path) -> Result<()> {
     let r = lorasft::train::reproduce::reproduce(run)?;
-    lorasft::report::write(&r.run_dir)?;
     println!(
         "reproduction in {}: {} metric lines compared",
         r.run_dir.display(),
@@ -299,6 +299,7 @@ fn reproduce_cmd(run: &std::path::Path) -> Result<()> {
         "DIFFERENT"
     };
     println!("adapter bytes: {same}");
+    lorasft::report::write(&r.run_dir)?;
     if !r.matched() {
         bail!("the run did not reproduce");
     }

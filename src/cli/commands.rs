@@ -174,9 +174,10 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
     adapter::export_merged(&model, &dir.join("config.json"), &a.out)
 }
 
-/// The shape and PEFT's trainable-parameter line from config.json; without `--config-only`,
-/// also from the loaded weights, refusing a count that disagrees with the config's.
-pub fn inspect(a: &InspectArgs) -> Result<String> {
+/// Writes the shape and PEFT's trainable-parameter line from config.json to `out`; without
+/// `--config-only`, then also the count from the loaded weights (refusing one that disagrees
+/// with the config's), so the summary is out before a slow or failing weight load.
+pub fn inspect(a: &InspectArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let lora = a.lora()?;
     let source = ModelSource::parse(&a.model);
     let config_path = load::resolve_config(&source)?;
@@ -185,12 +186,19 @@ pub fn inspect(a: &InspectArgs) -> Result<String> {
         path: config_path.clone(),
         msg,
     })?;
-    let mut text = inspect::summary(&source.to_string(), &shape, &lora);
+    let stdout = |e| Error::io("standard output", e);
+    write!(
+        out,
+        "{}",
+        inspect::summary(&source.to_string(), &shape, &lora)
+    )
+    .map_err(stdout)?;
     if !a.config_only {
-        text.push_str(&inspect::from_weights(&source, &cfg, &shape, &lora)?);
-        text.push('\n');
+        out.flush().map_err(stdout)?;
+        let weights = inspect::from_weights(&source, &cfg, &shape, &lora)?;
+        writeln!(out, "{weights}").map_err(stdout)?;
     }
-    Ok(text)
+    Ok(())
 }
 
 /// Statistics of a dataset under an encoding, and the seconds encoding took.

@@ -95,7 +95,7 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
 /// With `model.init_adapter`, the run trains the adapter it starts from: its r, alpha,
 /// dropout, targets and scaling replace the config's, so everything the run prints and
 /// writes states the values actually trained. Returns (config's, adopted) when they differ.
-fn adopt_init_adapter(
+pub fn adopt_init_adapter(
     cfg: &mut TrainConfig,
 ) -> Result<Option<(crate::model::LoraConfig, crate::model::LoraConfig)>> {
     let Some(dir) = &cfg.model.init_adapter else {
