@@ -115,8 +115,21 @@ pub fn byte_level_vocab(g: &Gguf) -> Result<ByteLevelVocab> {
     })
 }
 
-/// The `tokenizer.json` document for a GGUF file's vocabulary.
+/// An error about `g`'s vocabulary, prefixed with the file's path unless it names it already.
+fn in_file(g: &Gguf, e: Error) -> Error {
+    let path = g.path.display().to_string();
+    match e {
+        Error::Invalid(msg) if !msg.starts_with(&path) => Error::Invalid(format!("{path}: {msg}")),
+        other => other,
+    }
+}
+
+/// The `tokenizer.json` document for a GGUF file's vocabulary; every error names the file.
 pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
+    vocab_json(g).map_err(|e| in_file(g, e))
+}
+
+fn vocab_json(g: &Gguf) -> Result<Json> {
     let model = g
         .get("tokenizer.ggml.model")?
         .as_str()
