@@ -106,9 +106,11 @@ fn data_start(c: &Cursor<'_>, metadata: &BTreeMap<String, Value>) -> Result<usiz
                 ))
             })?,
     };
-    c.pos
-        .checked_next_multiple_of(align)
-        .ok_or_else(|| c.err(format!("general.alignment {align} overflows the data offset")))
+    c.pos.checked_next_multiple_of(align).ok_or_else(|| {
+        c.err(format!(
+            "general.alignment {align} overflows the data offset"
+        ))
+    })
 }
 
 /// A parsed GGUF file held in memory.
@@ -151,7 +153,12 @@ impl<'a> Cursor<'a> {
     /// each fit in the bytes that are left: checked before anything is allocated for them.
     fn count(&mut self, count: u64, min_size: usize, what: &str) -> Result<usize> {
         match usize::try_from(count) {
-            Ok(n) if n.checked_mul(min_size).is_some_and(|b| b <= self.remaining()) => Ok(n),
+            Ok(n)
+                if n.checked_mul(min_size)
+                    .is_some_and(|b| b <= self.remaining()) =>
+            {
+                Ok(n)
+            }
             _ => Err(self.err(format!(
                 "{what} count {count} is more than the {} bytes left in the file allow",
                 self.remaining()

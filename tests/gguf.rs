@@ -172,7 +172,10 @@ fn import_err(meta: &[(&str, Meta)], tensors: &[common::gguf_writer::F32Tensor])
 }
 
 fn with_meta(key: &'static str, v: Meta) -> Vec<(&'static str, Meta)> {
-    let mut m: Vec<_> = fixture_meta().into_iter().filter(|(k, _)| *k != key).collect();
+    let mut m: Vec<_> = fixture_meta()
+        .into_iter()
+        .filter(|(k, _)| *k != key)
+        .collect();
     m.push((key, v));
     m
 }
@@ -190,7 +193,10 @@ fn alignment_zero_is_an_error_in_both_gguf_commands() {
     let e = lorasft::tokenizer::from_gguf::convert(&file, &tmp.path().join("t.json"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("general.alignment") && e.contains("a.gguf"), "{e}");
+    assert!(
+        e.contains("general.alignment") && e.contains("a.gguf"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -224,17 +230,26 @@ fn head_count_zero_is_an_error_not_a_division_by_zero() {
         .filter(|(k, _)| *k != "llama.attention.head_count_kv")
         .collect();
     let (e, out_exists) = import_err(&meta, &fixture_tensors(1));
-    assert!(e.contains("crafted.gguf") && e.contains("num_attention_heads"), "{e}");
+    assert!(
+        e.contains("crafted.gguf") && e.contains("num_attention_heads"),
+        "{e}"
+    );
     assert!(!out_exists);
 }
 
 #[test]
 fn one_dimensional_attn_q_is_a_shape_error_not_a_panic() {
     let mut tensors = fixture_tensors(1);
-    let q = tensors.iter_mut().find(|t| t.0 == "blk.0.attn_q.weight").unwrap();
+    let q = tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.attn_q.weight")
+        .unwrap();
     q.1 = vec![q.2.len()];
     let (e, _) = import_err(&fixture_meta(), &tensors);
-    assert!(e.contains("blk.0.attn_q.weight") && e.contains("expected [64, 64]"), "{e}");
+    assert!(
+        e.contains("blk.0.attn_q.weight") && e.contains("expected [64, 64]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -248,7 +263,10 @@ fn a_dimension_product_that_overflows_is_an_error() {
     rest.extend(0u32.to_le_bytes());
     rest.extend(0u64.to_le_bytes());
     let e = parse_err(raw_gguf(1, 0, &rest));
-    assert!(e.contains("token_embd.weight") && e.contains("overflow"), "{e}");
+    assert!(
+        e.contains("token_embd.weight") && e.contains("overflow"),
+        "{e}"
+    );
 }
 
 #[test]

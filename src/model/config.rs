@@ -191,7 +191,9 @@ impl LlamaConfig {
             }
         }
         let too_big = |what: &str| {
-            format!("{what} would take more than {MAX_BYTES} bytes (2^40) in f32; refusing to allocate it")
+            format!(
+                "{what} would take more than {MAX_BYTES} bytes (2^40) in f32; refusing to allocate it"
+            )
         };
         let param_bytes = self
             .param_count(heads, kv_heads, head_dim)
@@ -215,15 +217,21 @@ impl LlamaConfig {
 
     /// The base parameter count, or `None` if it overflows a `u64`.
     fn param_count(&self, heads: usize, kv_heads: usize, head_dim: usize) -> Option<u64> {
-        let [h, i, v] = [self.hidden_size, self.intermediate_size, self.vocab_size].map(|x| x as u64);
+        let [h, i, v] =
+            [self.hidden_size, self.intermediate_size, self.vocab_size].map(|x| x as u64);
         let q = (heads as u64).checked_mul(head_dim as u64)?;
         let kv = (kv_heads as u64).checked_mul(head_dim as u64)?;
         // q_proj and o_proj, k_proj and v_proj, the three MLP matrices, two norms.
         let attn = q.checked_mul(h)?.checked_mul(2)?;
         let kv_w = kv.checked_mul(h)?.checked_mul(2)?;
         let mlp = i.checked_mul(h)?.checked_mul(3)?;
-        let layer = attn.checked_add(kv_w)?.checked_add(mlp)?.checked_add(2 * h)?;
-        let embed = v.checked_mul(h)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        let layer = attn
+            .checked_add(kv_w)?
+            .checked_add(mlp)?
+            .checked_add(2 * h)?;
+        let embed = v
+            .checked_mul(h)?
+            .checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
         layer
             .checked_mul(self.num_hidden_layers as u64)?
             .checked_add(embed)?

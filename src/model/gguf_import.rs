@@ -241,15 +241,19 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 }
 
 fn tensor_f32(g: &Gguf, t: &TensorInfo) -> Result<(Vec<f32>, Vec<usize>)> {
-    let bad = |msg: String| {
-        Error::Invalid(format!("{}: tensor `{}` {msg}", g.path.display(), t.name))
-    };
+    let bad =
+        |msg: String| Error::Invalid(format!("{}: tensor `{}` {msg}", g.path.display(), t.name));
     let (bsize, bvals) = block_layout(t.ggml_type)
         .ok_or_else(|| bad(format!("has unsupported ggml type {}", t.ggml_type)))?;
     let n = t
         .elements()
         .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| bad(format!("dimensions {:?} overflow the element count", t.dims)))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "dimensions {:?} overflow the element count",
+                t.dims
+            ))
+        })?;
     let len = (n / bvals)
         .checked_mul(bsize)
         .ok_or_else(|| bad(format!("dimensions {:?} overflow the byte count", t.dims)))?;
@@ -264,10 +268,7 @@ fn tensor_f32(g: &Gguf, t: &TensorInfo) -> Result<(Vec<f32>, Vec<usize>)> {
 /// The GGUF tensors by transformers name, checked against the shape the metadata describe:
 /// every tensor a Llama needs is present (the first missing one is named) with the expected
 /// dimensions, and no tensor is left over. Nothing is read or allocated before this passes.
-fn tensor_directory<'g>(
-    g: &'g Gguf,
-    shape: &ModelShape,
-) -> Result<Vec<(String, &'g TensorInfo)>> {
+fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, &'g TensorInfo)>> {
     let mut by_name = HashMap::new();
     for t in &g.tensors {
         let name = hf_name(&t.name).ok_or_else(|| {
