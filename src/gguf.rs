@@ -336,6 +336,11 @@ impl Gguf {
         })
     }
 
+    /// The byte offset in the file where the data section (the tensors' bytes) starts.
+    pub fn data_offset(&self) -> usize {
+        self.data_start
+    }
+
     /// The raw bytes of a tensor (`len` bytes from its offset).
     pub fn tensor_bytes(&self, info: &TensorInfo, len: usize) -> Result<&[u8]> {
         let start = usize::try_from(info.offset)

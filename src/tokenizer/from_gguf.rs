@@ -183,12 +183,8 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<usize> {
     let n = json["model"]["vocab"].as_object().map_or(0, |v| v.len());
     let text = serde_json::to_string(&json).map_err(|e| Error::Invalid(e.to_string()))?;
     // Make sure the tokenizers crate accepts what we wrote before handing it out.
-    tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
-        Error::Invalid(format!(
-            "{}: converted tokenizer does not load: {e}",
-            gguf.display()
-        ))
-    })?;
+    crate::tokenizer::from_json(&text, gguf)
+        .map_err(|e| Error::Invalid(format!("converted tokenizer does not load: {e}")))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
