@@ -1,5 +1,10 @@
 //! A reader for GGUF files (llama.cpp's model format): metadata, tensor directory and raw
 //! tensor bytes. Used to convert vocabularies into tokenizer.json and to import weights.
+//!
+//! The reader trusts nothing in the file: every length and count is checked against the bytes
+//! that are left before anything is allocated for it, arrays nest at most [`MAX_NESTING`]
+//! deep, tensors have at most [`MAX_DIMS`] dimensions whose product must fit a `u64`, and
+//! `general.alignment` must be a power of two.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -34,7 +34,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ggml_type: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let (bsize, bvals) = block_layout(ggml_type)
         .ok_or_else(|| Error::Invalid(format!("ggml type {ggml_type} is not supported")))?;
-    if !n.is_multiple_of(bvals) || bytes.len() < n / bvals * bsize {
+    let needed = (n / bvals).checked_mul(bsize);
+    if !n.is_multiple_of(bvals) || needed.is_none_or(|b| bytes.len() < b) {
         return Err(Error::Invalid(format!(
             "{n} values of ggml type {ggml_type} do not fit {} bytes",
             bytes.len()

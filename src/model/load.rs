@@ -27,10 +27,10 @@ impl ModelSource {
     /// A local directory if `spec` looks like a path, else a hub id.
     ///
     /// A hub id is `name` or `owner/name`, so a `/` alone does not make a path. `spec` is a
-    /// path when it exists locally, starts with `.`, `/`, `~` or a backslash, contains a backslash, has
-    /// more than one `/`, or when its first component exists locally (`models/foo` with a
-    /// `models/` beside you). A path that is not a directory is reported by
-    /// [`resolve_config`] as "no such model directory", never looked up on the hub.
+    /// path when it exists locally, starts with `.`, `/`, `~` or a backslash, contains a
+    /// backslash, has more than one `/`, or when its first component exists locally
+    /// (`models/foo` with a `models/` beside you). A path that is not a directory is reported
+    /// by [`resolve_config`] as "no such model directory", never looked up on the hub.
     pub fn parse(spec: &str) -> Self {
         if looks_like_path(spec) {
             ModelSource::Dir(PathBuf::from(spec))
