@@ -107,7 +107,7 @@ impl AdapterConfig {
 
     /// The LoRA config this adapter stands for; refuses what lorasft does not implement.
     pub fn lora(&self, path: &Path) -> Result<LoraConfig> {
-        let bad = |msg: String| Error::Config {
+        let bad = |msg: String| Error::AdapterConfig {
             path: path.to_path_buf(),
             msg,
         };
@@ -140,9 +140,10 @@ impl AdapterConfig {
             ));
         }
         let targets = match &self.target_modules {
-            TargetModules::List(l) => LoraConfig::parse_targets(&l.join(","))?,
-            TargetModules::One(s) => LoraConfig::parse_targets(s)?,
-        };
+            TargetModules::List(l) => LoraConfig::parse_targets(&l.join(",")),
+            TargetModules::One(s) => LoraConfig::parse_targets(s),
+        }
+        .map_err(|e| in_file(path, e))?;
         let lora = LoraConfig {
             r: self.r,
             alpha: self.lora_alpha,
@@ -150,8 +151,19 @@ impl AdapterConfig {
             targets,
             use_rslora: self.use_rslora,
         };
-        lora.validate()?;
+        lora.validate().map_err(|e| in_file(path, e))?;
         Ok(lora)
+    }
+}
+
+/// A LoRA config error found in the file at `path`, as an error that names the file.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::LoraConfig(msg) => Error::AdapterConfig {
+            path: path.to_path_buf(),
+            msg,
+        },
+        other => other,
     }
 }
 

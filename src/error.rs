@@ -6,12 +6,21 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    ///
+    /// The OS error is part of the message and deliberately not exposed as the error's
+    /// `source()`: a chain printer (anyhow's `{:#}`) would otherwise print its text twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The underlying I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// A model given as a local path is not a directory.
+    #[error("no such model directory: {path}{}", file_hint(.path))]
+    NoModelDir {
+        /// The path given.
+        path: PathBuf,
     },
     /// A JSON file did not parse or lacked a required key.
     #[error("{path}: {msg}")]
@@ -27,6 +36,14 @@ pub enum Error {
         /// The config.json involved.
         path: PathBuf,
         /// What was wrong.
+        msg: String,
+    },
+    /// An `adapter_config.json` asks for something invalid or that lorasft does not implement.
+    #[error("{path}: invalid adapter config: {msg}")]
+    AdapterConfig {
+        /// The adapter_config.json involved.
+        path: PathBuf,
+        /// What was wrong, quoting the value given.
         msg: String,
     },
     /// A safetensors file could not be parsed.
@@ -159,12 +176,20 @@ fn field_suffix(field: &Option<&'static str>) -> String {
     field.map(|f| format!(", field `{f}`")).unwrap_or_default()
 }
 
+fn file_hint(path: &std::path::Path) -> &'static str {
+    if path.is_file() {
+        " (it is a file; pass the directory holding config.json)"
+    } else {
+        ""
+    }
+}
+
 impl Error {
     /// An I/O error tagged with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

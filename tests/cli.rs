@@ -349,3 +349,63 @@ fn bench_against_a_failing_command_is_an_error_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("false --shapes tiny --threads 1"), "{err}");
 }
+
+/// The stderr of a `lorasft` run that must fail.
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "succeeded unexpectedly");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn a_missing_file_prints_its_os_error_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.gguf");
+    let os_text = std::fs::read(&missing).unwrap_err().to_string();
+    let out = tmp.path().join("t.json");
+    let err = run_err(
+        lorasft()
+            .arg("tokenizer")
+            .arg("from-gguf")
+            .arg(&missing)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert_eq!(err.matches(&os_text).count(), 1, "{err}");
+    assert!(err.contains("missing.gguf"), "{err}");
+}
+
+#[test]
+fn a_missing_model_directory_is_named_not_looked_up_on_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("no-such-model");
+    let err = run_err(
+        lorasft()
+            .args(["inspect", "--config-only", "--model"])
+            .arg(&dir)
+            .env("HF_HOME", tmp.path())
+            .env("HF_HUB_OFFLINE", "1"),
+    );
+    assert!(
+        err.contains(&format!("no such model directory: {}", dir.display())),
+        "{err}"
+    );
+    assert!(!err.contains("Hugging Face"), "{err}");
+}
+
+#[test]
+fn import_gguf_of_a_file_without_tensors_fails_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("empty.gguf");
+    common::gguf_writer::write_gguf(&file, &common::gguf_writer::fixture_meta(), &[]);
+    let out = tmp.path().join("hf");
+    let err = run_err(
+        lorasft()
+            .arg("import-gguf")
+            .arg(&file)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(err.contains("missing tensor `token_embd.weight`"), "{err}");
+    assert!(!out.exists());
+}

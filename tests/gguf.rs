@@ -6,136 +6,18 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use common::gguf_writer::{Meta, fixture_meta, fixture_tensors, write_gguf};
 use common::{bits, ids, max_abs_diff};
 use lorasft::model::Mode;
 use lorasft::model::fixture::FixtureSpec;
 use lorasft::model::gguf_import::{self, dequantize, permute_qk, unpermute_qk};
 use lorasft::model::llama::KvCache;
 
-/// A minimal GGUF v3 writer for tests: metadata of u32/f32/string/bool and F32 tensors.
-enum Meta {
-    U32(u32),
-    F32(f32),
-    Str(String),
-    Bool(bool),
-}
-
-fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let mut b: Vec<u8> = Vec::new();
-    let s = |b: &mut Vec<u8>, x: &str| {
-        b.extend((x.len() as u64).to_le_bytes());
-        b.extend(x.as_bytes());
-    };
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend((meta.len() as u64).to_le_bytes());
-    for (k, v) in meta {
-        s(&mut b, k);
-        match v {
-            Meta::U32(x) => {
-                b.extend(4u32.to_le_bytes());
-                b.extend(x.to_le_bytes());
-            }
-            Meta::F32(x) => {
-                b.extend(6u32.to_le_bytes());
-                b.extend(x.to_le_bytes());
-            }
-            Meta::Bool(x) => {
-                b.extend(7u32.to_le_bytes());
-                b.push(u8::from(*x));
-            }
-            Meta::Str(x) => {
-                b.extend(8u32.to_le_bytes());
-                s(&mut b, x);
-            }
-        }
-    }
-    let mut offset = 0u64;
-    for (name, shape, _) in tensors {
-        s(&mut b, name);
-        b.extend((shape.len() as u32).to_le_bytes());
-        for d in shape.iter().rev() {
-            b.extend((*d as u64).to_le_bytes());
-        }
-        b.extend(0u32.to_le_bytes()); // F32
-        b.extend(offset.to_le_bytes());
-        offset += (shape.iter().product::<usize>() * 4).div_ceil(32) as u64 * 32;
-    }
-    while !b.len().is_multiple_of(32) {
-        b.push(0);
-    }
-    for (_, _, vals) in tensors {
-        let start = b.len();
-        for v in vals {
-            b.extend(v.to_le_bytes());
-        }
-        while !(b.len() - start).is_multiple_of(32) {
-            b.push(0);
-        }
-    }
-    std::fs::write(path, b).unwrap();
-}
-
-fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (layer, part) = rest.split_once('.').unwrap();
-    let g = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        other => panic!("{other}"),
-    };
-    format!("blk.{layer}.{g}")
-}
-
 #[test]
 fn synthetic_gguf_imports_back_to_the_original_model_bit_for_bit() {
     let spec = FixtureSpec::default();
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = spec
-        .tensors(4)
-        .unwrap()
-        .into_iter()
-        .map(|(n, t)| {
-            let shape = t.dims().to_vec();
-            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            // llama.cpp's converter permutes Q and K for its interleaved RoPE.
-            if n.ends_with("q_proj.weight") {
-                v = permute_qk(&v, shape[0], shape[1], spec.heads);
-            } else if n.ends_with("k_proj.weight") {
-                v = permute_qk(&v, shape[0], shape[1], spec.kv_heads);
-            }
-            (gguf_name(&n), shape, v)
-        })
-        .collect();
-    let meta = [
-        ("general.architecture", Meta::Str("llama".into())),
-        ("llama.embedding_length", Meta::U32(64)),
-        ("llama.feed_forward_length", Meta::U32(160)),
-        ("llama.block_count", Meta::U32(2)),
-        ("llama.attention.head_count", Meta::U32(4)),
-        ("llama.attention.head_count_kv", Meta::U32(2)),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
-        ("llama.rope.freq_base", Meta::F32(10000.0)),
-        ("llama.context_length", Meta::U32(256)),
-        ("llama.vocab_size", Meta::U32(512)),
-        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
-        ("tokenizer.ggml.add_bos_token", Meta::Bool(true)),
-    ];
+    let tensors = fixture_tensors(4);
+    let meta = fixture_meta();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("tiny.gguf");
     write_gguf(&file, &meta, &tensors);
@@ -261,4 +143,206 @@ fn real_smollm2_weights_import_and_answer_sensibly() {
         "un-permuted weights should answer Paris, got {:?}",
         g.text
     );
+}
+
+/// The bytes of a GGUF v3 header holding `n_tensors`/`n_kv` as given, followed by `rest`.
+fn raw_gguf(n_tensors: u64, n_kv: u64, rest: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend(n_kv.to_le_bytes());
+    b.extend(rest);
+    b
+}
+
+/// `gguf::Gguf::parse`'s error on `bytes`, as text; panics if the bytes parse.
+fn parse_err(bytes: Vec<u8>) -> String {
+    let r = lorasft::gguf::Gguf::parse(Path::new("crafted.gguf"), bytes);
+    r.expect_err("crafted GGUF parsed").to_string()
+}
+
+/// Imports `meta` and `tensors` as a GGUF into a temp dir; the error and whether `out` exists.
+fn import_err(meta: &[(&str, Meta)], tensors: &[common::gguf_writer::F32Tensor]) -> (String, bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("crafted.gguf");
+    write_gguf(&file, meta, tensors);
+    let out = tmp.path().join("hf");
+    let e = gguf_import::import(&file, &out).expect_err("crafted GGUF imported");
+    (e.to_string(), out.exists())
+}
+
+fn with_meta(key: &'static str, v: Meta) -> Vec<(&'static str, Meta)> {
+    let mut m: Vec<_> = fixture_meta()
+        .into_iter()
+        .filter(|(k, _)| *k != key)
+        .collect();
+    m.push((key, v));
+    m
+}
+
+#[test]
+fn alignment_zero_is_an_error_in_both_gguf_commands() {
+    let mut meta = with_meta("general.alignment", Meta::U32(0));
+    meta.push(("tokenizer.ggml.model", Meta::Str("gpt2".into())));
+    let (e, out_exists) = import_err(&meta, &fixture_tensors(1));
+    assert!(e.contains("general.alignment"), "{e}");
+    assert!(!out_exists);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a.gguf");
+    write_gguf(&file, &meta, &[]);
+    let e = lorasft::tokenizer::from_gguf::convert(&file, &tmp.path().join("t.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("general.alignment") && e.contains("a.gguf"),
+        "{e}"
+    );
+}
+
+#[test]
+fn arrays_nested_a_million_deep_are_refused_without_overflowing_the_stack() {
+    let nested = |depth: usize| {
+        let mut rest = Vec::new();
+        common::gguf_writer::string(&mut rest, "deep");
+        rest.extend(9u32.to_le_bytes());
+        for _ in 0..depth - 1 {
+            rest.extend(9u32.to_le_bytes()); // element type: array
+            rest.extend(1u64.to_le_bytes()); // one element
+        }
+        rest.extend(4u32.to_le_bytes()); // innermost: u32
+        rest.extend(1u64.to_le_bytes());
+        rest.extend(7u32.to_le_bytes());
+        raw_gguf(0, 1, &rest)
+    };
+    let max = lorasft::gguf::MAX_NESTING;
+    let g = lorasft::gguf::Gguf::parse(Path::new("ok.gguf"), nested(max)).unwrap();
+    assert!(g.metadata["deep"].as_array().is_some());
+    for depth in [max + 1, 1_000_000] {
+        let e = parse_err(nested(depth));
+        assert!(e.contains("nested more than 8 deep"), "{e}");
+    }
+}
+
+#[test]
+fn head_count_zero_is_an_error_not_a_division_by_zero() {
+    let meta: Vec<_> = with_meta("llama.attention.head_count", Meta::U32(0))
+        .into_iter()
+        .filter(|(k, _)| *k != "llama.attention.head_count_kv")
+        .collect();
+    let (e, out_exists) = import_err(&meta, &fixture_tensors(1));
+    assert!(
+        e.contains("crafted.gguf") && e.contains("num_attention_heads"),
+        "{e}"
+    );
+    assert!(!out_exists);
+}
+
+#[test]
+fn one_dimensional_attn_q_is_a_shape_error_not_a_panic() {
+    let mut tensors = fixture_tensors(1);
+    let q = tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.attn_q.weight")
+        .unwrap();
+    q.1 = vec![q.2.len()];
+    let (e, _) = import_err(&fixture_meta(), &tensors);
+    assert!(
+        e.contains("blk.0.attn_q.weight") && e.contains("expected [64, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_dimension_product_that_overflows_is_an_error() {
+    let mut rest = Vec::new();
+    common::gguf_writer::string(&mut rest, "token_embd.weight");
+    rest.extend(3u32.to_le_bytes());
+    for d in [1u64 << 32, 1 << 32, 2] {
+        rest.extend(d.to_le_bytes());
+    }
+    rest.extend(0u32.to_le_bytes());
+    rest.extend(0u64.to_le_bytes());
+    let e = parse_err(raw_gguf(1, 0, &rest));
+    assert!(
+        e.contains("token_embd.weight") && e.contains("overflow"),
+        "{e}"
+    );
+}
+
+#[test]
+fn lengths_and_counts_beyond_the_file_are_refused_before_allocating() {
+    // Each count is checked against the bytes left, so the error is at the count itself.
+    let huge = u64::MAX / 2;
+    let e = parse_err(raw_gguf(0, huge, &[0; 64]));
+    assert!(e.contains("metadata key count"), "{e}");
+    let e = parse_err(raw_gguf(huge, 0, &[0; 64]));
+    assert!(e.contains("tensor count"), "{e}");
+    let mut rest = huge.to_le_bytes().to_vec(); // key length
+    rest.extend([b'k'; 64]);
+    let e = parse_err(raw_gguf(0, 1, &rest));
+    assert!(e.contains("string byte count"), "{e}");
+    let mut rest = Vec::new();
+    common::gguf_writer::string(&mut rest, "k");
+    rest.extend(9u32.to_le_bytes());
+    rest.extend(8u32.to_le_bytes()); // array of strings: at least 8 bytes each
+    rest.extend(8u64.to_le_bytes()); // 8 strings in 64 bytes: too many
+    rest.extend([0; 63]);
+    let e = parse_err(raw_gguf(0, 1, &rest));
+    assert!(e.contains("array element count 8"), "{e}");
+    let mut rest = Vec::new();
+    common::gguf_writer::string(&mut rest, "t");
+    rest.extend(u32::MAX.to_le_bytes()); // dimensions
+    rest.extend([0; 64]);
+    let e = parse_err(raw_gguf(1, 0, &rest));
+    assert!(e.contains("dimensions (at most 8"), "{e}");
+}
+
+#[test]
+fn gguf_without_the_llama_tensors_is_refused_and_writes_nothing() {
+    let (e, out_exists) = import_err(&fixture_meta(), &[]);
+    assert!(e.contains("missing tensor `token_embd.weight`"), "{e}");
+    assert!(!out_exists, "a refused import must not leave a directory");
+    let mut tensors = fixture_tensors(1);
+    tensors.retain(|t| t.0 != "blk.1.ffn_up.weight");
+    let (e, out_exists) = import_err(&fixture_meta(), &tensors);
+    assert!(e.contains("missing tensor `blk.1.ffn_up.weight`"), "{e}");
+    assert!(!out_exists);
+}
+
+#[test]
+fn vocabulary_errors_name_the_gguf_file_and_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let strs = |v: &[&str]| Meta::Array(v.iter().map(|s| Meta::Str(s.to_string())).collect());
+    let cases = [
+        // SentencePiece vocabulary with fewer scores than tokens.
+        vec![
+            ("tokenizer.ggml.model", Meta::Str("llama".into())),
+            ("tokenizer.ggml.tokens", strs(&["<unk>", "<s>", "</s>"])),
+            ("tokenizer.ggml.scores", Meta::Array(vec![Meta::F32(0.0)])),
+        ],
+        // Byte-level vocabulary with more token types than tokens (used to index past the end).
+        vec![
+            ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+            ("tokenizer.ggml.tokens", strs(&["a"])),
+            ("tokenizer.ggml.merges", strs(&[])),
+            (
+                "tokenizer.ggml.token_type",
+                Meta::Array(vec![Meta::I32(3), Meta::I32(3), Meta::I32(3)]),
+            ),
+        ],
+        // A merge that is not two tokens.
+        vec![
+            ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+            ("tokenizer.ggml.tokens", strs(&["a", "b"])),
+            ("tokenizer.ggml.merges", strs(&["ab"])),
+        ],
+    ];
+    for (i, meta) in cases.into_iter().enumerate() {
+        let file = tmp.path().join(format!("vocab{i}.gguf"));
+        write_gguf(&file, &meta, &[]);
+        let e = lorasft::tokenizer::from_gguf::convert(&file, &tmp.path().join("t.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("vocab{i}.gguf")), "case {i}: {e}");
+    }
 }

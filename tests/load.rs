@@ -191,3 +191,123 @@ fn rope_theta_is_read_from_either_place_and_never_guessed() {
     let cfg = lorasft::model::LlamaConfig::from_file(&path).unwrap();
     assert_eq!(cfg.shape().unwrap().rope_theta, 500000.0);
 }
+
+/// The default fixture's config.json with `key` set to `value`, written into `dir`.
+fn config_with(dir: &Path, key: &str, value: serde_json::Value) {
+    let mut v = serde_json::to_value(FixtureSpec::default().config()).unwrap();
+    v.as_object_mut().unwrap().insert(key.into(), value);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+}
+
+#[test]
+fn config_sizes_are_refused_before_any_allocation_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    FixtureSpec::default().write(3, dir.path()).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 10] = [
+        (
+            "num_hidden_layers",
+            1_000_000_000_000u64.into(),
+            "limit of 4096",
+        ),
+        (
+            "max_position_embeddings",
+            1_000_000_000_000u64.into(),
+            "limit of 16777216",
+        ),
+        ("max_position_embeddings", 0.into(), "must be positive"),
+        ("hidden_size", 1_000_000_000_000u64.into(), "2^40"),
+        ("intermediate_size", (1u64 << 62).into(), "2^40"),
+        ("vocab_size", (1u64 << 62).into(), "2^40"),
+        ("head_dim", 0.into(), "must be positive"),
+        ("head_dim", (1u64 << 40).into(), "2^40"),
+        ("num_attention_heads", 6.into(), "not divisible"),
+        (
+            "num_key_value_heads",
+            3.into(),
+            "multiple of num_key_value_heads",
+        ),
+    ];
+    for (key, value, why) in cases {
+        config_with(dir.path(), key, value.clone());
+        // The whole load path, so a config that slipped through would allocate (and abort).
+        let err = match load(dir.path()) {
+            Ok(_) => panic!("{key} = {value} loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("config.json") && err.contains(key) && err.contains(why),
+            "{key} = {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_path_like_model_spec_is_a_directory_and_a_hub_id_is_not() {
+    for spec in [
+        "./no-such-model",
+        "/no/such/model",
+        "~/models/x",
+        "a/b/c",
+        "src/no-such",
+    ] {
+        assert_eq!(
+            ModelSource::parse(spec),
+            ModelSource::Dir(spec.into()),
+            "{spec} looks like a path"
+        );
+        let err = lorasft::model::load::resolve_config(&ModelSource::parse(spec))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, format!("no such model directory: {spec}"));
+    }
+    for spec in [
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "gpt2",
+        "HuggingFaceTB/SmolLM2-135M",
+    ] {
+        assert_eq!(
+            ModelSource::parse(spec),
+            ModelSource::Hub(spec.into()),
+            "{spec}"
+        );
+    }
+    // An existing file is a path too, and not a directory.
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let err = lorasft::model::load::resolve_config(&ModelSource::parse(file))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("no such model directory") && err.contains("it is a file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn adapter_config_errors_name_the_file() {
+    use lorasft::adapter::{AdapterConfig, TargetModules};
+    let lora = lorasft::model::LoraConfig::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter_config.json");
+    let write =
+        |c: &AdapterConfig| std::fs::write(&path, serde_json::to_string(c).unwrap()).unwrap();
+    let mut c = AdapterConfig::from_lora(&lora, "base");
+    c.r = 0;
+    write(&c);
+    let err = lorasft::adapter::read_config(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(path.to_str().unwrap()) && err.contains("r must be"),
+        "{err}"
+    );
+    let mut c = AdapterConfig::from_lora(&lora, "base");
+    c.target_modules = TargetModules::List(vec!["q_proj".into(), "qkv".into()]);
+    write(&c);
+    let err = lorasft::adapter::read_config(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(path.to_str().unwrap()) && err.contains("\"qkv\""),
+        "{err}"
+    );
+}

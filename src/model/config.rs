@@ -130,6 +130,14 @@ pub struct ModelShape {
     pub max_positions: usize,
 }
 
+/// The most decoder layers a config may ask for (`num_hidden_layers`).
+pub const MAX_LAYERS: usize = 4096;
+/// The longest context a config may ask for (`max_position_embeddings`): 2^24 positions.
+pub const MAX_POSITIONS: usize = 1 << 24;
+/// The most bytes the f32 base parameters, or the f32 RoPE tables, may take: 2^40 (1 TiB).
+/// Anything larger is refused at load, before any allocation, rather than aborting on one.
+pub const MAX_BYTES: u64 = 1 << 40;
+
 impl LlamaConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -151,6 +159,85 @@ impl LlamaConfig {
             .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.rope_theta))
     }
 
+    /// Refuses zero sizes and sizes whose products do not fit in memory ([`MAX_LAYERS`],
+    /// [`MAX_POSITIONS`], [`MAX_BYTES`]); every product is computed with checked arithmetic.
+    fn check_sizes(
+        &self,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> std::result::Result<(), String> {
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        for (name, v, max) in [
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ] {
+            if v > max {
+                return Err(format!("{name} ({v}) is over the limit of {max}"));
+            }
+        }
+        let too_big = |what: &str| {
+            format!(
+                "{what} would take more than {MAX_BYTES} bytes (2^40) in f32; refusing to allocate it"
+            )
+        };
+        let param_bytes = self
+            .param_count(heads, kv_heads, head_dim)
+            .and_then(|p| p.checked_mul(4));
+        if param_bytes.is_none_or(|b| b > MAX_BYTES) {
+            return Err(too_big(
+                "the parameters (from hidden_size, intermediate_size, num_hidden_layers, \
+                 num_attention_heads, num_key_value_heads, head_dim and vocab_size)",
+            ));
+        }
+        let rope = (self.max_position_embeddings as u64)
+            .checked_mul(head_dim as u64)
+            .and_then(|n| n.checked_mul(8));
+        if rope.is_none_or(|b| b > MAX_BYTES) {
+            return Err(too_big(
+                "the RoPE tables (from max_position_embeddings and the head dim)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The base parameter count, or `None` if it overflows a `u64`.
+    fn param_count(&self, heads: usize, kv_heads: usize, head_dim: usize) -> Option<u64> {
+        let [h, i, v] =
+            [self.hidden_size, self.intermediate_size, self.vocab_size].map(|x| x as u64);
+        let q = (heads as u64).checked_mul(head_dim as u64)?;
+        let kv = (kv_heads as u64).checked_mul(head_dim as u64)?;
+        // q_proj and o_proj, k_proj and v_proj, the three MLP matrices, two norms.
+        let attn = q.checked_mul(h)?.checked_mul(2)?;
+        let kv_w = kv.checked_mul(h)?.checked_mul(2)?;
+        let mlp = i.checked_mul(h)?.checked_mul(3)?;
+        let layer = attn
+            .checked_add(kv_w)?
+            .checked_add(mlp)?
+            .checked_add(2 * h)?;
+        let embed = v
+            .checked_mul(h)?
+            .checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        layer
+            .checked_mul(self.num_hidden_layers as u64)?
+            .checked_add(embed)?
+            .checked_add(h)
+    }
+
     /// Validates the config and derives the sizes the model uses.
     pub fn shape(&self) -> std::result::Result<ModelShape, String> {
         let heads = self.num_attention_heads;
@@ -159,6 +246,9 @@ impl LlamaConfig {
             return Err(format!(
                 "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
             ));
+        }
+        if let Some(0) = self.head_dim {
+            return Err("head_dim must be positive".to_string());
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
@@ -197,16 +287,7 @@ impl LlamaConfig {
         if self.attention_bias || self.mlp_bias {
             return Err("attention_bias / mlp_bias are not implemented".to_string());
         }
-        for (name, v) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("vocab_size", self.vocab_size),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        self.check_sizes(heads, kv_heads, head_dim)?;
         Ok(ModelShape {
             hidden: self.hidden_size,
             intermediate: self.intermediate_size,

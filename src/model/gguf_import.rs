@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorInfo, Value};
-use crate::model::config::{LlamaConfig, TokenIds};
+use crate::model::config::{LlamaConfig, ModelShape, TokenIds};
 
 /// Bytes per block and values per block of a ggml type, when supported.
 fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
@@ -34,7 +34,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ggml_type: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let (bsize, bvals) = block_layout(ggml_type)
         .ok_or_else(|| Error::Invalid(format!("ggml type {ggml_type} is not supported")))?;
-    if !n.is_multiple_of(bvals) || bytes.len() < n / bvals * bsize {
+    let needed = (n / bvals).checked_mul(bsize);
+    if !n.is_multiple_of(bvals) || needed.is_none_or(|b| bytes.len() < b) {
         return Err(Error::Invalid(format!(
             "{n} values of ggml type {ggml_type} do not fit {} bytes",
             bytes.len()
@@ -195,58 +196,81 @@ pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig> {
     })
 }
 
+/// llama.cpp names of the model-wide tensors and their transformers names.
+const FIXED_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp names of a block's tensors (after `blk.{i}.`) and their transformers names
+/// (after `model.layers.{i}.`).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
 /// The transformers name of a llama.cpp tensor name.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, hf)) = FIXED_NAMES.iter().find(|(g, _)| *g == gguf_name) {
+        return Some(hf.to_string());
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
+/// The llama.cpp name of a transformers tensor name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = FIXED_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == part)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
 fn tensor_f32(g: &Gguf, t: &TensorInfo) -> Result<(Vec<f32>, Vec<usize>)> {
-    let n: usize = t.dims.iter().product::<u64>() as usize;
-    let (bsize, bvals) = block_layout(t.ggml_type).ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: tensor `{}` has unsupported ggml type {}",
-            g.path.display(),
-            t.name,
-            t.ggml_type
-        ))
-    })?;
-    let bytes = g.tensor_bytes(t, n / bvals * bsize)?;
-    let vals = dequantize(t.ggml_type, bytes, n)?;
+    let bad =
+        |msg: String| Error::Invalid(format!("{}: tensor `{}` {msg}", g.path.display(), t.name));
+    let (bsize, bvals) = block_layout(t.ggml_type)
+        .ok_or_else(|| bad(format!("has unsupported ggml type {}", t.ggml_type)))?;
+    let n = t
+        .elements()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            bad(format!(
+                "dimensions {:?} overflow the element count",
+                t.dims
+            ))
+        })?;
+    let len = (n / bvals)
+        .checked_mul(bsize)
+        .ok_or_else(|| bad(format!("dimensions {:?} overflow the byte count", t.dims)))?;
+    // The bytes are checked to lie in the file before anything is allocated for the values.
+    let bytes = g.tensor_bytes(t, len)?;
+    let vals = dequantize(t.ggml_type, bytes, n).map_err(|e| bad(e.to_string()))?;
     // GGUF lists dims fastest-first; transformers' shape is the reverse.
     let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
     Ok((vals, shape))
 }
 
-/// Reads every tensor of a GGUF Llama as transformers-named f32 tensors, Q/K un-permuted.
-pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
-    let cfg = config_from_gguf(g)?;
-    let heads = cfg.num_attention_heads;
-    let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-    let mut out = HashMap::new();
+/// The GGUF tensors by transformers name, checked against the shape the metadata describe:
+/// every tensor a Llama needs is present (the first missing one is named) with the expected
+/// dimensions, and no tensor is left over. Nothing is read or allocated before this passes.
+fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, &'g TensorInfo)>> {
+    let mut by_name = HashMap::new();
     for t in &g.tensors {
         let name = hf_name(&t.name).ok_or_else(|| {
             Error::Invalid(format!(
@@ -255,32 +279,95 @@ pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)
                 t.name
             ))
         })?;
-        let (mut vals, shape) = tensor_f32(g, t)?;
-        if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
-            let h = if name.ends_with("q_proj.weight") {
-                heads
-            } else {
-                kv_heads
-            };
-            vals = unpermute_qk(&vals, shape[0], shape[1], h);
+        by_name.insert(name, t);
+    }
+    let mut out = Vec::new();
+    for (name, expected) in shape.tensor_specs() {
+        let gname = gguf_name(&name).unwrap_or_else(|| name.clone());
+        let t = by_name.remove(&name).ok_or_else(|| Error::MissingTensor {
+            path: g.path.clone(),
+            name: gname.clone(),
+            expected: expected.clone(),
+        })?;
+        let found: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if found != expected {
+            return Err(Error::ShapeMismatch {
+                path: g.path.clone(),
+                name: gname,
+                expected,
+                found,
+            });
         }
-        out.insert(name, Tensor::from_vec(vals, shape, &Device::Cpu)?);
+        out.push((name, t));
+    }
+    if let Some(extra) = by_name.values().map(|t| &t.name).min() {
+        return Err(Error::Invalid(format!(
+            "{}: tensor `{extra}` is not part of the Llama its metadata describe",
+            g.path.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Reads every tensor of a GGUF Llama as transformers-named f32 tensors, Q/K un-permuted.
+/// The metadata must describe a valid Llama and the tensors must be exactly its tensors.
+pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    let cfg = config_from_gguf(g)?;
+    let shape = cfg.shape().map_err(|msg| {
+        Error::Invalid(format!(
+            "{}: the llama.* metadata describe an invalid model: {msg}",
+            g.path.display()
+        ))
+    })?;
+    let mut out = HashMap::new();
+    for (name, t) in tensor_directory(g, &shape)? {
+        let (mut vals, dims) = tensor_f32(g, t)?;
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(shape.heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(shape.kv_heads)
+        } else {
+            None
+        };
+        if let Some(h) = heads {
+            vals = unpermute_qk(&vals, dims[0], dims[1], h);
+        }
+        out.insert(name, Tensor::from_vec(vals, dims, &Device::Cpu)?);
     }
     Ok((cfg, out))
 }
 
 /// Imports a GGUF Llama into `out`: config.json, model.safetensors (f32), and the converted
 /// tokenizer.json + tokenizer_config.json, so the directory is a complete model.
+///
+/// Everything is read and checked before `out` is created; if writing fails after that, an
+/// `out` this call created is removed again, so a refused import leaves no directory behind.
 pub fn import(gguf: &Path, out: &Path) -> Result<LlamaConfig> {
     let g = Gguf::read(gguf)?;
     let (cfg, tensors) = import_tensors(&g)?;
+    let existed = out.exists();
+    let written = write_import(&g, &cfg, &tensors, gguf, out);
+    if written.is_err() && !existed {
+        // Best effort: the write error is the one worth reporting.
+        let _ = std::fs::remove_dir_all(out);
+    }
+    written.map(|()| cfg)
+}
+
+fn write_import(
+    g: &Gguf,
+    cfg: &LlamaConfig,
+    tensors: &HashMap<String, Tensor>,
+    gguf: &Path,
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let cfg_path = out.join("config.json");
-    let json = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+    candle_core::safetensors::save(tensors, out.join("model.safetensors"))?;
     if g.metadata.contains_key("tokenizer.ggml.model") {
         crate::tokenizer::from_gguf::convert(gguf, &out.join("tokenizer.json"))?;
     }
-    Ok(cfg)
+    Ok(())
 }

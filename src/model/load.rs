@@ -24,15 +24,33 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// A directory if `spec` names one, else a hub id.
+    /// A local directory if `spec` looks like a path, else a hub id.
+    ///
+    /// A hub id is `name` or `owner/name`, so a `/` alone does not make a path. `spec` is a
+    /// path when it exists locally, starts with `.`, `/`, `~` or a backslash, contains a
+    /// backslash, has more than one `/`, or when its first component exists locally
+    /// (`models/foo` with a `models/` beside you). A path that is not a directory is reported
+    /// by [`resolve_config`] as "no such model directory", never looked up on the hub.
     pub fn parse(spec: &str) -> Self {
-        let p = Path::new(spec);
-        if p.is_dir() {
-            ModelSource::Dir(p.to_path_buf())
+        if looks_like_path(spec) {
+            ModelSource::Dir(PathBuf::from(spec))
         } else {
             ModelSource::Hub(spec.to_string())
         }
     }
+}
+
+/// The rule of [`ModelSource::parse`].
+fn looks_like_path(spec: &str) -> bool {
+    let p = Path::new(spec);
+    p.exists()
+        || spec.starts_with(['.', '/', '~', '\\'])
+        || spec.contains('\\')
+        || spec.matches('/').count() > 1
+        || spec
+            .split('/')
+            .next()
+            .is_some_and(|first| spec.contains('/') && Path::new(first).exists())
 }
 
 impl std::fmt::Display for ModelSource {
@@ -56,6 +74,7 @@ pub struct ModelFiles {
 /// Resolves the config file only (for `inspect --config-only`).
 pub fn resolve_config(source: &ModelSource) -> Result<PathBuf> {
     match source {
+        ModelSource::Dir(dir) if !dir.is_dir() => Err(Error::NoModelDir { path: dir.clone() }),
         ModelSource::Dir(dir) => existing(dir.join("config.json")),
         ModelSource::Hub(id) => hub_file(id, "config.json"),
     }

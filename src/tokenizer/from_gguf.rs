@@ -115,8 +115,21 @@ pub fn byte_level_vocab(g: &Gguf) -> Result<ByteLevelVocab> {
     })
 }
 
-/// The `tokenizer.json` document for a GGUF file's vocabulary.
+/// An error about `g`'s vocabulary, prefixed with the file's path unless it names it already.
+fn in_file(g: &Gguf, e: Error) -> Error {
+    let path = g.path.display().to_string();
+    match e {
+        Error::Invalid(msg) if !msg.starts_with(&path) => Error::Invalid(format!("{path}: {msg}")),
+        other => other,
+    }
+}
+
+/// The `tokenizer.json` document for a GGUF file's vocabulary; every error names the file.
 pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
+    vocab_json(g).map_err(|e| in_file(g, e))
+}
+
+fn vocab_json(g: &Gguf) -> Result<Json> {
     let model = g
         .get("tokenizer.ggml.model")?
         .as_str()
@@ -170,12 +183,8 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<usize> {
     let n = json["model"]["vocab"].as_object().map_or(0, |v| v.len());
     let text = serde_json::to_string(&json).map_err(|e| Error::Invalid(e.to_string()))?;
     // Make sure the tokenizers crate accepts what we wrote before handing it out.
-    tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
-        Error::Invalid(format!(
-            "{}: converted tokenizer does not load: {e}",
-            gguf.display()
-        ))
-    })?;
+    crate::tokenizer::from_json(&text, gguf)
+        .map_err(|e| Error::Invalid(format!("converted tokenizer does not load: {e}")))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }

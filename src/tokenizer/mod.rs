@@ -14,6 +14,34 @@ use crate::error::{Error, Result};
 
 /// Loads a `tokenizer.json`, with an error naming the file.
 pub fn load(path: &Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| Error::Invalid(format!("{}: cannot load tokenizer: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    from_json(&text, path)
+}
+
+/// Parses `tokenizer.json` text read from (or written for) `path`, with errors naming it.
+///
+/// The `tokenizers` crate panics on some malformed documents (its decoder deserializer
+/// unwraps a parse error), so the JSON syntax is checked first and the crate's parser runs
+/// under `catch_unwind`: a hostile file is an error, never a crash.
+pub fn from_json(text: &str, path: &Path) -> Result<tokenizers::Tokenizer> {
+    let fail =
+        |msg: String| Error::Invalid(format!("{}: cannot load tokenizer: {msg}", path.display()));
+    serde_json::from_str::<serde_json::Value>(text).map_err(|e| fail(e.to_string()))?;
+    let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    match parsed {
+        Ok(tokenizer) => tokenizer.map_err(|e| fail(e.to_string())),
+        Err(panic) => Err(fail(format!(
+            "the tokenizers crate panicked: {}",
+            panic_text(panic.as_ref())
+        ))),
+    }
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".to_string())
 }

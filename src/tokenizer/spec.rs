@@ -285,6 +285,13 @@ pub struct ByteLevelVocab {
 impl ByteLevelVocab {
     /// The `tokenizer.json` document.
     pub fn to_json(&self) -> Result<Value> {
+        if self.kinds.len() != self.tokens.len() {
+            return Err(Error::Invalid(format!(
+                "vocabulary has {} tokens but {} kinds",
+                self.tokens.len(),
+                self.kinds.len()
+            )));
+        }
         let ids: HashMap<&str, usize> = self
             .tokens
             .iter()

@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture models and an independent, plain-Rust f64 Llama forward.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
