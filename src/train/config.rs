@@ -324,6 +324,15 @@ impl TrainConfig {
                 .expect("parsed key");
             let mut cur = &mut v;
             let parts: Vec<&str> = key.trim().split('.').collect();
+            // No config key is deeper than three tables; refusing deeper keys also bounds the
+            // nesting (and so the recursion) of the tables built below.
+            if parts.len() > MAX_KEY_DEPTH {
+                return Err(Error::Invalid(format!(
+                    "override {:?}: key has {} parts; config keys have at most {MAX_KEY_DEPTH}",
+                    key.chars().take(80).collect::<String>(),
+                    parts.len()
+                )));
+            }
             for (i, p) in parts.iter().enumerate() {
                 let table = cur.as_table_mut().ok_or_else(|| {
                     Error::Invalid(format!("override {o:?}: `{p}` is not a table"))
@@ -477,6 +486,8 @@ impl TrainConfig {
 pub const MAX_BATCH: usize = 65_536;
 /// The most steps, epochs, or steps between logs, evaluations and checkpoints (10^9).
 pub const MAX_COUNT: usize = 1_000_000_000;
+/// The most dotted parts a `--set` key may have (`encode.padding.multiple_of` has 3).
+pub const MAX_KEY_DEPTH: usize = 8;
 /// The largest LoRA rank (`lora.r`).
 pub const MAX_LORA_R: usize = 4096;
 
