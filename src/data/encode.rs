@@ -115,14 +115,13 @@ impl EncodeConfig {
         if let Padding::Longest {
             multiple_of: Some(m),
         } = self.padding
+            && !(1..=self.max_len).contains(&m)
         {
-            if !(1..=self.max_len).contains(&m) {
-                return Err(Error::Invalid(format!(
-                    "encode.padding.multiple_of (--pad-to-multiple-of) must be in 1..={} \
-                     (at most encode.max_len), got {m}",
-                    self.max_len
-                )));
-            }
+            return Err(Error::Invalid(format!(
+                "encode.padding.multiple_of (--pad-to-multiple-of) must be in 1..={} \
+                 (at most encode.max_len), got {m}",
+                self.max_len
+            )));
         }
         Ok(())
     }
