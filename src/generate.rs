@@ -48,6 +48,48 @@ impl Default for GenerateConfig {
     }
 }
 
+/// The most new tokens one generation may ask for (`generate.max_new_tokens`,
+/// `--max-new-tokens`): 1 Mi, past any model's positions.
+pub const MAX_NEW_TOKENS_LIMIT: usize = 1 << 20;
+
+impl Sampling {
+    /// Rejects a temperature that is not finite and > 0, or a `top_p` outside (0, 1]. Each
+    /// error names the TOML key and the command-line flag.
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Sampling::Greedy => Ok(()),
+            Sampling::TopP { temperature, top_p } => {
+                if !(temperature.is_finite() && temperature > 0.0) {
+                    return Err(Error::Invalid(format!(
+                        "generate.sampling.temperature (--temperature) must be finite and > 0, \
+                         got {temperature}"
+                    )));
+                }
+                if !(top_p > 0.0 && top_p <= 1.0) {
+                    return Err(Error::Invalid(format!(
+                        "generate.sampling.top_p (--top-p) must be in (0, 1], got {top_p}"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl GenerateConfig {
+    /// Rejects `max_new_tokens` above [`MAX_NEW_TOKENS_LIMIT`] and an invalid sampling rule.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(Error::Invalid(format!(
+                "generate.max_new_tokens (--max-new-tokens) must be in 0..={MAX_NEW_TOKENS_LIMIT}, \
+                 got {}",
+                self.max_new_tokens
+            )));
+        }
+        self.sampling.validate()
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
@@ -80,11 +122,7 @@ pub fn pick(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> Result<u32> {
             })
             .0 as u32),
         Sampling::TopP { temperature, top_p } => {
-            if temperature <= 0.0 || !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(Error::Invalid(format!(
-                    "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
-                )));
-            }
+            sampling.validate()?;
             let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
             let mut probs: Vec<(usize, f64)> = logits
                 .iter()
@@ -121,6 +159,7 @@ pub fn generate(
     eos: &[u32],
     cfg: &GenerateConfig,
 ) -> Result<Generation> {
+    cfg.validate()?;
     let enc = tokenizer
         .encode(prompt, true)
         .map_err(|e| Error::Invalid(format!("tokenizer failed: {e}")))?;

@@ -105,7 +105,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fixture(FixtureCommand::TinyLlama(a)) => {
-            a.spec().write(a.seed, &a.out)?;
+            a.spec()?.write(a.seed, &a.out)?;
             println!("wrote {} (seed {})", a.out.display(), a.seed);
         }
         Command::Inspect(a) => commands::inspect(&a, &mut std::io::stdout())?,

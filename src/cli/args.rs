@@ -8,11 +8,61 @@ use clap::{Args, Subcommand};
 use crate::bench::suite::Suite;
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide};
 use crate::device::{DeviceSpec, Precision};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::fixture::{BenchShape, FixtureDtype, FixtureSpec};
 use crate::model::load::DEFAULT_HUB_ID;
 use crate::model::lora::LoraConfig;
 use crate::train::config::ConfigSource;
+
+/// A clap value parser for a count in `LO..=HI`: the error states the allowed range, and clap
+/// names the flag and exits with status 2 before anything runs.
+pub fn count<const LO: usize, const HI: usize>(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e}: expected an integer in {LO}..={HI}"))?;
+    if (LO..=HI).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be in {LO}..={HI}, got {n}"))
+    }
+}
+
+/// A clap value parser for a finite number > 0.
+pub fn positive(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e}: expected a number"))?;
+    if x.is_finite() && x > 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("must be a finite number > 0, got {x}"))
+    }
+}
+
+/// A clap value parser for a share in (0, 1].
+pub fn share(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e}: expected a number"))?;
+    if x > 0.0 && x <= 1.0 {
+        Ok(x)
+    } else {
+        Err(format!("must be in (0, 1], got {x}"))
+    }
+}
+
+/// The most steps `--max-steps` and `--steps` accept (10^9).
+const MAX_STEPS: usize = 1_000_000_000;
+/// The most rows per batch `--batch-size` accepts.
+const MAX_BATCH: usize = 65_536;
+/// The longest lengths `--max-len`, `--pad-to-multiple-of`, `--max-new-tokens`,
+/// `--gen-tokens` and `--max-positions` accept (1 Mi).
+const MAX_LEN: usize = crate::data::encode::MAX_LEN_LIMIT;
+/// The most elements a generated fixture model may hold (2^30, 4 GiB in f32).
+const MAX_FIXTURE_PARAMS: u64 = 1 << 30;
 
 /// `lorasft train`.
 #[derive(Args)]
@@ -27,7 +77,7 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Sets `train.max_steps`.
-    #[arg(long)]
+    #[arg(long, value_parser = count::<1, MAX_STEPS>)]
     pub max_steps: Option<usize>,
     /// Sets `run.name`.
     #[arg(long)]
@@ -120,7 +170,7 @@ pub struct ModelArgs {
 #[derive(Args)]
 pub struct EncodeArgs {
     /// Longest row in tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = count::<2, MAX_LEN>)]
     pub max_len: usize,
     /// Label policy.
     #[arg(long, value_enum, default_value_t = LabelPolicy::InputIds)]
@@ -128,8 +178,8 @@ pub struct EncodeArgs {
     /// Padding: `max-length` or `longest`.
     #[arg(long, default_value = "max-length", value_parser = ["max-length", "longest"])]
     pub padding: String,
-    /// With `--padding longest`, round the length up to a multiple of this.
-    #[arg(long)]
+    /// With `--padding longest`, round the length up to a multiple of this (at most --max-len).
+    #[arg(long, value_parser = count::<1, MAX_LEN>)]
     pub pad_to_multiple_of: Option<usize>,
     /// Padding side.
     #[arg(long, value_enum, default_value_t = PaddingSide::Right)]
@@ -140,9 +190,14 @@ pub struct EncodeArgs {
 }
 
 impl EncodeArgs {
-    /// The encoding these flags describe.
-    pub fn config(&self) -> EncodeConfig {
-        EncodeConfig {
+    /// The encoding these flags describe, validated (`EncodeConfig::validate`).
+    pub fn config(&self) -> Result<EncodeConfig> {
+        if self.pad_to_multiple_of.is_some() && self.padding != "longest" {
+            return Err(Error::Invalid(
+                "--pad-to-multiple-of applies only with --padding longest".into(),
+            ));
+        }
+        let cfg = EncodeConfig {
             max_len: self.max_len,
             padding: if self.padding == "longest" {
                 Padding::Longest {
@@ -154,7 +209,9 @@ impl EncodeArgs {
             padding_side: self.padding_side,
             labels: self.labels,
             eos: self.eos,
-        }
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
@@ -171,7 +228,7 @@ pub struct EvalArgs {
     /// Encoding.
     pub encode: EncodeArgs,
     /// Rows per batch.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count::<1, MAX_BATCH>)]
     pub batch_size: usize,
     /// Write per-record losses as JSON to this file.
     #[arg(long)]
@@ -194,13 +251,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub input: Option<String>,
     /// Most new tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = count::<1, MAX_LEN>)]
     pub max_new_tokens: usize,
     /// Sample with this temperature (greedy when absent).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub temperature: Option<f64>,
     /// Nucleus mass for sampling.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = share)]
     pub top_p: f64,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -244,7 +301,7 @@ pub enum TokenizerCommand {
         #[arg(long)]
         data: PathBuf,
         /// Vocabulary size.
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = count::<260, MAX_LEN>)]
         vocab: usize,
         /// Output tokenizer.json path.
         #[arg(long)]
@@ -265,7 +322,7 @@ pub struct StatsArgs {
     /// Encoding.
     pub encode: EncodeArgs,
     /// Rows per batch when padding to the longest (batches in file order).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<1, MAX_BATCH>)]
     pub batch_size: usize,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -282,25 +339,25 @@ pub struct TinyLlamaArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Residual width.
-    #[arg(long, default_value_t = FixtureSpec::default().hidden)]
+    #[arg(long, default_value_t = FixtureSpec::default().hidden, value_parser = count::<1, 65_536>)]
     pub hidden: usize,
     /// MLP width.
-    #[arg(long, default_value_t = FixtureSpec::default().intermediate)]
+    #[arg(long, default_value_t = FixtureSpec::default().intermediate, value_parser = count::<1, 262_144>)]
     pub intermediate: usize,
     /// Decoder layers.
-    #[arg(long, default_value_t = FixtureSpec::default().layers)]
+    #[arg(long, default_value_t = FixtureSpec::default().layers, value_parser = count::<1, 1024>)]
     pub layers: usize,
     /// Query heads.
-    #[arg(long, default_value_t = FixtureSpec::default().heads)]
+    #[arg(long, default_value_t = FixtureSpec::default().heads, value_parser = count::<1, 1024>)]
     pub heads: usize,
     /// Key/value heads.
-    #[arg(long, default_value_t = FixtureSpec::default().kv_heads)]
+    #[arg(long, default_value_t = FixtureSpec::default().kv_heads, value_parser = count::<1, 1024>)]
     pub kv_heads: usize,
     /// Vocabulary size.
-    #[arg(long, default_value_t = FixtureSpec::default().vocab)]
+    #[arg(long, default_value_t = FixtureSpec::default().vocab, value_parser = count::<1, MAX_LEN>)]
     pub vocab: usize,
     /// Longest position.
-    #[arg(long, default_value_t = FixtureSpec::default().max_positions)]
+    #[arg(long, default_value_t = FixtureSpec::default().max_positions, value_parser = count::<1, MAX_LEN>)]
     pub max_positions: usize,
     /// Tie lm_head to the embedding.
     #[arg(long)]
@@ -311,9 +368,10 @@ pub struct TinyLlamaArgs {
 }
 
 impl TinyLlamaArgs {
-    /// The fixture shape these flags describe.
-    pub fn spec(&self) -> FixtureSpec {
-        FixtureSpec {
+    /// The fixture shape these flags describe, validated before anything is written: a
+    /// consistent shape of at most 2^30 parameters.
+    pub fn spec(&self) -> Result<FixtureSpec> {
+        let spec = FixtureSpec {
             hidden: self.hidden,
             intermediate: self.intermediate,
             layers: self.layers,
@@ -324,7 +382,16 @@ impl TinyLlamaArgs {
             tied: self.tied,
             dtype: self.dtype,
             ..FixtureSpec::default()
+        };
+        let shape = spec.config().shape().map_err(Error::Invalid)?;
+        if shape.base_params() > MAX_FIXTURE_PARAMS {
+            return Err(Error::Invalid(format!(
+                "a fixture of {} parameters is over the limit of {MAX_FIXTURE_PARAMS}: \
+                 lower --hidden, --intermediate, --layers or --vocab",
+                shape.base_params()
+            )));
         }
+        Ok(spec)
     }
 }
 
@@ -338,10 +405,10 @@ pub struct InspectArgs {
     #[arg(long)]
     pub config_only: bool,
     /// LoRA rank.
-    #[arg(long, default_value_t = LoraConfig::default().r)]
+    #[arg(long, default_value_t = LoraConfig::default().r, value_parser = count::<1, 4096>)]
     pub r: usize,
     /// LoRA alpha.
-    #[arg(long, default_value_t = LoraConfig::default().alpha)]
+    #[arg(long, default_value_t = LoraConfig::default().alpha, value_parser = positive)]
     pub alpha: f64,
     /// Comma-separated target modules, or `all-linear`.
     #[arg(long, default_value = "q_proj,v_proj")]
@@ -373,13 +440,13 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values = ["tiny", "smollm2"])]
     pub shapes: Vec<BenchShape>,
     /// Thread counts; each (shape, threads) pair runs in a fresh process.
-    #[arg(long, value_delimiter = ',', default_values = ["1", "2"])]
+    #[arg(long, value_delimiter = ',', default_values = ["1", "2"], value_parser = count::<1, 1024>)]
     pub threads: Vec<usize>,
     /// Timed steps per shape (after one warm-up step); the table gives the median.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count::<1, MAX_STEPS>)]
     pub steps: usize,
     /// New tokens for the generation figure.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = count::<0, MAX_LEN>)]
     pub gen_tokens: usize,
     /// Seed of the weights and the batch.
     #[arg(long, default_value_t = 0)]
@@ -394,7 +461,7 @@ pub struct BenchArgs {
     pub against: Option<String>,
     /// Rounds of the whole run; with --against, the order of the pair alternates per round
     /// and the table gives medians over rounds.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<1, 1000>)]
     pub rounds: usize,
     /// Also write every row as JSON lines here.
     #[arg(long)]

@@ -60,8 +60,9 @@ pub struct EvalOutput {
 /// Mean loss over a dataset; with `--per-record`, every record is its own batch and its loss
 /// is written there (the totals are summed from those same losses).
 pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
+    let cfg = a.encode.config()?;
     let m = load(&a.m)?;
-    let enc = Encoder::from_file(&m.tokenizer, a.encode.config())?;
+    let enc = Encoder::from_file(&m.tokenizer, cfg)?;
     let ds = dataset::load(&a.data)?;
     let examples = ds
         .records
@@ -115,9 +116,6 @@ pub struct Answer {
 
 /// Generates for each `--prompt`, or each `--instruction` in the reference template.
 pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
-    let m = load(&a.m)?;
-    let enc = Encoder::from_file(&m.tokenizer, EncodeConfig::default())?;
-    let eos = m.base.eos_ids(enc.special_ids().eos);
     let prompts: Vec<String> = if a.instruction.is_empty() {
         a.prompt.clone()
     } else {
@@ -142,6 +140,10 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
         },
         seed: a.seed,
     };
+    cfg.validate()?;
+    let m = load(&a.m)?;
+    let enc = Encoder::from_file(&m.tokenizer, EncodeConfig::default())?;
+    let eos = m.base.eos_ids(enc.special_ids().eos);
     let compare = a.compare && a.m.adapter.is_some();
     prompts
         .into_iter()
@@ -203,8 +205,9 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn std::io::Write) -> Result<()> {
 
 /// Statistics of a dataset under an encoding, and the seconds encoding took.
 pub fn stats(a: &StatsArgs) -> Result<(DataStats, Encoder, f64)> {
+    let cfg = a.encode.config()?;
     let ds = dataset::load(&a.data)?;
-    let enc = Encoder::from_file(&a.tokenizer, a.encode.config())?;
+    let enc = Encoder::from_file(&a.tokenizer, cfg)?;
     let start = std::time::Instant::now();
     let (stats, _) = stats::compute(&ds.records, &enc, a.batch_size)?;
     Ok((stats, enc, start.elapsed().as_secs_f64()))

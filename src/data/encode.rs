@@ -86,6 +86,47 @@ pub struct EncodeConfig {
     pub eos: EosPolicy,
 }
 
+/// The longest `encode.max_len` accepted (1 Mi tokens): past any model's positions, and small
+/// enough that no padded length, row or batch size computed from it can overflow.
+pub const MAX_LEN_LIMIT: usize = 1 << 20;
+
+/// `Ok` when `value` lies in `range`; otherwise an error naming `key` and the allowed range.
+fn in_range(key: &str, value: usize, range: std::ops::RangeInclusive<usize>) -> Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{key} must be in {}..={}, got {value}",
+        range.start(),
+        range.end()
+    )))
+}
+
+impl EncodeConfig {
+    /// Rejects settings no run can use: `encode.max_len` in 2..=[`MAX_LEN_LIMIT`] and
+    /// `encode.padding.multiple_of` in 1..=max_len. Each error names the TOML key, the
+    /// command-line flag and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        in_range(
+            "encode.max_len (--max-len)",
+            self.max_len,
+            2..=MAX_LEN_LIMIT,
+        )?;
+        if let Padding::Longest {
+            multiple_of: Some(m),
+        } = self.padding
+            && !(1..=self.max_len).contains(&m)
+        {
+            return Err(Error::Invalid(format!(
+                "encode.padding.multiple_of (--pad-to-multiple-of) must be in 1..={} \
+                 (at most encode.max_len), got {m}",
+                self.max_len
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for EncodeConfig {
     fn default() -> Self {
         Self {
@@ -215,17 +256,17 @@ impl Encoder {
     /// An encoder over a loaded tokenizer. Special-token text inside records (`</s>`, `<s>`) is
     /// encoded as ordinary text, never as control tokens: user data cannot inject an EOS.
     pub fn new(mut tokenizer: Tokenizer, cfg: EncodeConfig, ids: SpecialIds) -> Result<Self> {
-        if cfg.max_len < 2 {
-            return Err(Error::Invalid(format!(
-                "max length must be at least 2, got {}",
-                cfg.max_len
-            )));
-        }
+        // The hard limits only: a config may round past max_len (`validate` is stricter).
+        in_range("encode.max_len (--max-len)", cfg.max_len, 2..=MAX_LEN_LIMIT)?;
         if let Padding::Longest {
-            multiple_of: Some(0),
+            multiple_of: Some(m),
         } = cfg.padding
         {
-            return Err(Error::Invalid("pad-to-multiple-of must be positive".into()));
+            in_range(
+                "encode.padding.multiple_of (--pad-to-multiple-of)",
+                m,
+                1..=MAX_LEN_LIMIT,
+            )?;
         }
         tokenizer.set_encode_special_tokens(true);
         tokenizer
@@ -306,7 +347,8 @@ impl Encoder {
                     .unwrap_or(0)
                     .max(1);
                 match multiple_of {
-                    Some(m) => longest.div_ceil(m) * m,
+                    // Both are at most MAX_LEN_LIMIT (checked in `new`): no overflow.
+                    Some(m) => longest.div_ceil(m).saturating_mul(m),
                     None => longest,
                 }
             }

@@ -324,6 +324,15 @@ impl TrainConfig {
                 .expect("parsed key");
             let mut cur = &mut v;
             let parts: Vec<&str> = key.trim().split('.').collect();
+            // No config key is deeper than three tables; refusing deeper keys also bounds the
+            // nesting (and so the recursion) of the tables built below.
+            if parts.len() > MAX_KEY_DEPTH {
+                return Err(Error::Invalid(format!(
+                    "override {:?}: key has {} parts; config keys have at most {MAX_KEY_DEPTH}",
+                    key.chars().take(80).collect::<String>(),
+                    parts.len()
+                )));
+            }
             for (i, p) in parts.iter().enumerate() {
                 let table = cur.as_table_mut().ok_or_else(|| {
                     Error::Invalid(format!("override {o:?}: `{p}` is not a table"))
@@ -337,8 +346,9 @@ impl TrainConfig {
                     .or_insert_with(|| toml::Value::Table(Default::default()));
             }
         }
-        v.try_into()
-            .map_err(|e: toml::de::Error| Error::Invalid(format!("overrides: {e}")))
+        v.try_into().map_err(|e: toml::de::Error| {
+            Error::Invalid(format!("--set {}: {e}", overrides.join(" --set ")))
+        })
     }
 
     /// Reads a run directory's recorded config (a complete config, no preset under it).
@@ -355,33 +365,153 @@ impl TrainConfig {
         toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))
     }
 
-    /// Rejects values the loop cannot run with.
+    /// Rejects values the run cannot use, before anything is loaded: every count at least 1
+    /// where 0 means nothing, every count within a sane limit (so no size computed from it
+    /// overflows), every float finite. Each error names the TOML key and the allowed range.
     pub fn validate(&self) -> Result<()> {
-        let t = &self.train;
-        if t.batch_size == 0 || t.grad_accum == 0 {
-            return Err(Error::Invalid(
-                "train.batch_size and train.grad_accum must be positive".into(),
-            ));
-        }
-        if t.max_steps == Some(0) || (t.max_steps.is_none() && t.epochs == 0) {
-            return Err(Error::Invalid(
-                "the run has no steps: set train.max_steps or train.epochs".into(),
-            ));
-        }
-        if !(self.optim.lr.is_finite() && self.optim.lr >= 0.0) {
-            return Err(Error::Invalid(format!(
-                "optim.lr must be a finite non-negative number, got {}",
-                self.optim.lr
-            )));
-        }
-        if !(self.optim.max_grad_norm.is_finite() && self.optim.max_grad_norm >= 0.0) {
-            return Err(Error::Invalid(format!(
-                "optim.max_grad_norm must be >= 0 (0 disables clipping), got {}",
-                self.optim.max_grad_norm
-            )));
-        }
-        self.lora.validate()
+        self.validate_run_and_data()?;
+        self.validate_loop()?;
+        self.validate_optim()?;
+        self.validate_lora()?;
+        self.encode.validate()?;
+        self.generate.validate()
     }
+
+    fn validate_run_and_data(&self) -> Result<()> {
+        let name = &self.run.name;
+        let bad_name =
+            name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']);
+        if bad_name {
+            return Err(Error::Invalid(format!(
+                "run.name must be a non-empty directory name without `/`, `\\` or NUL \
+                 (and not `.` or `..`), got {name:?}"
+            )));
+        }
+        if let Some(n) = self.data.max_records {
+            count("data.max_records", n, 1..=usize::MAX)?;
+        }
+        match self.data.validation {
+            SplitSpec::Fraction(f) if !(f > 0.0 && f < 1.0) => Err(Error::Invalid(format!(
+                "data.validation.fraction must be in (0, 1), got {f}"
+            ))),
+            SplitSpec::Count(c) => count("data.validation.count", c, 1..=usize::MAX),
+            SplitSpec::Fraction(_) => Ok(()),
+        }
+    }
+
+    fn validate_loop(&self) -> Result<()> {
+        let t = &self.train;
+        count("train.batch_size", t.batch_size, 1..=MAX_BATCH)?;
+        count("train.grad_accum", t.grad_accum, 1..=MAX_BATCH)?;
+        if let Some(n) = t.max_steps {
+            count("train.max_steps", n, 1..=MAX_COUNT)?;
+        }
+        // With max_steps set, epochs is unused; 0 is still meaningless, so refuse it always.
+        count("train.epochs", t.epochs, 1..=MAX_COUNT)?;
+        count("train.log_every", t.log_every, 1..=MAX_COUNT)?;
+        count(
+            "train.eval_every (0 = only at the end)",
+            t.eval_every,
+            0..=MAX_COUNT,
+        )?;
+        count(
+            "train.save_every (0 = only at the end)",
+            t.save_every,
+            0..=MAX_COUNT,
+        )
+    }
+
+    fn validate_optim(&self) -> Result<()> {
+        let o = &self.optim;
+        finite("optim.lr", o.lr, 0.0, "[0, inf)")?;
+        finite(
+            "optim.max_grad_norm (0 disables clipping)",
+            o.max_grad_norm,
+            0.0,
+            "[0, inf)",
+        )?;
+        match o.warmup {
+            Warmup::Steps(n) => count("optim.warmup.steps", n, 0..=MAX_COUNT)?,
+            Warmup::Ratio(r) if !(0.0..=1.0).contains(&r) => {
+                return Err(Error::Invalid(format!(
+                    "optim.warmup.ratio must be in [0, 1], got {r}"
+                )));
+            }
+            Warmup::Ratio(_) => {}
+        }
+        let a = &o.adamw;
+        for (key, v) in [
+            ("optim.adamw.beta1", a.beta1),
+            ("optim.adamw.beta2", a.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::Invalid(format!("{key} must be in [0, 1), got {v}")));
+            }
+        }
+        if !(a.eps.is_finite() && a.eps > 0.0) {
+            return Err(Error::Invalid(format!(
+                "optim.adamw.eps must be finite and > 0, got {}",
+                a.eps
+            )));
+        }
+        finite("optim.adamw.weight_decay", a.weight_decay, 0.0, "[0, inf)")
+    }
+
+    fn validate_lora(&self) -> Result<()> {
+        let l = &self.lora;
+        count("lora.r", l.r, 1..=MAX_LORA_R)?;
+        if !(l.alpha.is_finite() && l.alpha > 0.0) {
+            return Err(Error::Invalid(format!(
+                "lora.alpha must be finite and > 0, got {}",
+                l.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            return Err(Error::Invalid(format!(
+                "lora.dropout must be in [0, 1), got {}",
+                l.dropout
+            )));
+        }
+        if l.targets.is_empty() {
+            return Err(Error::Invalid(
+                "lora.targets must name at least one module".into(),
+            ));
+        }
+        l.validate()
+    }
+}
+
+/// The most examples per micro-batch (`train.batch_size`) and micro-batches per step
+/// (`train.grad_accum`).
+pub const MAX_BATCH: usize = 65_536;
+/// The most steps, epochs, or steps between logs, evaluations and checkpoints (10^9).
+pub const MAX_COUNT: usize = 1_000_000_000;
+/// The most dotted parts a `--set` key may have (`encode.padding.multiple_of` has 3).
+pub const MAX_KEY_DEPTH: usize = 8;
+/// The largest LoRA rank (`lora.r`).
+pub const MAX_LORA_R: usize = 4096;
+
+/// `Ok` when `value` lies in `range`; otherwise an error naming `key` and the allowed range.
+fn count(key: &str, value: usize, range: std::ops::RangeInclusive<usize>) -> Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let (lo, hi) = (range.start(), range.end());
+    Err(Error::Invalid(if *hi == usize::MAX {
+        format!("{key} must be at least {lo}, got {value}")
+    } else {
+        format!("{key} must be in {lo}..={hi}, got {value}")
+    }))
+}
+
+/// `Ok` when `value` is finite and at least `min`; otherwise an error naming `key`.
+fn finite(key: &str, value: f64, min: f64, range: &str) -> Result<()> {
+    if value.is_finite() && value >= min {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{key} must be a finite number in {range}, got {value}"
+    )))
 }
 
 /// Where a run's config comes from: a preset, an optional TOML file over it, `--set key=value`
