@@ -30,6 +30,10 @@ pub struct LoraConfig {
     pub use_rslora: bool,
 }
 
+/// The largest rank accepted: far above any useful LoRA rank, and small enough that adapter
+/// shapes and parameter counts cannot overflow.
+pub const MAX_R: usize = 65_536;
+
 impl Default for LoraConfig {
     fn default() -> Self {
         Self {
@@ -45,9 +49,9 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// Rejects values PEFT would reject, quoting the value given.
     pub fn validate(&self) -> Result<()> {
-        if self.r == 0 {
+        if self.r == 0 || self.r > MAX_R {
             return Err(Error::LoraConfig(format!(
-                "r must be a positive integer, got {}",
+                "r must be an integer in 1..={MAX_R}, got {}",
                 self.r
             )));
         }

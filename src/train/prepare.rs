@@ -64,7 +64,8 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
         dataset.records.truncate(n);
         dataset.lines.truncate(n);
     }
-    let split = dataset::split(dataset.records.len(), cfg.data.validation, cfg.run.seed)?;
+    let split = dataset::split(dataset.records.len(), cfg.data.validation, cfg.run.seed)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", cfg.data.path.display())))?;
     let pick = |idx: &[usize]| {
         idx.iter()
             .map(|&i| dataset.records[i].clone())
@@ -102,6 +103,12 @@ pub fn adopt_init_adapter(
         return Ok(None);
     };
     let (_, lora) = adapter::read_config(dir)?;
+    lora.validate().map_err(|e| {
+        Error::Invalid(format!(
+            "{}: {e}",
+            dir.join("adapter_config.json").display()
+        ))
+    })?;
     if lora == cfg.lora {
         return Ok(None);
     }
