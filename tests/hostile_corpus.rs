@@ -1021,13 +1021,7 @@ fn model_commands_refuse_hostile_models_adapters_and_flags() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        add(
-            &mut c,
-            &format!("merge model {dir}"),
-            merge,
-            &at_dir,
-            parsers,
-        );
+        add(&mut c, &format!("merge model {dir}"), merge, &at_dir, false);
     }
     c.case(
         "inspect no weights",
