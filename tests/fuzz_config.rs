@@ -23,10 +23,7 @@ mod common;
 
 /// Cases per fuzz test: `LORASFT_FUZZ_CASES`, default 300.
 fn cases() -> u32 {
-    std::env::var("LORASFT_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+    common::fuzz_cases(300)
 }
 
 /// A runner with a fixed seed: the same cases on every machine.

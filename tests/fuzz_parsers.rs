@@ -35,10 +35,7 @@ use lorasft::model::load::ModelSource;
 
 /// Cases per parser: `LORASFT_FUZZ_CASES`, else 200.
 fn cases() -> u32 {
-    std::env::var("LORASFT_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
+    common::fuzz_cases(200)
 }
 
 /// The runner's seed: `LORASFT_FUZZ_SEED`, else a fixed one, so CI runs the same cases.

@@ -27,11 +27,16 @@ pub fn from_json(text: &str, path: &Path) -> Result<tokenizers::Tokenizer> {
     let fail =
         |msg: String| Error::Invalid(format!("{}: cannot load tokenizer: {msg}", path.display()));
     serde_json::from_str::<serde_json::Value>(text).map_err(|e| fail(e.to_string()))?;
+    // The default panic hook would print the crate's panic as if lorasft had crashed; it is
+    // silenced while the parser runs and the panic becomes this error.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    std::panic::set_hook(hook);
     match parsed {
         Ok(tokenizer) => tokenizer.map_err(|e| fail(e.to_string())),
         Err(panic) => Err(fail(format!(
-            "the tokenizers crate panicked: {}",
+            "the tokenizers crate rejected it: {}",
             panic_text(panic.as_ref())
         ))),
     }

@@ -341,3 +341,12 @@ pub fn lorasft() -> std::process::Command {
 pub fn close(a: f64, b: f64, rel: f64) -> bool {
     approx::relative_eq!(a, b, epsilon = 0.0, max_relative = rel)
 }
+
+/// Cases per fuzz test: `LORASFT_FUZZ_CASES` when set (a longer local run), else `default`
+/// (the bounded count CI runs).
+pub fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("LORASFT_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
