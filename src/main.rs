@@ -13,6 +13,7 @@ use lorasft::cli::args::{
 use lorasft::cli::commands;
 use lorasft::train::prepare::prepare;
 use lorasft::train::run::{RunOptions, train};
+use lorasft::train::run_dir::{Claim, RunDir};
 
 #[derive(Parser)]
 #[command(
@@ -181,6 +182,8 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let prepared = prepare(cfg)?;
     eprintln!("{}", commands::startup_line(&prepared));
     let summary = train(prepared, &opts)?;
+    // The report is written under the run directory's lock, like the run itself.
+    let _held = RunDir::claim(&summary.run_dir, Claim::Resume)?;
     let report = lorasft::report::write(&summary.run_dir)?;
     println!(
         "{} steps in {:.1} s: loss {:.4} -> {:.4}, validation loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB{}",
@@ -299,6 +302,7 @@ fn reproduce_cmd(run: &std::path::Path) -> Result<()> {
         "DIFFERENT"
     };
     println!("adapter bytes: {same}");
+    let _held = RunDir::claim(&r.run_dir, Claim::Resume)?;
     lorasft::report::write(&r.run_dir)?;
     if !r.matched() {
         bail!("the run did not reproduce");
