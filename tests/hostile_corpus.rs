@@ -50,7 +50,7 @@ impl Corpus {
     /// Adds a case; `T/` in an argument or an expected string is the corpus folder.
     fn case(&mut self, name: &str, args: &[&str], expect: &[&str]) -> &mut Case {
         let t = self.p("");
-        let sub = |s: &str| s.replace("T/", &t);
+        let sub = |s: &str| corpus_path(s, &t);
         self.cases.push(Case {
             name: name.to_string(),
             args: args.iter().map(|a| sub(a)).collect(),
@@ -316,6 +316,44 @@ fn listing(dir: &Path) -> BTreeSet<PathBuf> {
         }
     }
     out
+}
+
+/// `s` with each `T/` that starts a path (at the start, or after a character that cannot be
+/// part of a file name's stem) replaced by the corpus folder `t`. A `T/` inside a path already
+/// substituted (a temporary folder whose random name ends in `T`) is left alone, so building a
+/// case from a full path never rewrites it twice.
+fn corpus_path(s: &str, t: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut prev: Option<char> = None;
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        let boundary =
+            prev.is_none_or(|p| !(p.is_alphanumeric() || p == '.' || p == '_' || p == '-'));
+        if boundary && rest.starts_with("T/") {
+            out.push_str(t);
+            rest = &rest[2..];
+            prev = Some('/');
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            prev = Some(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn corpus_paths_substitute_once_even_when_the_folder_name_ends_in_t() {
+    let t = "/tmp/.tmpabcT/";
+    assert_eq!(corpus_path("T/model/x", t), "/tmp/.tmpabcT/model/x");
+    assert_eq!(
+        corpus_path("/tmp/.tmpabcT/model/x", t),
+        "/tmp/.tmpabcT/model/x"
+    );
+    assert_eq!(
+        corpus_path("data.path=\"T/d.json\"", t),
+        "data.path=\"/tmp/.tmpabcT/d.json\""
+    );
 }
 
 /// Runs every case; fails with one line per case that misbehaved.
