@@ -3,17 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lorasft::bench::{self, suite};
 use lorasft::cli::args::{
     BenchArgs, DeviceArgs, EvalArgs, GenerateArgs, InspectArgs, MergeArgs, StatsArgs,
     TinyLlamaArgs, TokenizerCommand, TrainArgs,
 };
-use lorasft::cli::commands;
-use lorasft::train::prepare::prepare;
-use lorasft::train::run::{RunOptions, train};
-use lorasft::train::run_dir::{Claim, RunDir};
+use lorasft::cli::commands::{self, TrainOutcome};
 
 #[derive(Parser)]
 #[command(
@@ -121,7 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             let n = commands::train_fixture_tokenizer(&data, vocab, &out)?;
             println!("wrote {} ({n} tokens)", out.display());
         }
-        Command::Data(DataCommand::Stats(a)) => stats_cmd(&a)?,
+        Command::Data(DataCommand::Stats(a)) => print!("{}", commands::stats_text(&a)?),
         Command::Train(a) => train_cmd(&a)?,
         Command::Eval(a) => {
             let e = commands::eval(&a)?;
@@ -141,7 +137,7 @@ fn run(cli: Cli) -> Result<()> {
             commands::merge(&a)?;
             println!("wrote merged model to {}", a.out.display());
         }
-        Command::Bench(a) => bench_cmd(&a)?,
+        Command::Bench(a) => print!("{}", commands::bench(&a)?),
         Command::Selftest { dev } => selftest_cmd(dev)?,
         Command::Report { run, out } => {
             let out = out.unwrap_or_else(|| run.join("REPORT.md"));
@@ -165,50 +161,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn train_cmd(a: &TrainArgs) -> Result<()> {
-    let mut cfg = a.config_source().resolve()?;
-    if a.dry_run {
-        lorasft::train::prepare::adopt_init_adapter(&mut cfg)?;
-        print!("{}", cfg.to_toml()?);
-        return Ok(());
-    }
-    lorasft::assets::ensure(&cfg)?;
-    let opts = RunOptions {
-        resume: a.resume,
-        overwrite: a.overwrite,
-        progress: !a.quiet,
-        stop: Some(commands::stop_on_ctrl_c()?),
-        stop_at_step: None,
-    };
-    let prepared = prepare(cfg)?;
-    eprintln!("{}", commands::startup_line(&prepared));
-    let summary = train(prepared, &opts)?;
-    // The report is written under the run directory's lock, like the run itself.
-    let _held = RunDir::claim(&summary.run_dir, Claim::Resume)?;
-    let report = lorasft::report::write(&summary.run_dir)?;
-    println!(
-        "{} steps in {:.1} s: loss {:.4} -> {:.4}, validation loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB{}",
-        summary.steps,
-        summary.wall_s,
-        summary.first_loss.unwrap_or(f64::NAN),
-        summary.last_loss.unwrap_or(f64::NAN),
-        summary.eval_loss.unwrap_or(f64::NAN),
-        summary.tokens_per_s,
-        summary.peak_rss_mib.unwrap_or(f64::NAN),
-        if summary.interrupted {
-            " (interrupted)"
-        } else {
-            ""
+    match commands::train(a, &mut std::io::stderr())? {
+        TrainOutcome::DryRun(toml) => print!("{toml}"),
+        TrainOutcome::Trained(summary, report) => {
+            print!("{}", commands::summary_text(&summary, &report))
         }
-    );
-    println!("adapter: {}", summary.adapter_dir.display());
-    println!("report: {}", report.display());
-    for (before, after) in &summary.generations {
-        println!(
-            "\n### {}\n  before: {:?}\n  after:  {:?}",
-            before.prompt.lines().nth(1).unwrap_or(""),
-            before.text,
-            after.text
-        );
     }
     Ok(())
 }
@@ -229,81 +186,18 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn stats_cmd(a: &StatsArgs) -> Result<()> {
-    let (stats, enc, secs) = commands::stats(a)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
-    } else {
-        print!(
-            "{}",
-            lorasft::data::stats::render(&stats, &enc, &a.data, &a.tokenizer)
-        );
-        println!(
-            "encoding time: {secs:.3} s ({:.0} records/s)",
-            stats.records as f64 / secs
-        );
-    }
-    Ok(())
-}
-
-fn bench_cmd(a: &BenchArgs) -> Result<()> {
-    if a.one {
-        let shape = *a.shapes.first().context("--one needs a shape")?;
-        let row = bench::run_shape(&bench::BenchPlan {
-            shape,
-            steps: a.steps,
-            gen_tokens: a.gen_tokens,
-            seed: a.seed,
-        })?;
-        println!("{}", serde_json::to_string(&row)?);
-        return Ok(());
-    }
-    let suite = a.suite();
-    let result = suite.run()?;
-    print!("{}", suite::render(&suite, &result));
-    if let Some(path) = &a.json {
-        std::fs::write(path, suite::json_lines(&result.rows)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
-}
-
 fn selftest_cmd(dev: DeviceArgs) -> Result<()> {
-    let device = dev.open()?;
-    let checks = lorasft::selftest::run(&device, dev.precision)?;
-    let name = lorasft::device::describe(&device);
-    print!(
-        "{}",
-        lorasft::selftest::render(&checks, &name, dev.precision)
-    );
-    let failed = checks.iter().filter(|c| !c.passed).count();
+    let (table, failed, total) = commands::selftest(dev)?;
+    print!("{table}");
     if failed > 0 {
-        bail!("{failed} of {} selftest checks failed", checks.len());
+        bail!("{failed} of {total} selftest checks failed");
     }
     Ok(())
 }
 
 fn reproduce_cmd(run: &std::path::Path) -> Result<()> {
-    let r = lorasft::train::reproduce::reproduce(run)?;
-    println!(
-        "reproduction in {}: {} metric lines compared",
-        r.run_dir.display(),
-        r.compared
-    );
-    match &r.first_mismatch {
-        None => println!("losses: identical bit for bit"),
-        Some((step, kind, a, b)) => {
-            println!("losses: FIRST MISMATCH at step {step} ({kind}): {a} vs {b}")
-        }
-    }
-    let same = if r.adapter_identical {
-        "identical"
-    } else {
-        "DIFFERENT"
-    };
-    println!("adapter bytes: {same}");
-    let _held = RunDir::claim(&r.run_dir, Claim::Resume)?;
-    lorasft::report::write(&r.run_dir)?;
+    let (r, text) = commands::reproduce(run)?;
+    print!("{text}");
     if !r.matched() {
         bail!("the run did not reproduce");
     }

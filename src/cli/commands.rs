@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::adapter;
-use crate::cli::args::{EvalArgs, GenerateArgs, InspectArgs, MergeArgs, ModelArgs, StatsArgs};
+use crate::bench::{self, suite};
+use crate::cli::args::{
+    BenchArgs, DeviceArgs, EvalArgs, GenerateArgs, InspectArgs, MergeArgs, ModelArgs, StatsArgs,
+    TrainArgs,
+};
 use crate::data::dataset;
 use crate::data::encode::{EncodeConfig, Encoder};
 use crate::data::prompt;
@@ -17,8 +21,13 @@ use crate::inspect;
 use crate::model::Llama;
 use crate::model::load::{self, ModelSource};
 use crate::model::source::{ResolvedModel, resolve_model};
+use crate::records::Summary;
 use crate::train::eval::{batch_loss_sums, mean_loss};
 use crate::train::prepare::Prepared;
+use crate::train::prepare::prepare;
+use crate::train::reproduce::Reproduction;
+use crate::train::run::{RunOptions, train as run_training};
+use crate::train::run_dir::{Claim, RunDir};
 use crate::verify::trainable_params_line;
 
 /// A model as a command runs it: with the adapter attached (if any), the base beside it, and
@@ -271,4 +280,149 @@ pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     })
     .map_err(|e| Error::Invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
     Ok(stop)
+}
+
+/// Writes REPORT.md of a finished run while holding the run directory's lock, as the run
+/// itself did, so no concurrent `--overwrite` run can clear the directory mid-report.
+pub fn write_report_locked(dir: &Path) -> Result<PathBuf> {
+    let _held = RunDir::claim(dir, Claim::Resume)?;
+    crate::report::write(dir)
+}
+
+/// What `train` did: printed the resolved config (`--dry-run`), or trained.
+pub enum TrainOutcome {
+    /// The resolved config as TOML, adopted LoRA settings included.
+    DryRun(String),
+    /// The run's summary and its report.
+    Trained(Box<Summary>, PathBuf),
+}
+
+/// `lorasft train`: resolves the config, fetches missing demo assets, prepares, says what it
+/// prepared on `progress` (before the long part), trains and writes the report.
+pub fn train(a: &TrainArgs, progress: &mut dyn std::io::Write) -> Result<TrainOutcome> {
+    let mut cfg = a.config_source().resolve()?;
+    if a.dry_run {
+        crate::train::prepare::adopt_init_adapter(&mut cfg)?;
+        return Ok(TrainOutcome::DryRun(cfg.to_toml()?));
+    }
+    crate::assets::ensure(&cfg)?;
+    let opts = RunOptions {
+        resume: a.resume,
+        overwrite: a.overwrite,
+        progress: !a.quiet,
+        stop: Some(stop_on_ctrl_c()?),
+        stop_at_step: None,
+    };
+    let prepared = prepare(cfg)?;
+    writeln!(progress, "{}", startup_line(&prepared))
+        .map_err(|e| Error::io("standard error", e))?;
+    let summary = run_training(prepared, &opts)?;
+    let report = write_report_locked(&summary.run_dir)?;
+    Ok(TrainOutcome::Trained(Box::new(summary), report))
+}
+
+/// What `train` prints after a run: the figures, the adapter and report paths, and the
+/// generations before and after.
+pub fn summary_text(s: &Summary, report: &Path) -> String {
+    let mut text = format!(
+        "{} steps in {:.1} s: loss {:.4} -> {:.4}, validation loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB{}\nadapter: {}\nreport: {}\n",
+        s.steps,
+        s.wall_s,
+        s.first_loss.unwrap_or(f64::NAN),
+        s.last_loss.unwrap_or(f64::NAN),
+        s.eval_loss.unwrap_or(f64::NAN),
+        s.tokens_per_s,
+        s.peak_rss_mib.unwrap_or(f64::NAN),
+        if s.interrupted { " (interrupted)" } else { "" },
+        s.adapter_dir.display(),
+        report.display()
+    );
+    for (before, after) in &s.generations {
+        text.push_str(&format!(
+            "\n### {}\n  before: {:?}\n  after:  {:?}\n",
+            before.prompt.lines().nth(1).unwrap_or(""),
+            before.text,
+            after.text
+        ));
+    }
+    text
+}
+
+/// `lorasft reproduce`: repeats the run, writes its report, and returns the comparison with
+/// the text `main` prints.
+pub fn reproduce(run: &Path) -> Result<(Reproduction, String)> {
+    let r = crate::train::reproduce::reproduce(run)?;
+    let mut text = format!(
+        "reproduction in {}: {} metric lines compared\n",
+        r.run_dir.display(),
+        r.compared
+    );
+    text.push_str(&match &r.first_mismatch {
+        None => "losses: identical bit for bit\n".to_string(),
+        Some((step, kind, a, b)) => {
+            format!("losses: FIRST MISMATCH at step {step} ({kind}): {a} vs {b}\n")
+        }
+    });
+    let same = if r.adapter_identical {
+        "identical"
+    } else {
+        "DIFFERENT"
+    };
+    text.push_str(&format!("adapter bytes: {same}\n"));
+    write_report_locked(&r.run_dir)?;
+    Ok((r, text))
+}
+
+/// `lorasft bench`: one shape in this process as a JSON row (`--one`, what the suite spawns),
+/// or the whole suite as a table (and JSON lines with `--json`).
+pub fn bench(a: &BenchArgs) -> Result<String> {
+    if a.one {
+        let shape = *a
+            .shapes
+            .first()
+            .ok_or_else(|| Error::Invalid("bench --one needs a shape".into()))?;
+        let row = bench::run_shape(&bench::BenchPlan {
+            shape,
+            steps: a.steps,
+            gen_tokens: a.gen_tokens,
+            seed: a.seed,
+        })?;
+        return serde_json::to_string(&row)
+            .map(|l| l + "\n")
+            .map_err(|e| Error::Invalid(e.to_string()));
+    }
+    let suite = a.suite();
+    let result = suite.run()?;
+    if let Some(path) = &a.json {
+        std::fs::write(path, suite::json_lines(&result.rows)?).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(suite::render(&suite, &result))
+}
+
+/// `lorasft selftest`: the table, and how many of how many checks failed.
+pub fn selftest(dev: DeviceArgs) -> Result<(String, usize, usize)> {
+    let device = dev.open()?;
+    let checks = crate::selftest::run(&device, dev.precision)?;
+    let name = crate::device::describe(&device);
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    Ok((
+        crate::selftest::render(&checks, &name, dev.precision),
+        failed,
+        checks.len(),
+    ))
+}
+
+/// `lorasft data stats` as text (or JSON with `--json`), with the encoding time.
+pub fn stats_text(a: &StatsArgs) -> Result<String> {
+    let (stats, enc, secs) = self::stats(a)?;
+    if a.json {
+        return serde_json::to_string_pretty(&stats)
+            .map(|t| t + "\n")
+            .map_err(|e| Error::Invalid(e.to_string()));
+    }
+    Ok(format!(
+        "{}encoding time: {secs:.3} s ({:.0} records/s)\n",
+        crate::data::stats::render(&stats, &enc, &a.data, &a.tokenizer),
+        stats.records as f64 / secs
+    ))
 }
