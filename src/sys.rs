@@ -55,19 +55,6 @@ pub fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
 
-/// fsyncs every file under `dir`, then `dir` itself.
-pub fn sync_tree(dir: &std::path::Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            sync_tree(&path)?;
-        } else {
-            sync_file(&path)?;
-        }
-    }
-    sync_dir(dir)
-}
-
 /// Replaces `path` with `bytes` atomically and durably: a temporary file beside it, fsync'd,
 /// renamed into place, then the directory fsync'd. A crash leaves the old file or the new one,
 /// never a torn one. On failure, the path involved and the OS error.

@@ -98,7 +98,11 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     write_contents(&tmp, model, opt, state, base)?;
-    sync::tree(&tmp)?;
+    // The adapter's files were fsync'd as `adapter::save` wrote them; the two written here
+    // are fsync'd now, then the directory that holds all of them.
+    sync::file(&tmp.join("optimizer.safetensors"))?;
+    sync::file(&tmp.join("state.json"))?;
+    sync::dir(&tmp)?;
     crate::sys::crash_point("checkpoint-before-rename");
     let final_dir = root.join(&name);
     if final_dir.exists() {
@@ -143,10 +147,6 @@ mod sync {
     use std::path::Path;
 
     use crate::error::{Error, Result};
-
-    pub fn tree(p: &Path) -> Result<()> {
-        crate::sys::sync_tree(p).map_err(|e| Error::io(p, e))
-    }
 
     pub fn dir(p: &Path) -> Result<()> {
         crate::sys::sync_dir(p).map_err(|e| Error::io(p, e))
