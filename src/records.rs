@@ -73,6 +73,12 @@ pub struct Metric {
     /// Throughput over the run so far, real tokens per second (train lines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    /// All token slots trained on so far, padding included (train lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padded_tokens_seen: Option<u64>,
+    /// Throughput over the run so far, all token slots (padding included) per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padded_tokens_per_s: Option<f64>,
     /// Seconds since the run (or resume) started.
     pub elapsed_s: f64,
 }
@@ -90,6 +96,8 @@ impl Metric {
             targets,
             tokens_seen: None,
             tokens_per_s: None,
+            padded_tokens_seen: None,
+            padded_tokens_per_s: None,
             elapsed_s,
         }
     }

@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// Sub-layers inside `model`, lowest first.
 const MODEL_LAYERS: &[&[&str]] = &[
-    &["autograd", "cpu", "config"],
+    &["autograd", "cpu", "config", "visibility"],
     &["ops", "loss"],
     &["lora"],
     &["llama"],

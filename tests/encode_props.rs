@@ -63,6 +63,7 @@ fn config() -> impl Strategy<Value = EncodeConfig> {
                 padding_side,
                 labels,
                 eos,
+                batching: Default::default(),
             },
         )
 }
@@ -172,7 +173,7 @@ proptest! {
 
     #[test]
     fn prop_masked_padding_never_changes_the_loss(rec in record(), side in prop_oneof![Just(PaddingSide::Right), Just(PaddingSide::Left)], labels in prop_oneof![Just(LabelPolicy::MaskPadding), Just(LabelPolicy::CompletionOnly)], extra in 1usize..12) {
-        let base = EncodeConfig { max_len: 40, padding: Padding::Longest { multiple_of: None }, padding_side: side, labels, eos: EosPolicy::Append };
+        let base = EncodeConfig { max_len: 40, padding: Padding::Longest { multiple_of: None }, padding_side: side, labels, eos: EosPolicy::Append, batching: Default::default() };
         let dynamic = encoder(base.clone());
         let ex = dynamic.encode(&rec).unwrap();
         let tight = Batch::from_rows(&[dynamic.row(&ex, ex.ids.len())], &Device::Cpu).unwrap();
@@ -192,7 +193,7 @@ proptest! {
     fn prop_record_with_all_labels_masked_is_counted_and_loss_stays_finite(rec in record(), long in 60usize..120) {
         // A prompt longer than max_len: CompletionOnly leaves no target at all.
         let rec = Record { instruction: "word ".repeat(long), ..rec };
-        let cfg = EncodeConfig { max_len: 32, padding: Padding::MaxLength, padding_side: PaddingSide::Right, labels: LabelPolicy::CompletionOnly, eos: EosPolicy::Append };
+        let cfg = EncodeConfig { max_len: 32, padding: Padding::MaxLength, padding_side: PaddingSide::Right, labels: LabelPolicy::CompletionOnly, eos: EosPolicy::Append, batching: Default::default() };
         let enc = encoder(cfg);
         let ex = enc.encode(&rec).unwrap();
         let row = enc.row(&ex, 32);

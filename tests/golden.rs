@@ -88,6 +88,7 @@ fn configs() -> Vec<(String, EncodeConfig)> {
                     padding_side: side,
                     labels,
                     eos,
+                    batching: Default::default(),
                 },
             ));
         }

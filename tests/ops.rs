@@ -516,7 +516,7 @@ fn model_ops_take_the_fused_path_for_f32_on_the_cpu() {
 
 #[test]
 fn fused_attention_f32_matches_f64_composed_in_all_three_inputs() {
-    use lorasft::model::cpu::attention::Attention;
+    use lorasft::model::cpu::attention::{Attention, Mask};
     use lorasft::model::llama::attention_bias;
     let (b, nh, nkv, d) = (2, 4, 2, 8);
     let keep = vec![vec![1, 1, 1, 1, 1], vec![0, 0, 1, 1, 1]];
@@ -563,7 +563,14 @@ fn fused_attention_f32_matches_f64_composed_in_all_three_inputs() {
                 .clone()
                 .map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
-            let o = ops::attention(&q, &k, &v, &bias.to_dtype(dtype).unwrap(), scale).unwrap();
+            let o = ops::attention(
+                &q,
+                &k,
+                &v,
+                &Mask::Bias(bias.to_dtype(dtype).unwrap()),
+                scale,
+            )
+            .unwrap();
             let loss = (&o * r32.to_dtype(dtype).unwrap())
                 .unwrap()
                 .sum_all()
@@ -588,8 +595,56 @@ fn fused_attention_f32_matches_f64_composed_in_all_three_inputs() {
         // The f32 call took the fused op.
         let bias32 = bias.to_dtype(DType::F32).unwrap();
         let direct = inputs[0]
-            .apply_op3(&inputs[1], &inputs[2], Attention::new(bias32, scale as f32))
+            .apply_op3(
+                &inputs[1],
+                &inputs[2],
+                Attention::new(Mask::Bias(bias32), scale as f32),
+            )
             .unwrap();
         assert_eq!(max_abs_diff(&o32, &direct), 0.0);
     }
+}
+
+#[test]
+fn fused_attention_over_key_ranges_matches_the_composed_block_diagonal_bias() {
+    use lorasft::model::cpu::attention::Mask;
+    use lorasft::model::visibility::KeyRanges;
+    use std::sync::Arc;
+    let (b, nh, nkv, d, s) = (2, 4, 2, 8, 150);
+    // Row 0: three examples and 30 padding slots; row 1: one token, then 149 (query blocks
+    // of 64 that straddle example boundaries in both rows).
+    let ranges = KeyRanges::packed(&[vec![70, 30, 20], vec![1, 149]], s).unwrap();
+    let inputs = [
+        randn(&[b, nh, s, d], 40),
+        randn(&[b, nkv, s, d], 41),
+        randn(&[b, nkv, s, d], 42),
+    ]
+    .map(|x| x.affine(2.0, 0.0).unwrap());
+    let r = randn(&[b, s, nh * d], 43);
+    let scale = 1.0 / (d as f64).sqrt();
+    let run = |dtype: DType, mask: Mask| {
+        let vars = inputs
+            .clone()
+            .map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+        let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+        let o = ops::attention(&q, &k, &v, &mask, scale).unwrap();
+        let loss = (&o * r.to_dtype(dtype).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let store = loss.backward().unwrap();
+        let grads = [q, k, v].map(|x| store.get(&x).expect("input has a gradient").clone());
+        (o, grads)
+    };
+    // f64 takes the composed path, which turns the ranges into the dense bias.
+    let (o64, g64) = run(DType::F64, Mask::Ranges(Arc::new(ranges.clone())));
+    let (o32, g32) = run(DType::F32, Mask::Ranges(Arc::new(ranges)));
+    let d = [
+        rel_diff(&o32, &o64),
+        rel_diff(&g32[0], &g64[0]),
+        rel_diff(&g32[1], &g64[1]),
+        rel_diff(&g32[2], &g64[2]),
+    ];
+    println!("packed attention (f32 fused ranges vs f64 composed bias): out, dq, dk, dv {d:?}");
+    assert!(d.iter().all(|&x| x < 1e-6), "{d:?}");
 }

@@ -6,6 +6,7 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 
 use crate::bench::suite::Suite;
+use crate::data::batching::Batching;
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
@@ -98,6 +99,9 @@ pub struct TrainArgs {
     /// targets are adopted).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// Sets `encode.batching`: padded, group-by-length or packed.
+    #[arg(long, value_enum)]
+    pub batching: Option<Batching>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
@@ -127,6 +131,7 @@ impl TrainArgs {
             device: self.device,
             precision: self.precision,
             init_adapter: self.init_adapter.clone(),
+            batching: self.batching,
         }
     }
 }
@@ -187,6 +192,9 @@ pub struct EncodeArgs {
     /// Append EOS after the response.
     #[arg(long, value_enum, default_value_t = EosPolicy::Omit)]
     pub eos: EosPolicy,
+    /// How examples become rows: padded (one per row), group-by-length, or packed.
+    #[arg(long, value_enum, default_value_t = Batching::Padded)]
+    pub batching: Batching,
 }
 
 impl EncodeArgs {
@@ -209,6 +217,7 @@ impl EncodeArgs {
             padding_side: self.padding_side,
             labels: self.labels,
             eos: self.eos,
+            batching: self.batching,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -321,9 +330,12 @@ pub struct StatsArgs {
     #[command(flatten)]
     /// Encoding.
     pub encode: EncodeArgs,
-    /// Rows per batch when padding to the longest (batches in file order).
+    /// Rows per micro-batch (batches in file order).
     #[arg(long, default_value_t = 1, value_parser = count::<1, MAX_BATCH>)]
     pub batch_size: usize,
+    /// Micro-batches per optimizer step, for the steps-per-epoch column.
+    #[arg(long, default_value_t = 1, value_parser = count::<1, MAX_BATCH>)]
+    pub grad_accum: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

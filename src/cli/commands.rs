@@ -422,7 +422,7 @@ pub fn stats_text(a: &StatsArgs) -> Result<String> {
     }
     Ok(format!(
         "{}encoding time: {secs:.3} s ({:.0} records/s)\n",
-        crate::data::stats::render(&stats, &enc, &a.data, &a.tokenizer),
+        crate::data::stats::render(&stats, &enc, &a.data, &a.tokenizer, a.grad_accum),
         stats.records as f64 / secs
     ))
 }

@@ -1,4 +1,4 @@
-//! Padded rows as tensors ready for the model.
+//! Padded or packed rows as tensors ready for the model.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -18,6 +18,9 @@ pub struct Batch {
     pub targets: usize,
     /// Real (non-padding) tokens in the batch.
     pub real_tokens: usize,
+    /// Packed batches only: each row's example lengths from position 0 (the rest is
+    /// padding). Each example attends to itself alone and its positions start at 0.
+    pub segments: Option<Vec<Vec<usize>>>,
 }
 
 impl Batch {
@@ -31,6 +34,7 @@ impl Batch {
             input_ids,
             targets: b * s.saturating_sub(1),
             real_tokens: b * s,
+            segments: None,
         })
     }
 
@@ -45,6 +49,23 @@ impl Batch {
         {
             return Err(Error::Invalid(format!(
                 "cannot batch {b} rows of unequal or zero length"
+            )));
+        }
+        let packed = rows.iter().filter(|r| r.segments.is_some()).count();
+        if packed != 0 && packed != b {
+            return Err(Error::Invalid(format!(
+                "cannot batch {packed} packed rows with {} unpacked ones",
+                b - packed
+            )));
+        }
+        let segments: Option<Vec<Vec<usize>>> = rows.iter().map(|r| r.segments.clone()).collect();
+        if let Some(segs) = &segments
+            && segs
+                .iter()
+                .any(|g| g.contains(&0) || g.iter().sum::<usize>() > s)
+        {
+            return Err(Error::Invalid(format!(
+                "packed rows of {s} tokens hold empty or overlong examples"
             )));
         }
         let ids: Vec<u32> = rows
@@ -63,6 +84,7 @@ impl Batch {
             labels: Tensor::from_vec(labels, (b, s), dev)?,
             targets: rows.iter().map(Row::targets).sum(),
             real_tokens,
+            segments,
         })
     }
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::data::batching::Batching;
 use crate::data::dataset::Record;
 use crate::data::prompt;
 use crate::error::{Error, Result};
@@ -84,6 +85,9 @@ pub struct EncodeConfig {
     pub labels: LabelPolicy,
     /// EOS after the response.
     pub eos: EosPolicy,
+    /// How examples are grouped into rows and micro-batches (`padded` is the reference).
+    #[serde(default)]
+    pub batching: Batching,
 }
 
 /// The longest `encode.max_len` accepted (1 Mi tokens): past any model's positions, and small
@@ -123,6 +127,13 @@ impl EncodeConfig {
                 self.max_len
             )));
         }
+        if self.batching == Batching::Packed && self.padding_side == PaddingSide::Left {
+            return Err(Error::Invalid(
+                "encode.batching = \"packed\" (--batching) fills rows from the left; \
+                 set encode.padding_side to \"right\""
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -135,6 +146,7 @@ impl Default for EncodeConfig {
             padding_side: PaddingSide::Right,
             labels: LabelPolicy::InputIds,
             eos: EosPolicy::Omit,
+            batching: Batching::Padded,
         }
     }
 }
@@ -166,6 +178,11 @@ pub struct Row {
     pub attention_mask: Vec<u32>,
     /// Labels (-100 = ignored).
     pub labels: Vec<i64>,
+    /// Packed rows only: the token count of each example, in order from position 0; the
+    /// rest of the row is padding. Each example attends to itself alone and its positions
+    /// start at 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<usize>>,
 }
 
 impl Row {
@@ -337,15 +354,20 @@ impl Encoder {
 
     /// The padded length for a batch of examples.
     pub fn padded_len(&self, examples: &[&Example]) -> usize {
+        self.padded_len_for(examples.iter().map(|e| e.ids.len()).max().unwrap_or(0))
+    }
+
+    /// The length rows are padded to when the longest holds `longest` tokens.
+    pub fn row_len(&self, longest: usize) -> usize {
+        self.padded_len_for(longest).max(longest)
+    }
+
+    /// The padded length of rows whose longest holds `longest` tokens.
+    fn padded_len_for(&self, longest: usize) -> usize {
         match self.cfg.padding {
             Padding::MaxLength => self.cfg.max_len,
             Padding::Longest { multiple_of } => {
-                let longest = examples
-                    .iter()
-                    .map(|e| e.ids.len())
-                    .max()
-                    .unwrap_or(0)
-                    .max(1);
+                let longest = longest.max(1);
                 match multiple_of {
                     // Both are at most MAX_LEN_LIMIT (checked in `new`): no overflow.
                     Some(m) => longest.div_ceil(m).saturating_mul(m),
@@ -360,18 +382,10 @@ impl Encoder {
         let n = ex.ids.len().min(len);
         let pad = len - n;
         let real = &ex.ids[..n];
-        // The first real token is never a target of real context: unpadded it sits at position
-        // 0; left-padded it would be "predicted" from a pad slot. Masking policies ignore it so
-        // that padding cannot change the loss (rule 5).
-        let label_at = |i: usize, id: u32| -> i64 {
-            match self.cfg.labels {
-                LabelPolicy::InputIds => i64::from(id),
-                LabelPolicy::MaskPadding if i == 0 => IGNORE_INDEX,
-                LabelPolicy::CompletionOnly if i == 0 || i < ex.prompt_tokens => IGNORE_INDEX,
-                _ => i64::from(id),
-            }
-        };
-        let real_labels = real.iter().enumerate().map(|(i, &id)| label_at(i, id));
+        let real_labels = real
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| self.label_at(ex, i, id));
         let pad_label = match self.cfg.labels {
             LabelPolicy::InputIds => i64::from(self.ids.pad),
             _ => IGNORE_INDEX,
@@ -399,7 +413,64 @@ impl Encoder {
             input_ids,
             attention_mask,
             labels,
+            segments: None,
         }
+    }
+
+    /// The label of token `i` (id `id`) of `ex` under the label policy. The first token is
+    /// never a target of real context: unpadded it sits at position 0; left-padded it would be
+    /// "predicted" from a pad slot; packed, from the previous example. Masking policies ignore
+    /// it so that padding cannot change the loss (rule 5).
+    fn label_at(&self, ex: &Example, i: usize, id: u32) -> i64 {
+        match self.cfg.labels {
+            LabelPolicy::InputIds => i64::from(id),
+            LabelPolicy::MaskPadding if i == 0 => IGNORE_INDEX,
+            LabelPolicy::CompletionOnly if i == 0 || i < ex.prompt_tokens => IGNORE_INDEX,
+            _ => i64::from(id),
+        }
+    }
+
+    /// One packed row: the examples back to back, each labelled by the policy with its first
+    /// token ignored whatever the policy (nothing of its own precedes it), then right padding
+    /// to `len` that is never a target. `len` must hold the examples.
+    pub fn packed_row(&self, exs: &[&Example], len: usize) -> Row {
+        let (mut input_ids, mut attention_mask, mut labels) = (
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+        );
+        let mut segments = Vec::with_capacity(exs.len());
+        for ex in exs {
+            input_ids.extend_from_slice(&ex.ids);
+            attention_mask.extend(std::iter::repeat_n(1, ex.ids.len()));
+            labels.extend(ex.ids.iter().enumerate().map(|(i, &id)| match i {
+                0 => IGNORE_INDEX,
+                _ => self.label_at(ex, i, id),
+            }));
+            segments.push(ex.ids.len());
+        }
+        let pad = len.saturating_sub(input_ids.len());
+        input_ids.extend(std::iter::repeat_n(self.ids.pad, pad));
+        attention_mask.extend(std::iter::repeat_n(0, pad));
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+        Row {
+            input_ids,
+            attention_mask,
+            labels,
+            segments: Some(segments),
+        }
+    }
+
+    /// Packs each group of examples into one row; rows share the length the padding mode
+    /// gives for the longest row's token count.
+    pub fn collate_packed(&self, rows: &[Vec<&Example>]) -> Vec<Row> {
+        let longest = rows
+            .iter()
+            .map(|r| r.iter().map(|e| e.ids.len()).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let len = self.row_len(longest);
+        rows.iter().map(|r| self.packed_row(r, len)).collect()
     }
 
     /// Pads a batch of examples to their common length.

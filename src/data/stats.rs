@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::batching::{Batching, Planner};
 use crate::data::dataset::Record;
 use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
@@ -80,6 +81,77 @@ pub struct DataStats {
     pub padded_tokens: usize,
     /// Real tokens over all batches.
     pub real_tokens: usize,
+    /// Rows, micro-batches and padding under each batching mode (file order, one epoch).
+    #[serde(default)]
+    pub batching: Vec<BatchingStats>,
+}
+
+/// One epoch of a dataset under one batching mode, planned in file order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchingStats {
+    /// The mode.
+    pub mode: Batching,
+    /// Rows (one per example unless packed).
+    pub rows: usize,
+    /// Micro-batches of `batch_size` rows.
+    pub micro_batches: usize,
+    /// Token slots the rows take, padding included (the compute spent).
+    pub padded_tokens: usize,
+    /// Real tokens among them.
+    pub real_tokens: usize,
+}
+
+impl BatchingStats {
+    /// Share of the compute spent on padding.
+    pub fn padding_share(&self) -> f64 {
+        if self.padded_tokens == 0 {
+            0.0
+        } else {
+            1.0 - self.real_tokens as f64 / self.padded_tokens as f64
+        }
+    }
+
+    /// Optimizer steps per epoch with `grad_accum` micro-batches per step (as training counts
+    /// them: at least one).
+    pub fn steps_per_epoch(&self, grad_accum: usize) -> usize {
+        (self.micro_batches / grad_accum.max(1)).max(1)
+    }
+}
+
+/// Each batching mode's rows, micro-batches and padding over `examples` in file order, with
+/// rows padded as `encoder`'s padding mode says.
+pub fn batching_stats(
+    examples: &[Example],
+    encoder: &Encoder,
+    batch_size: usize,
+) -> Vec<BatchingStats> {
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let max_len = encoder.config().max_len;
+    Batching::ALL
+        .iter()
+        .map(|&mode| {
+            let plan = Planner::new(mode, lengths.clone(), max_len, batch_size, 0, false).epoch(0);
+            let (mut rows, mut padded, mut real) = (0, 0, 0);
+            for micro in &plan {
+                let tokens: Vec<usize> = micro
+                    .rows
+                    .iter()
+                    .map(|r| r.iter().map(|&i| lengths[i]).sum())
+                    .collect();
+                let longest = tokens.iter().copied().max().unwrap_or(0);
+                rows += tokens.len();
+                padded += tokens.len() * encoder.row_len(longest);
+                real += tokens.iter().sum::<usize>();
+            }
+            BatchingStats {
+                mode,
+                rows,
+                micro_batches: plan.len(),
+                padded_tokens: padded,
+                real_tokens: real,
+            }
+        })
+        .collect()
 }
 
 impl DataStats {
@@ -125,6 +197,7 @@ pub fn compute(
         padding_label_tokens: 0,
         padded_tokens: 0,
         real_tokens: 0,
+        batching: Vec::new(),
     };
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -137,6 +210,7 @@ pub fn compute(
             s.real_tokens += row.attention_mask.iter().filter(|&&m| m == 1).count();
         }
     }
+    s.batching = batching_stats(&examples, encoder, batch_size);
     Ok((s, examples))
 }
 
@@ -146,6 +220,7 @@ pub fn render(
     enc: &Encoder,
     data: &std::path::Path,
     tokenizer: &std::path::Path,
+    grad_accum: usize,
 ) -> String {
     let c = enc.config();
     let l = |x: &Lengths| {
@@ -168,7 +243,7 @@ pub fn render(
          records truncated at {}: {} ({:.1}%), response cut entirely: {}\n\
          records with no trainable label: {}\n\
          loss targets: {}, of which padding: {} ({:.2}%)\n\
-         padded tokens: {}, real: {} ({:.1}% of compute on padding)\n",
+         padded tokens: {}, real: {} ({:.1}% of compute on padding)\n{}",
         data.display(),
         tokenizer.display(),
         c.max_len,
@@ -193,5 +268,27 @@ pub fn render(
         s.padded_tokens,
         s.real_tokens,
         pct(s.padded_tokens - s.real_tokens, s.padded_tokens),
+        render_batching(&s.batching, c.batching, grad_accum),
     )
+}
+
+/// The per-mode table of `lorasft data stats`: rows, micro-batches and padding share.
+fn render_batching(modes: &[BatchingStats], chosen: Batching, grad_accum: usize) -> String {
+    let mut out = format!(
+        "batching (file order, one epoch; steps at grad accum {grad_accum}): mode | rows | micro-batches | steps | padded tokens | real | padding share\n",
+    );
+    for m in modes {
+        out.push_str(&format!(
+            "  {}{} | {} | {} | {} | {} | {} | {:.1}%\n",
+            m.mode.name(),
+            if m.mode == chosen { " (chosen)" } else { "" },
+            m.rows,
+            m.micro_batches,
+            m.steps_per_epoch(grad_accum),
+            m.padded_tokens,
+            m.real_tokens,
+            100.0 * m.padding_share()
+        ));
+    }
+    out
 }

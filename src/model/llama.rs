@@ -3,14 +3,20 @@
 //! SwiGLU, tied or untied lm_head. Dimension letters: `b` batch, `s` sequence, `h` hidden,
 //! `nh`/`nkv` query/kv heads, `d` head dim, `v` vocab.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, Var};
+
+use crate::data::batch::Batch;
 
 use crate::device::master_dtype;
 use crate::error::{Error, Result};
 use crate::model::config::{ModelShape, Projection};
+use crate::model::cpu::attention::Mask;
 use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
 use crate::model::loss::{LossSum, lm_head_loss_sum};
 use crate::model::ops::{attention, frozen_linear, rms_norm, swiglu, to_heads};
+use crate::model::visibility::KeyRanges;
 use crate::rng::Rng;
 
 /// One decoder layer's weights.
@@ -42,16 +48,7 @@ pub struct Llama {
     lora: Option<LoraConfig>,
 }
 
-/// The additive value that masks an attention score: the dtype's most negative finite value,
-/// as transformers uses. Finite, so a fully masked row gives a uniform softmax, never NaN.
-pub fn mask_value(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::MIN,
-        DType::BF16 => half::bf16::MIN.to_f64(),
-        DType::F16 => half::f16::MIN.to_f64(),
-        _ => f64::from(f32::MIN),
-    }
-}
+pub use crate::model::visibility::mask_value;
 
 /// The attention mask on the host as 0/1 rows, all ones when absent; checks its shape.
 fn host_mask(attention_mask: Option<&Tensor>, b: usize, s: usize) -> Result<Vec<Vec<u32>>> {
@@ -346,6 +343,29 @@ impl Llama {
         lm_head_loss_sum(&hidden, self.lm_head(), labels)
     }
 
+    /// Summed next-token loss of a prepared batch: padded rows under their attention mask,
+    /// packed rows block-diagonally with positions restarting per example.
+    pub fn batch_loss_sum(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<LossSum> {
+        let hidden = match &batch.segments {
+            None => self.hidden_states(&batch.input_ids, Some(&batch.attention_mask), mode)?,
+            Some(segments) => self.hidden_states_packed(&batch.input_ids, segments, mode)?,
+        };
+        lm_head_loss_sum(&hidden, self.lm_head(), &batch.labels)
+    }
+
+    /// Logits (b, s, v) of packed rows: `segments` gives each row's example lengths from
+    /// position 0. Each example attends to itself alone and its positions start at 0, so its
+    /// logits are those of the example run on its own.
+    pub fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        segments: &[Vec<usize>],
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states_packed(input_ids, segments, mode)?;
+        Ok(frozen_linear(&hidden, self.lm_head())?)
+    }
+
     /// The final normed hidden states (b, s, h), before lm_head.
     pub fn hidden_states(
         &self,
@@ -353,6 +373,55 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
+        let (b, s) = self.check_ids(input_ids)?;
+        let keep = host_mask(attention_mask, b, s)?;
+        let (mask, positions) = match KeyRanges::right_padded(&keep) {
+            // Causal over right-padded rows: key ranges, no dense mask, positions = indices.
+            Some(ranges) => (self.mask_of(ranges)?, None),
+            None => {
+                let bias = attention_bias(&keep, master_dtype(self.dtype()), self.device())?;
+                (Mask::Bias(bias), position_ids(&keep))
+            }
+        };
+        self.layers_forward(input_ids, mask, positions, mode)
+    }
+
+    /// [`Llama::hidden_states`] of packed rows (see [`Llama::forward_packed`]).
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: &Tensor,
+        segments: &[Vec<usize>],
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let (b, s) = self.check_ids(input_ids)?;
+        if segments.len() != b {
+            return Err(Error::Invalid(format!(
+                "{} rows of segments for a batch of {b}",
+                segments.len()
+            )));
+        }
+        let ranges = KeyRanges::packed(segments, s)?;
+        let positions = ranges.positions();
+        let mask = self.mask_of(ranges)?;
+        self.layers_forward(input_ids, mask, positions, mode)
+    }
+
+    /// Key ranges as the attention takes them: as they are for the fused CPU f32 op, as the
+    /// dense bias they stand for (built once per forward) for the composed path.
+    fn mask_of(&self, ranges: KeyRanges) -> Result<Mask> {
+        if self.device().is_cpu() && self.dtype() == DType::F32 {
+            return Ok(Mask::Ranges(Arc::new(ranges)));
+        }
+        let dtype = master_dtype(self.dtype());
+        Ok(Mask::Bias(ranges.to_bias(
+            mask_value(dtype),
+            dtype,
+            self.device(),
+        )?))
+    }
+
+    /// (b, s) of token ids that fit the model's positions and vocabulary.
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
         let (b, s) = input_ids.dims2()?;
         if s == 0 || s > self.shape.max_positions {
             return Err(Error::Invalid(format!(
@@ -360,20 +429,33 @@ impl Llama {
                 self.shape.max_positions
             )));
         }
-        let ids = input_ids.to_dtype(DType::U32)?;
-        let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
+        let max_id = input_ids
+            .to_dtype(DType::U32)?
+            .max_all()?
+            .to_scalar::<u32>()? as usize;
         if max_id >= self.shape.vocab {
             return Err(Error::Invalid(format!(
                 "token id {max_id} is outside the vocabulary of {}",
                 self.shape.vocab
             )));
         }
-        let keep = host_mask(attention_mask, b, s)?;
-        let bias = attention_bias(&keep, master_dtype(self.dtype()), self.device())?; // (b, 1, s, s)
-        let (cos, sin) = match position_ids(&keep) {
+        Ok((b, s))
+    }
+
+    /// Embedding, every layer under `mask`, and the final norm; `positions` (b * s) gives each
+    /// token's RoPE position when it is not its index.
+    fn layers_forward(
+        &self,
+        input_ids: &Tensor,
+        mask: Mask,
+        positions: Option<Vec<u32>>,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let (cos, sin) = match positions {
             // (s, d), broadcast over batch and heads
             None => (self.cos.narrow(0, 0, s)?, self.sin.narrow(0, 0, s)?),
-            // (b, 1, s, d): per-row positions when rows are left-padded
+            // (b, 1, s, d): per-row positions (left padding, packed rows)
             Some(pos) => {
                 let pos = Tensor::from_vec(pos, b * s, self.device())?;
                 let d = self.shape.head_dim;
@@ -383,11 +465,12 @@ impl Llama {
                 )
             }
         };
+        let ids = input_ids.to_dtype(DType::U32)?;
         let mut x =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, s, self.shape.hidden))?; // (b, s, h)
-        let ctx = AttnInputs { bias, cos, sin };
+        let ctx = AttnInputs { mask, cos, sin };
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &ctx, mode, None)?;
         }
@@ -402,7 +485,7 @@ impl Llama {
         mode: &mut Mode<'_>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let AttnInputs { bias, cos, sin } = ctx;
+        let AttnInputs { mask, cos, sin } = ctx;
         let ModelShape {
             heads: nh,
             kv_heads: nkv,
@@ -430,7 +513,7 @@ impl Llama {
             }
         };
         // Keys: t = s in training, cached + s in generation.
-        let o = attention(&q, &k, &v, bias, 1.0 / (d as f64).sqrt())?; // (b, s, nh*d)
+        let o = attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (b, s, nh*d)
         let x = (x + l.proj(Projection::OProj).forward(&o, mode)?)?;
 
         let hn = rms_norm(&x, &l.post_norm, eps)?;
@@ -467,7 +550,11 @@ impl Llama {
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((1, n, self.shape.hidden))?;
-        let ctx = AttnInputs { bias, cos, sin };
+        let ctx = AttnInputs {
+            mask: Mask::Bias(bias),
+            cos,
+            sin,
+        };
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = self.layer_forward(layer, &x, &ctx, &mut Mode::Eval, Some(slot))?;
         }
@@ -477,10 +564,10 @@ impl Llama {
     }
 }
 
-/// What every layer's attention shares in one forward: the additive mask and the RoPE tables.
+/// What every layer's attention shares in one forward: the mask and the RoPE tables.
 struct AttnInputs {
-    /// (b, 1, s, t) additive mask.
-    bias: Tensor,
+    /// Key ranges, or a (b or 1, 1, s, t) additive bias.
+    mask: Mask,
     /// (s, d) or (b, 1, s, d).
     cos: Tensor,
     /// Same shape as `cos`.

@@ -15,6 +15,7 @@ pub mod lora;
 pub mod loss;
 pub mod ops;
 pub mod source;
+pub mod visibility;
 
 pub use config::{LlamaConfig, ModelShape, Projection};
 pub use llama::KvCache;

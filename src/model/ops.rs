@@ -8,9 +8,10 @@
 //! finite differences in `tests/ops.rs`.
 
 use crate::model::autograd::attach_backward;
-use crate::model::cpu::attention::Attention;
+use crate::model::cpu::attention::{Attention, Mask};
 use crate::model::cpu::matmul::matmul_frozen;
 use crate::model::cpu::ops::{self as cpu_ops, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
+use crate::model::visibility::mask_value;
 use candle_core::{D, DType, Result, Tensor};
 
 /// `x @ w^T` for a frozen weight `w` (out, in): the backward computes dX only, never dW.
@@ -130,13 +131,35 @@ fn attention_probs(raw: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 /// Grouped-query attention `softmax(q k^T * scale + bias) v` for q (b, heads, s, d), k and v
-/// (b, kv_heads, t, d) and a constant bias (b or 1, 1, s, t), returned as (b, s, heads * d).
-/// One fused node with a written backward on the CPU in f32; composed elsewhere.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if [q, k, v, bias].into_iter().all(cpu_ops::on_host_f32) {
+/// (b, kv_heads, t, d) under a [`Mask`] (key ranges, or a constant bias (b or 1, 1, s, t)),
+/// returned as (b, s, heads * d). One fused node with a written backward on the CPU in f32;
+/// composed elsewhere, where key ranges become the dense bias they stand for.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Result<Tensor> {
+    let fused_mask = match mask {
+        Mask::Bias(bias) => cpu_ops::on_host_f32(bias),
+        Mask::Ranges(_) => true,
+    };
+    if fused_mask && [q, k, v].into_iter().all(cpu_ops::on_host_f32) {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        return q.apply_op3(&k, &v, Attention::new(bias.contiguous()?, scale as f32));
+        let mask = match mask {
+            Mask::Bias(bias) => Mask::Bias(bias.contiguous()?),
+            ranges => ranges.clone(),
+        };
+        return q.apply_op3(&k, &v, Attention::new(mask, scale as f32));
     }
+    let bias = match mask {
+        Mask::Bias(bias) => bias.clone(),
+        Mask::Ranges(r) => {
+            // Masks and softmax run in f32 at least, as with a half-precision base.
+            let dtype = match q.dtype() {
+                DType::F64 => DType::F64,
+                _ => DType::F32,
+            };
+            r.to_bias(mask_value(dtype), dtype, q.device())
+                .map_err(candle_core::Error::wrap)?
+        }
+    };
+    let bias = &bias;
     let (b, nh, s, d) = q.dims4()?;
     let (_, nkv, t, _) = k.dims4()?;
     let rep = nh / nkv;

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use crate::adapter::{model_card_front_matter, target_names};
+use crate::data::batching::Batching;
 use crate::data::dataset::SplitSpec;
 use crate::data::encode::{LabelPolicy, Padding};
 use crate::records::RunRecords;
@@ -203,15 +204,10 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         LabelPolicy::MaskPadding => " (padding masked with -100)",
         LabelPolicy::CompletionOnly => " (prompt and padding masked: only the response is learned)",
     };
-    let pad_share = if st.padded_tokens == 0 {
-        0.0
-    } else {
-        100.0 * (st.padded_tokens - st.real_tokens) as f64 / st.padded_tokens as f64
-    };
     let _ = writeln!(r, "## Tokenization & Preprocessing\n");
     let _ = writeln!(
         r,
-        "- Tokenizer: `{}` ({} tokens; EOS `{}`, pad `{}`)\n- Max sequence length: {}\n- Truncation: enabled (the head of each example is kept)\n- Padding: {padding}, {:?} side\n- Labels: {:?}{labels}\n- EOS after the response: {:?}\n- Tokens per training record before truncation: p50 {}, p90 {}, p99 {}, max {}\n- Records truncated: {} of {}; records whose response was cut entirely: {}\n- Records with no trainable label: {}\n- Loss targets on padding: {} of {} ({:.2}%)\n- Compute on padding: {} of {} tokens ({pad_share:.1}%)\n{RULE}",
+        "- Tokenizer: `{}` ({} tokens; EOS `{}`, pad `{}`)\n- Max sequence length: {}\n- Truncation: enabled (the head of each example is kept)\n- Padding: {padding}, {:?} side\n- Labels: {:?}{labels}\n- EOS after the response: {:?}\n- Tokens per training record before truncation: p50 {}, p90 {}, p99 {}, max {}\n- Records truncated: {} of {}; records whose response was cut entirely: {}\n- Records with no trainable label: {}\n- Loss targets on padding: {} of {} ({:.2}%)\n{}{RULE}",
         c.v(c.rec.manifest.tokenizer_path.display().to_string()),
         d.vocab,
         d.eos,
@@ -231,9 +227,55 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         st.padding_label_tokens,
         st.label_tokens,
         100.0 * st.padding_label_share(),
-        st.padded_tokens - st.real_tokens,
-        st.padded_tokens,
+        batching_lines(c),
     );
+}
+
+/// The batching mode, the padding share the run measured, and each mode's share on the
+/// training split.
+fn batching_lines(c: &Ctx) -> String {
+    let (mode, st) = (c.cfg.encode.batching, &c.rec.data.train_stats);
+    let what = match mode {
+        Batching::Padded => "one example per row, batches in epoch order",
+        Batching::GroupByLength => {
+            "one example per row, batches of similar length (length-grouped mega-batches)"
+        }
+        Batching::Packed => {
+            "whole examples packed into rows; each attends only to itself and its positions start at 0"
+        }
+    };
+    let mut out = format!("- Batching: {} ({what})\n", mode.name());
+    let seen = c.rec.metrics.iter().rev().find_map(|m| {
+        m.is_train()
+            .then_some(())
+            .and(m.tokens_seen.zip(m.padded_tokens_seen))
+    });
+    if let Some((real, all)) = seen.filter(|&(_, all)| all > 0) {
+        out.push_str(&format!(
+            "- Compute on padding, measured over the run's steps: {} of {all} token slots ({:.1}%)\n",
+            all - real,
+            100.0 * (all - real) as f64 / all as f64
+        ));
+    }
+    if !st.batching.is_empty() {
+        let shares: Vec<String> = st
+            .batching
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} {:.1}% ({} rows)",
+                    b.mode.name(),
+                    100.0 * b.padding_share(),
+                    b.rows
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "- Compute on padding by batching mode (training split, file order, one epoch): {}\n",
+            shares.join(", ")
+        ));
+    }
+    out
 }
 
 /// Training framework decision and training configuration.

@@ -22,7 +22,7 @@ pub struct LoopState {
     pub step: usize,
     /// Current epoch (0-based).
     pub epoch: usize,
-    /// Next position in the epoch's example order.
+    /// Examples of the current epoch trained on (micro-batches are whole).
     pub cursor: usize,
     /// The dropout generator.
     pub dropout_rng: Rng,
@@ -30,6 +30,9 @@ pub struct LoopState {
     pub best_eval: Option<f64>,
     /// Real tokens trained on so far.
     pub tokens_seen: u64,
+    /// All token slots trained on so far, padding included.
+    #[serde(default)]
+    pub padded_tokens_seen: u64,
     /// Lines of metrics.jsonl written when the checkpoint was taken.
     pub metrics_lines: usize,
     /// Steps skipped because they had no trainable token.
@@ -56,6 +59,7 @@ impl LoopState {
             dropout_rng: Rng::derive(seed, "dropout"),
             best_eval: None,
             tokens_seen: 0,
+            padded_tokens_seen: 0,
             metrics_lines: 0,
             skipped_steps: 0,
             clipped_steps: 0,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::batching::Batching;
 use crate::data::dataset::SplitSpec;
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding};
 use crate::device::{DeviceSpec, Precision};
@@ -539,6 +540,8 @@ pub struct ConfigSource {
     pub precision: Option<Precision>,
     /// `model.init_adapter`.
     pub init_adapter: Option<PathBuf>,
+    /// `encode.batching`.
+    pub batching: Option<Batching>,
 }
 
 impl ConfigSource {
@@ -573,6 +576,9 @@ impl ConfigSource {
         }
         if let Some(a) = &self.init_adapter {
             cfg.model.init_adapter = Some(a.clone());
+        }
+        if let Some(b) = self.batching {
+            cfg.encode.batching = b;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -6,28 +6,28 @@
 use candle_core::DType;
 
 use crate::data::batch::Batch;
+use crate::data::batching::{self, Planner};
 use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 use crate::model::{Llama, Mode};
 
-/// Summed loss and target count of each batch of `batch_size` examples (no dropout).
+/// Summed loss and target count of each micro-batch of `batch_size` rows, planned in file
+/// order by the encoder's batching mode (no dropout).
 pub fn batch_loss_sums(
     model: &Llama,
     encoder: &Encoder,
     examples: &[Example],
     batch_size: usize,
 ) -> Result<Vec<(f64, usize)>> {
-    examples
-        .chunks(batch_size.max(1))
-        .map(|chunk| {
-            let rows = encoder.collate(&chunk.iter().collect::<Vec<_>>());
+    let lengths = examples.iter().map(|e| e.ids.len()).collect();
+    let cfg = encoder.config();
+    Planner::new(cfg.batching, lengths, cfg.max_len, batch_size, 0, false)
+        .epoch(0)
+        .iter()
+        .map(|micro| {
+            let rows = batching::collate(encoder, micro, examples);
             let b = Batch::from_rows(&rows, model.device())?;
-            let l = model.loss_sum(
-                &b.input_ids,
-                Some(&b.attention_mask),
-                &b.labels,
-                &mut Mode::Eval,
-            )?;
+            let l = model.batch_loss_sum(&b, &mut Mode::Eval)?;
             Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
         })
         .collect()

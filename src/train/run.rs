@@ -16,12 +16,12 @@ use std::time::Instant;
 
 use crate::adapter;
 use crate::data::batch::Batch;
+use crate::data::batching::{self, MicroBatch, Planner};
 use crate::data::encode::Example;
 use crate::error::{Error, Result};
 use crate::generate::Generation;
 use crate::model::Llama;
 use crate::records::{self, Metric, MetricKind, RunChecks, Summary, files};
-use crate::rng::Rng;
 use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
 use crate::train::config::TrainConfig;
 use crate::train::eval::evaluate;
@@ -53,21 +53,41 @@ pub fn run_dir(cfg: &TrainConfig) -> PathBuf {
     cfg.run.out_dir.join(&cfg.run.name)
 }
 
-/// Total optimizer steps of a run over `n` training examples.
-pub fn total_steps(cfg: &TrainConfig, n: usize) -> usize {
-    cfg.train.max_steps.unwrap_or_else(|| {
-        let micro_per_epoch = n.div_ceil(cfg.train.batch_size);
-        cfg.train.epochs * (micro_per_epoch / cfg.train.grad_accum).max(1)
-    })
+/// Total optimizer steps of a run with `micro_per_epoch` micro-batches per epoch.
+pub fn total_steps(cfg: &TrainConfig, micro_per_epoch: usize) -> usize {
+    cfg.train
+        .max_steps
+        .unwrap_or_else(|| cfg.train.epochs * (micro_per_epoch / cfg.train.grad_accum).max(1))
 }
 
-/// The order of training examples in an epoch: seeded shuffle, or file order.
-fn epoch_order(n: usize, epoch: usize, seed: u64, shuffle: bool) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    if shuffle {
-        Rng::derive(seed, &format!("shuffle-epoch-{epoch}")).shuffle(&mut v);
+/// The planner of a run's training micro-batches (batching mode, seed, shuffle).
+pub fn planner(cfg: &TrainConfig, train: &[Example]) -> Planner {
+    Planner::new(
+        cfg.encode.batching,
+        train.iter().map(|e| e.ids.len()).collect(),
+        cfg.encode.max_len,
+        cfg.train.batch_size,
+        cfg.run.seed,
+        cfg.data.shuffle,
+    )
+}
+
+/// The index of the micro-batch that starts after `cursor` examples of an epoch's plan.
+fn micro_at(plan: &[MicroBatch], cursor: usize) -> Result<usize> {
+    let mut seen = 0;
+    for (i, m) in plan.iter().enumerate() {
+        if seen == cursor {
+            return Ok(i);
+        }
+        seen += m.examples();
     }
-    v
+    if seen == cursor {
+        return Ok(plan.len());
+    }
+    Err(Error::Invalid(format!(
+        "the checkpoint stopped {cursor} examples into an epoch, which is not a micro-batch \
+         boundary of this run's batching; resume with the settings it was trained with"
+    )))
 }
 
 /// Runs training for a prepared run; writes metrics, checkpoints, the adapter, generations,
@@ -115,13 +135,17 @@ pub struct Run<'o> {
     state: LoopState,
     total: usize,
     warmup: usize,
-    order: Vec<usize>,
+    planner: Planner,
+    /// The current epoch's micro-batches, and the next one to train on.
+    plan: Vec<MicroBatch>,
+    next_micro: usize,
     checks: RunChecks,
     fingerprint_before: Fingerprint,
     before: Vec<Generation>,
     bar: indicatif::ProgressBar,
     start: Instant,
-    tokens_at_start: u64,
+    /// (real, padded) tokens seen when this process started the run.
+    tokens_at_start: (u64, u64),
     first_loss: Option<f64>,
     last_loss: Option<f64>,
     last_eval: Option<(usize, f64)>,
@@ -136,7 +160,8 @@ impl<'o> Run<'o> {
     /// records and the generations with the starting adapter.
     pub fn open(p: Prepared, opts: &'o RunOptions) -> Result<Self> {
         let dir = run_dir(&p.cfg);
-        let total = total_steps(&p.cfg, p.train.len());
+        let planner = planner(&p.cfg, &p.train);
+        let total = total_steps(&p.cfg, planner.micro_per_epoch());
         let mut model = p.base.model.clone();
         let resume_from = if opts.resume {
             checkpoint::latest(&dir)?
@@ -168,17 +193,13 @@ impl<'o> Run<'o> {
         let checks = initial_checks(&model, &fingerprint_before);
         let before = generations_before(&p, &model, &dir, resume_from.is_some())?;
         let bar = progress_bar(opts.progress, total, state.step);
-        let order = epoch_order(
-            p.train.len(),
-            state.epoch,
-            p.cfg.run.seed,
-            p.cfg.data.shuffle,
-        );
+        let plan = planner.epoch(state.epoch);
+        let next_micro = micro_at(&plan, state.cursor)?;
         Ok(Self {
             warmup: p.cfg.optim.warmup.steps(total),
             b_moved: resume_from.is_some() || p.cfg.model.init_adapter.is_some(),
             resumed: resume_from.is_some(),
-            tokens_at_start: state.tokens_seen,
+            tokens_at_start: (state.tokens_seen, state.padded_tokens_seen),
             p,
             opts,
             dir,
@@ -187,7 +208,9 @@ impl<'o> Run<'o> {
             updater,
             state,
             total,
-            order,
+            planner,
+            plan,
+            next_micro,
             checks,
             fingerprint_before,
             before,
@@ -225,26 +248,17 @@ impl<'o> Run<'o> {
         let cfg = &self.p.cfg;
         let mut micro = Vec::with_capacity(cfg.train.grad_accum);
         for _ in 0..cfg.train.grad_accum {
-            if self.state.cursor >= self.order.len() {
+            if self.next_micro >= self.plan.len() {
                 self.state.epoch += 1;
                 self.state.cursor = 0;
-                self.order = epoch_order(
-                    self.p.train.len(),
-                    self.state.epoch,
-                    cfg.run.seed,
-                    cfg.data.shuffle,
-                );
+                self.plan = self.planner.epoch(self.state.epoch);
+                self.next_micro = 0;
             }
-            let end = (self.state.cursor + cfg.train.batch_size).min(self.order.len());
-            let exs: Vec<&Example> = self.order[self.state.cursor..end]
-                .iter()
-                .map(|&i| &self.p.train[i])
-                .collect();
-            self.state.cursor = end;
-            micro.push(Batch::from_rows(
-                &self.p.encoder.collate(&exs),
-                self.model.device(),
-            )?);
+            let planned = &self.plan[self.next_micro];
+            self.next_micro += 1;
+            self.state.cursor += planned.examples();
+            let rows = batching::collate(&self.p.encoder, planned, &self.p.train);
+            micro.push(Batch::from_rows(&rows, self.model.device())?);
         }
         Ok(micro)
     }
@@ -264,6 +278,10 @@ impl<'o> Run<'o> {
             lr,
         )?;
         self.state.tokens_seen += report.real_tokens as u64;
+        self.state.padded_tokens_seen += micro
+            .iter()
+            .map(|b| b.input_ids.elem_count() as u64)
+            .sum::<u64>();
         let (loss, targets) = (report.loss(), report.targets);
         let next = self.state.step + 1;
         let trained = match report.outcome {
@@ -334,7 +352,9 @@ impl<'o> Run<'o> {
     /// Progress, and a metrics line every `log_every` steps, on the first and on the last.
     pub fn log(&mut self, trained: Option<Trained>) -> Result<()> {
         let elapsed = self.start.elapsed().as_secs_f64();
-        let tps = (self.state.tokens_seen - self.tokens_at_start) as f64 / elapsed.max(1e-9);
+        let tps = (self.state.tokens_seen - self.tokens_at_start.0) as f64 / elapsed.max(1e-9);
+        let padded_tps =
+            (self.state.padded_tokens_seen - self.tokens_at_start.1) as f64 / elapsed.max(1e-9);
         self.bar.set_position(self.state.step as u64);
         let Some(t) = trained else {
             return Ok(());
@@ -355,6 +375,8 @@ impl<'o> Run<'o> {
                 targets: t.targets,
                 tokens_seen: Some(self.state.tokens_seen),
                 tokens_per_s: Some(tps),
+                padded_tokens_seen: Some(self.state.padded_tokens_seen),
+                padded_tokens_per_s: Some(padded_tps),
                 elapsed_s: elapsed,
             })?;
         }
@@ -468,7 +490,8 @@ impl<'o> Run<'o> {
             last_loss: self.last_loss,
             eval_loss: Some(eval_loss),
             best_eval_loss: self.state.best_eval,
-            tokens_per_s: (self.state.tokens_seen - self.tokens_at_start) as f64 / wall_s.max(1e-9),
+            tokens_per_s: (self.state.tokens_seen - self.tokens_at_start.0) as f64
+                / wall_s.max(1e-9),
             wall_s,
             peak_rss_mib: crate::sys::peak_rss_mib(),
             skipped_steps: self.state.skipped_steps,
@@ -652,19 +675,40 @@ fn progress_bar(show: bool, total: usize, position: usize) -> indicatif::Progres
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::batching::Batching;
+    use crate::rng::Rng;
 
     #[test]
-    fn epoch_order_is_seeded_per_epoch_and_file_order_when_shuffle_is_off() {
-        assert_eq!(epoch_order(5, 3, 1, false), vec![0, 1, 2, 3, 4]);
-        let (a, b) = (epoch_order(50, 0, 1, true), epoch_order(50, 1, 1, true));
-        assert_ne!(a, b, "each epoch gets its own order");
-        assert_eq!(
-            a,
-            epoch_order(50, 0, 1, true),
-            "the same seed and epoch give the same order"
-        );
-        let mut s = a.clone();
-        s.sort_unstable();
-        assert_eq!(s, (0..50).collect::<Vec<_>>());
+    fn padded_plans_keep_the_seeded_epoch_order_of_earlier_runs() {
+        // Runs made before batching modes existed shuffled 0..n by this stream, per epoch.
+        let old = |n: usize, epoch: usize| {
+            let mut v: Vec<usize> = (0..n).collect();
+            Rng::derive(1, &format!("shuffle-epoch-{epoch}")).shuffle(&mut v);
+            v
+        };
+        let p = Planner::new(Batching::Padded, vec![4; 50], 8, 3, 1, true);
+        for epoch in 0..3 {
+            let got: Vec<usize> = p
+                .epoch(epoch)
+                .iter()
+                .flat_map(|m| m.rows.concat())
+                .collect();
+            assert_eq!(got, old(50, epoch));
+        }
+    }
+
+    #[test]
+    fn a_cursor_maps_to_its_micro_batch_and_a_mid_batch_cursor_is_refused() {
+        let p = Planner::new(Batching::Packed, vec![3, 5, 2, 6, 1, 4], 8, 2, 7, true);
+        let plan = p.epoch(0);
+        let mut seen = 0;
+        for (i, m) in plan.iter().enumerate() {
+            assert_eq!(micro_at(&plan, seen).unwrap(), i);
+            seen += m.examples();
+        }
+        assert_eq!(micro_at(&plan, seen).unwrap(), plan.len());
+        let first = plan[0].examples();
+        assert!(first > 1, "packed micro-batches hold several examples");
+        assert!(micro_at(&plan, first - 1).is_err());
     }
 }

@@ -31,12 +31,7 @@ pub fn forward_backward(
     let mut real = 0;
     let mut grads: Option<Vec<Tensor>> = None;
     for b in micro {
-        let l = model.loss_sum(
-            &b.input_ids,
-            Some(&b.attention_mask),
-            &b.labels,
-            &mut Mode::Train(rng),
-        )?;
+        let l = model.batch_loss_sum(b, &mut Mode::Train(rng))?;
         real += b.real_tokens;
         if l.tokens == 0 {
             continue;

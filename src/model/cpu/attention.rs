@@ -7,22 +7,38 @@
 //! head) runs its products with `gemm` on strided views and the softmax in place; the output
 //! is written straight into (b, s, heads * d), so no transpose copy follows. The probabilities
 //! are kept for the backward. Tested against the composed form in `tests/ops.rs`.
+//!
+//! Which keys a query sees comes either as per-query key ranges ([`KeyRanges`]: causal over
+//! right-padded or packed rows, no dense mask anywhere) or as a dense additive bias (left
+//! padding, generation). Each block of query rows runs its products over the keys from the
+//! first any of its rows may see to the last: the causal upper triangle, and with packed rows
+//! every other example's keys, are skipped.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::model::cpu::kernels::{softmax_row, softmax_row_bwd};
+use crate::model::cpu::kernels::{softmax_row, softmax_row_bwd, softmax_row_range};
 use crate::model::cpu::matmul::{SendPtr, View, gemm_view};
 use crate::model::cpu::ops::{host, read, slice};
 use crate::model::cpu::simd;
+use crate::model::visibility::KeyRanges;
 
-/// Attention over q (b, heads, s, d), k and v (b, kv_heads, t, d) with a constant bias
-/// (b or 1, 1, s, t): `softmax(q k^T * scale + bias) v`, as (b, s, heads * d).
+/// Which keys each query may see.
+#[derive(Debug, Clone)]
+pub enum Mask {
+    /// A dense additive bias (b or 1, 1, s, t): 0 where allowed, a huge negative elsewhere.
+    Bias(Tensor),
+    /// Per-query key ranges for every batch row (t = s).
+    Ranges(Arc<KeyRanges>),
+}
+
+/// Attention over q (b, heads, s, d), k and v (b, kv_heads, t, d) under a [`Mask`]:
+/// `softmax(q k^T * scale + bias) v`, as (b, s, heads * d).
 pub struct Attention {
-    /// The causal + padding bias.
-    pub bias: Tensor,
+    /// Which keys each query sees.
+    pub mask: Mask,
     /// 1 / sqrt(d).
     pub scale: f32,
     /// What the forward keeps for the backward.
@@ -31,9 +47,9 @@ pub struct Attention {
 
 impl Attention {
     /// The op for one layer's call.
-    pub fn new(bias: Tensor, scale: f32) -> Self {
+    pub fn new(mask: Mask, scale: f32) -> Self {
         Self {
-            bias,
+            mask,
             scale,
             saved: OnceLock::new(),
         }
@@ -84,11 +100,23 @@ impl Dims {
         }
     }
 
-    /// Bias blocks (s, t): one per batch row, or one shared.
-    fn bias_blocks(&self, bias: &Tensor) -> Result<usize> {
-        match bias.dims() {
-            &[bb, 1, bs, bt] if bs == self.s && bt == self.t && (bb == self.b || bb == 1) => Ok(bb),
-            other => bail!("attention: bias {other:?} does not fit {self:?}"),
+    /// Mask blocks (s, t): one per batch row, or one shared bias.
+    fn mask_blocks(&self, mask: &Mask) -> Result<usize> {
+        match mask {
+            Mask::Bias(bias) => match bias.dims() {
+                &[bb, 1, bs, bt] if bs == self.s && bt == self.t && (bb == self.b || bb == 1) => {
+                    Ok(bb)
+                }
+                other => bail!("attention: bias {other:?} does not fit {self:?}"),
+            },
+            Mask::Ranges(r) if r.rows() == self.b && r.len() == self.s && self.t == self.s => {
+                Ok(self.b)
+            }
+            Mask::Ranges(r) => bail!(
+                "attention: key ranges ({}, {}) do not fit {self:?}",
+                r.rows(),
+                r.len()
+            ),
         }
     }
 
@@ -109,10 +137,10 @@ const MASKED: f32 = -1e30;
 
 /// What the forward keeps for the backward.
 struct Saved {
-    /// Probabilities (b, heads, s, t); zero beyond each block's key limit.
+    /// Probabilities (b, heads, s, t); zero outside each block's key span.
     probs: Vec<f32>,
-    /// Key limit per (bias block, row block).
-    limits: Vec<usize>,
+    /// Key span `[first, end)` per (mask block, row block).
+    limits: Vec<(usize, usize)>,
 }
 
 /// Keys a block of query rows needs: one past the last unmasked key of any row, or all keys
@@ -127,6 +155,37 @@ fn key_limit(bias_rows: &[f32], t: usize) -> usize {
         }
     }
     limit
+}
+
+/// Key spans `[first, end)` per (mask block, row block): every key any row of the block may
+/// see lies inside, and every entry outside has probability exactly 0.
+fn key_spans(mask: &Mask, n: &Dims, blocks: usize) -> Result<Vec<(usize, usize)>> {
+    let st = n.s * n.t;
+    match mask {
+        Mask::Bias(bias) => read(bias, |bias| {
+            (0..blocks)
+                .flat_map(|bb| {
+                    n.row_blocks().map(move |(i0, i1)| {
+                        (
+                            0,
+                            key_limit(&bias[bb * st + i0 * n.t..bb * st + i1 * n.t], n.t),
+                        )
+                    })
+                })
+                .collect()
+        }),
+        Mask::Ranges(r) => Ok((0..blocks)
+            .flat_map(|bi| {
+                n.row_blocks().map(move |(i0, i1)| {
+                    (i0..i1)
+                        .map(|i| r.range(bi, i))
+                        .fold((usize::MAX, 0), |(first, end), (lo, hi)| {
+                            (first.min(lo), end.max(hi))
+                        })
+                })
+            })
+            .collect()),
+    }
 }
 
 /// Row-major view of a contiguous (rows, cols) block.
@@ -171,7 +230,7 @@ impl CustomOp3 for Attention {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = Dims::of(lq.dims(), lk.dims(), lv.dims())?;
-        let blocks = n.bias_blocks(&self.bias)?;
+        let blocks = n.mask_blocks(&self.mask)?;
         let (q, k, v) = (slice(sq, lq)?, slice(sk, lk)?, slice(sv, lv)?);
         let (st, hd) = (n.s * n.t, n.heads * n.d);
         let per_block = n.s.div_ceil(ROW_BLOCK);
@@ -179,14 +238,8 @@ impl CustomOp3 for Attention {
         let mut out = vec![0f32; n.b * n.s * hd];
         let out_ptr = SendPtr(out.as_mut_ptr());
         let probs_ptr = SendPtr(probs.as_mut_ptr());
-        let limits = read(&self.bias, |bias| {
-            let limits: Vec<usize> = (0..blocks)
-                .flat_map(|bb| {
-                    n.row_blocks().map(move |(i0, i1)| {
-                        key_limit(&bias[bb * st + i0 * n.t..bb * st + i1 * n.t], n.t)
-                    })
-                })
-                .collect();
+        let limits = key_spans(&self.mask, &n, blocks)?;
+        with_bias(&self.mask, |bias| {
             for_heads(n.b * n.heads, |task| {
                 let (bi, h) = (task / n.heads, task % n.heads);
                 let (out_ptr, probs_ptr) = (out_ptr, probs_ptr);
@@ -194,46 +247,54 @@ impl CustomOp3 for Attention {
                 // SAFETY: task `task` alone writes probs[task*st..][..st] and the columns
                 // h*d..(h+1)*d of batch row bi's (s, heads*d) output block; q, k and v hold
                 // the blocks `Dims::block` addresses (shapes checked in `Dims::of`), and every
-                // view below stays inside them (rows < s, keys < limit <= t).
+                // view below stays inside them (rows < s, first <= keys < end <= t).
                 unsafe {
                     let p = probs_ptr.0.add(task * st);
                     let qh = q.as_ptr().add(n.block(bi, h, false));
                     let kh = k.as_ptr().add(n.block(bi, h, true));
                     let vh = v.as_ptr().add(n.block(bi, h, true));
                     for (blk, (i0, i1)) in n.row_blocks().enumerate() {
-                        let kmax = limits[bb * per_block + blk];
-                        let rows_b = i1 - i0;
-                        // raw scores (rows, kmax) = q_h[i0..i1] k_h[..kmax]^T
+                        let (k0, k1) = limits[bb * per_block + blk];
+                        let (rows_b, kw) = (i1 - i0, k1 - k0);
+                        // raw scores (rows, kw) = q_h[i0..i1] k_h[k0..k1]^T
                         gemm_view(
-                            (rows_b, kmax, n.d),
-                            (p.add(i0 * n.t), n.t as isize, 1),
+                            (rows_b, kw, n.d),
+                            (p.add(i0 * n.t + k0), n.t as isize, 1),
                             rows(qh.add(i0 * n.d), n.d),
-                            cols(kh, n.d),
+                            cols(kh.add(k0 * n.d), n.d),
                             false,
                         );
                         simd::run(|| {
                             for i in i0..i1 {
-                                let row = std::slice::from_raw_parts_mut(p.add(i * n.t), kmax);
-                                let b0 = bb * st + i * n.t;
-                                softmax_row(row, &bias[b0..b0 + kmax], self.scale);
+                                let row = std::slice::from_raw_parts_mut(p.add(i * n.t + k0), kw);
+                                match (&self.mask, bias) {
+                                    (Mask::Ranges(r), _) => {
+                                        let (lo, hi) = r.range(bi, i);
+                                        softmax_row_range(row, lo - k0, hi - k0, self.scale);
+                                    }
+                                    (Mask::Bias(_), Some(bias)) => {
+                                        let b0 = bb * st + i * n.t;
+                                        softmax_row(row, &bias[b0 + k0..b0 + k1], self.scale);
+                                    }
+                                    (Mask::Bias(_), None) => unreachable!("bias is read"),
+                                }
                             }
                         });
-                        // out rows (rows, d) at column h*d of (s, heads*d) = probs v_h[..kmax]
+                        // out rows (rows, d) at column h*d of (s, heads*d) = probs v_h[k0..k1]
                         gemm_view(
-                            (rows_b, n.d, kmax),
+                            (rows_b, n.d, kw),
                             (
                                 out_ptr.0.add((bi * n.s + i0) * hd + h * n.d),
                                 hd as isize,
                                 1,
                             ),
-                            rows(p.add(i0 * n.t), n.t),
-                            rows(vh, n.d),
+                            rows(p.add(i0 * n.t + k0), n.t),
+                            rows(vh.add(k0 * n.d), n.d),
                             false,
                         );
                     }
                 }
             });
-            limits
         })?;
         // A second forward of the same op value would be a bug in the caller; keep the first.
         let _ = self.saved.set(Saved { probs, limits });
@@ -249,7 +310,7 @@ impl CustomOp3 for Attention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = Dims::of(q.dims(), k.dims(), v.dims())?;
-        let blocks = n.bias_blocks(&self.bias)?;
+        let blocks = n.mask_blocks(&self.mask)?;
         let Some(Saved { probs, limits }) = self.saved.get() else {
             bail!("attention: backward before forward")
         };
@@ -277,8 +338,8 @@ impl CustomOp3 for Attention {
                             let mut draw = vec![0f32; ROW_BLOCK * n.t];
                             // SAFETY: task `task` alone writes dq's (s, d) block of (bi, h) and
                             // its own (t, d) blocks of dk_h and dv_h; the reads stay inside q,
-                            // k, v, g and probs (shapes checked in `Dims::of`; rows < s, keys
-                            // < limit <= t).
+                            // k, v, g and probs (shapes checked in `Dims::of`; rows < s,
+                            // first <= keys < end <= t).
                             unsafe {
                                 let p = probs.as_ptr().add(task * st);
                                 let qh = q.as_ptr().add(n.block(bi, h, false));
@@ -286,29 +347,29 @@ impl CustomOp3 for Attention {
                                 let vh = v.as_ptr().add(n.block(bi, h, true));
                                 let g0 = g.as_ptr().add(bi * n.s * hd + h * n.d);
                                 for (blk, (i0, i1)) in n.row_blocks().enumerate() {
-                                    let kmax = limits[bb * per_block + blk];
-                                    let rows_b = i1 - i0;
+                                    let (k0, k1) = limits[bb * per_block + blk];
+                                    let (rows_b, kw) = (i1 - i0, k1 - k0);
                                     // dO rows: (rows, d) at column h*d of g's (s, heads*d)
                                     let go = View {
                                         ptr: g0.add(i0 * hd),
                                         rs: hd as isize,
                                         cs: 1,
                                     };
-                                    // dP (rows, kmax) = dO v_h[..kmax]^T, stride kmax
+                                    // dP (rows, kw) = dO v_h[k0..k1]^T, stride kw
                                     gemm_view(
-                                        (rows_b, kmax, n.d),
-                                        (dp.as_mut_ptr(), kmax as isize, 1),
+                                        (rows_b, kw, n.d),
+                                        (dp.as_mut_ptr(), kw as isize, 1),
                                         go,
-                                        cols(vh, n.d),
+                                        cols(vh.add(k0 * n.d), n.d),
                                         false,
                                     );
                                     simd::run(|| {
                                         for r in 0..rows_b {
                                             let pr = std::slice::from_raw_parts(
-                                                p.add((i0 + r) * n.t),
-                                                kmax,
+                                                p.add((i0 + r) * n.t + k0),
+                                                kw,
                                             );
-                                            let at = r * kmax..(r + 1) * kmax;
+                                            let at = r * kw..(r + 1) * kw;
                                             softmax_row_bwd(
                                                 pr,
                                                 &dp[at.clone()],
@@ -317,32 +378,32 @@ impl CustomOp3 for Attention {
                                             );
                                         }
                                     });
-                                    let dr = rows(draw.as_ptr(), kmax);
-                                    // dq rows (rows, d) = d raw k_h[..kmax]
+                                    let dr = rows(draw.as_ptr(), kw);
+                                    // dq rows (rows, d) = d raw k_h[k0..k1]
                                     gemm_view(
-                                        (rows_b, n.d, kmax),
+                                        (rows_b, n.d, kw),
                                         (
                                             dq.0.add(n.block(bi, h, false) + i0 * n.d),
                                             n.d as isize,
                                             1,
                                         ),
                                         dr,
-                                        rows(kh, n.d),
+                                        rows(kh.add(k0 * n.d), n.d),
                                         false,
                                     );
-                                    // dk_h[..kmax] += d raw^T q_h[i0..i1]
+                                    // dk_h[k0..k1] += d raw^T q_h[i0..i1]
                                     gemm_view(
-                                        (kmax, n.d, rows_b),
-                                        (dkh.0.add(task * td), n.d as isize, 1),
-                                        cols(draw.as_ptr(), kmax),
+                                        (kw, n.d, rows_b),
+                                        (dkh.0.add(task * td + k0 * n.d), n.d as isize, 1),
+                                        cols(draw.as_ptr(), kw),
                                         rows(qh.add(i0 * n.d), n.d),
                                         true,
                                     );
-                                    // dv_h[..kmax] += P[i0..i1, ..kmax]^T dO
+                                    // dv_h[k0..k1] += P[i0..i1, k0..k1]^T dO
                                     gemm_view(
-                                        (kmax, n.d, rows_b),
-                                        (dvh.0.add(task * td), n.d as isize, 1),
-                                        cols(p.add(i0 * n.t), n.t),
+                                        (kw, n.d, rows_b),
+                                        (dvh.0.add(task * td + k0 * n.d), n.d as isize, 1),
+                                        cols(p.add(i0 * n.t + k0), n.t),
                                         go,
                                         true,
                                     );
@@ -370,6 +431,14 @@ impl CustomOp3 for Attention {
             Some(host(reduce(&dk_h), k.shape())?),
             Some(host(reduce(&dv_h), v.shape())?),
         ))
+    }
+}
+
+/// Runs `f` with the mask's dense bias on the host, or with `None` for key ranges.
+fn with_bias<R>(mask: &Mask, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
+    match mask {
+        Mask::Bias(bias) => read(bias, |b| f(Some(b))),
+        Mask::Ranges(_) => Ok(f(None)),
     }
 }
 

@@ -190,6 +190,24 @@ pub fn softmax_row(y: &mut [f32], bias: &[f32], scale: f32) {
     simd::scale_f32(y, inv);
 }
 
+/// One row of the attention softmax with the keys outside `[lo, hi)` masked: the same
+/// arithmetic as [`softmax_row`] with a bias of 0 inside the range and `f32::MIN` outside, so
+/// both forms give the same bits (masked entries come out exactly 0).
+#[inline(always)]
+pub fn softmax_row_range(y: &mut [f32], lo: usize, hi: usize, scale: f32) {
+    for (j, o) in y.iter_mut().enumerate() {
+        *o = if (lo..hi).contains(&j) {
+            *o * scale + 0.0
+        } else {
+            *o * scale + f32::MIN
+        };
+    }
+    let max = simd::max_f32(y);
+    simd::exp_sub_f32(y, max);
+    let inv = simd::sum_f32(y).recip();
+    simd::scale_f32(y, inv);
+}
+
 /// One row of the attention softmax's backward: `dx = scale * y * (g - sum(g y))`.
 #[inline(always)]
 pub fn softmax_row_bwd(y: &[f32], g: &[f32], scale: f32, dx: &mut [f32]) {
