@@ -4,6 +4,18 @@
 //! failing), durable writes (fsync of files and directories, atomic replacement), and the named
 //! crash points the fault-injection tests stop a run at.
 
+/// User + system CPU seconds this process has used so far, all threads (getrusage), or 0
+/// when the call fails.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage struct into the zeroed value it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
+
 /// Peak resident set size of this process in MiB (VmHWM from /proc/self/status).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

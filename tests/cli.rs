@@ -220,6 +220,55 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
     ]));
     let m: serde_json::Value = serde_json::from_str(&masked).unwrap();
     assert_eq!(m["padding_label_tokens"], 0);
+    // Every batching mode's rows, micro-batches and padding share, whichever is chosen.
+    let modes = run_ok(lorasft().args([
+        "data",
+        "stats",
+        "--data",
+        &data,
+        "--tokenizer",
+        &tok,
+        "--max-len",
+        "128",
+        "--padding",
+        "longest",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--batching",
+        "packed",
+    ]));
+    for mode in ["padded |", "group_by_length |", "packed (chosen) |"] {
+        assert!(modes.contains(mode), "{mode}: {modes}");
+    }
+    assert!(modes.contains("| 44 | 11 | 5 |"), "44 rows padded: {modes}");
+    let json = run_ok(lorasft().args([
+        "data",
+        "stats",
+        "--data",
+        &data,
+        "--tokenizer",
+        &tok,
+        "--max-len",
+        "128",
+        "--padding",
+        "longest",
+        "--batch-size",
+        "4",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let b = v["batching"].as_array().unwrap();
+    let share = |i: usize| {
+        1.0 - b[i]["real_tokens"].as_f64().unwrap() / b[i]["padded_tokens"].as_f64().unwrap()
+    };
+    assert_eq!(
+        b[0]["padded_tokens"], v["padded_tokens"],
+        "padded = the file-order batches"
+    );
+    assert!(b[2]["rows"].as_u64().unwrap() < 44, "packing fills rows");
+    assert!(share(2) < share(1) && share(1) <= share(0), "{b:?}");
     let bad = lorasft()
         .args([
             "data",

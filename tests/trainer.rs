@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use common::{bits, ids, max_abs_diff, smoke};
 use lorasft::adapter;
 use lorasft::data::batch::Batch;
+use lorasft::data::batching::Batching;
 use lorasft::model::fixture::FixtureSpec;
 use lorasft::model::{LoraConfig, Mode};
 use lorasft::records::{Metric, MetricKind, Summary};
@@ -107,33 +108,77 @@ fn same_config_and_seed_give_identical_losses_and_adapter_bytes() {
 
 #[test]
 fn resume_continues_bitwise_identically_to_an_uninterrupted_run() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut cfg = smoke(a.path(), 12);
-    cfg.train.save_every = 4;
-    cfg.train.eval_every = 4;
-    let full = run(cfg.clone(), &RunOptions::default());
-    let mut cfg_b = cfg.clone();
-    cfg_b.run.out_dir = b.path().to_path_buf();
-    let part = run(
-        cfg_b.clone(),
-        &RunOptions {
-            stop_at_step: Some(6),
-            ..RunOptions::default()
-        },
+    // Every batching mode: its seeded plan is rebuilt on resume, across epoch boundaries.
+    for batching in Batching::ALL {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut cfg = smoke(a.path(), 12);
+        cfg.encode.batching = batching;
+        cfg.train.save_every = 4;
+        cfg.train.eval_every = 4;
+        let full = run(cfg.clone(), &RunOptions::default());
+        let mut cfg_b = cfg.clone();
+        cfg_b.run.out_dir = b.path().to_path_buf();
+        let part = run(
+            cfg_b.clone(),
+            &RunOptions {
+                stop_at_step: Some(6),
+                ..RunOptions::default()
+            },
+        );
+        assert!(part.interrupted && part.steps == 6);
+        let resumed = run(
+            cfg_b,
+            &RunOptions {
+                resume: true,
+                ..RunOptions::default()
+            },
+        );
+        assert_eq!(resumed.steps, 12);
+        assert_eq!(
+            losses(&full.run_dir),
+            losses(&resumed.run_dir),
+            "{batching:?}"
+        );
+        let bytes =
+            |s: &Summary| std::fs::read(s.adapter_dir.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(bytes(&full), bytes(&resumed), "{batching:?}");
+    }
+}
+
+/// Packing trains on the same examples with fewer rows: the smoke run's validation loss
+/// before training is the padded run's (evaluation packs too), and metrics count padding.
+#[test]
+fn packed_runs_evaluate_like_padded_ones_and_record_real_and_padded_tokens() {
+    let eval0 = |batching: Batching| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = smoke(dir.path(), 2);
+        cfg.encode.batching = batching;
+        cfg.train.eval_every = 1;
+        let s = run(cfg, &RunOptions::default());
+        let m = metrics(&s.run_dir);
+        let first_eval = m.iter().find(|m| m.is_eval()).unwrap().loss;
+        let train = m.iter().rfind(|m| m.is_train()).unwrap().clone();
+        (first_eval, train)
+    };
+    let (padded, pt) = eval0(Batching::Padded);
+    let (packed, kt) = eval0(Batching::Packed);
+    assert!(
+        ((padded - packed) / padded).abs() < 1e-5,
+        "validation loss before training: padded {padded}, packed {packed}"
     );
-    assert!(part.interrupted && part.steps == 6);
-    let resumed = run(
-        cfg_b,
-        &RunOptions {
-            resume: true,
-            ..RunOptions::default()
-        },
+    for t in [&pt, &kt] {
+        let (real, all) = (t.tokens_seen.unwrap(), t.padded_tokens_seen.unwrap());
+        assert!(real > 0 && real <= all, "{real} real of {all}");
+        assert!(t.padded_tokens_per_s.unwrap() >= t.tokens_per_s.unwrap());
+    }
+    let share =
+        |t: &Metric| 1.0 - t.tokens_seen.unwrap() as f64 / t.padded_tokens_seen.unwrap() as f64;
+    assert!(
+        share(&kt) < share(&pt),
+        "packing pads less: {} vs {}",
+        share(&kt),
+        share(&pt)
     );
-    assert_eq!(resumed.steps, 12);
-    assert_eq!(losses(&full.run_dir), losses(&resumed.run_dir));
-    let bytes =
-        |s: &Summary| std::fs::read(s.adapter_dir.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(bytes(&full), bytes(&resumed));
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+pub mod batching;
 pub mod suite;
 pub mod table;
 

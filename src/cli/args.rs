@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use clap::{Args, Subcommand};
 
+use crate::bench::batching::BatchingBench;
 use crate::bench::suite::Suite;
 use crate::data::batching::Batching;
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide};
@@ -487,9 +488,30 @@ pub struct BenchArgs {
     /// Run one shape in this process and print its row as JSON (what the table spawns).
     #[arg(long, hide = true)]
     pub one: bool,
+    /// Measure real tokens/s of each batching mode on a preset's data and settings instead
+    /// (`--preset`, `--threads`, `--skip`, `--steps`, `--rounds` apply).
+    #[arg(long)]
+    pub batching: bool,
+    /// With --batching: the preset whose data, model and settings run.
+    #[arg(long, default_value = "smollm2-demo")]
+    pub preset: String,
+    /// With --batching: untimed steps before the timed ones.
+    #[arg(long, default_value_t = 1, value_parser = count::<0, MAX_STEPS>)]
+    pub skip: usize,
 }
 
 impl BenchArgs {
+    /// The batching bench these flags describe.
+    pub fn batching_bench(&self) -> BatchingBench {
+        BatchingBench {
+            preset: self.preset.clone(),
+            threads: self.threads.clone(),
+            skip: self.skip,
+            steps: self.steps,
+            rounds: self.rounds,
+        }
+    }
+
     /// The suite these flags describe.
     pub fn suite(&self) -> Suite {
         Suite {

@@ -376,6 +376,18 @@ pub fn reproduce(run: &Path) -> Result<(Reproduction, String)> {
 /// `lorasft bench`: one shape in this process as a JSON row (`--one`, what the suite spawns),
 /// or the whole suite as a table (and JSON lines with `--json`).
 pub fn bench(a: &BenchArgs) -> Result<String> {
+    if a.batching {
+        let b = a.batching_bench();
+        if a.one {
+            return b.run_here()?.iter().map(json_line).collect();
+        }
+        let rows = b.run()?;
+        if let Some(path) = &a.json {
+            let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
+            std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;
+        }
+        return Ok(bench::batching::render(&b, &rows));
+    }
     if a.one {
         let shape = *a
             .shapes
@@ -397,6 +409,13 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
         std::fs::write(path, suite::json_lines(&result.rows)?).map_err(|e| Error::io(path, e))?;
     }
     Ok(suite::render(&suite, &result))
+}
+
+/// A value as one line of JSON.
+fn json_line(v: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(v)
+        .map(|l| l + "\n")
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// `lorasft selftest`: the table, and how many of how many checks failed.

@@ -1,0 +1,322 @@
+//! `lorasft bench --batching`: what each batching mode buys in real (non-padding) tokens per
+//! second, on a preset's own data, model and settings (smollm2-demo by default).
+//!
+//! Four variants train the same training split (the preset's seeded order, no evaluation)
+//! with the trainer's own step: the reference run's padding (every row padded to 512), dynamic
+//! padding (the preset's own: longest in the batch), `group_by_length` and `packed`. Each
+//! variant runs its epoch's first `skip` steps untimed, then `steps` timed ones spread evenly
+//! over the rest of the epoch: the first steps are not typical (`group_by_length` puts the
+//! longest batch first, and packing opens rows longest first). The padding share is given
+//! for the timed steps and for the whole epoch. The variants take turns within a round and
+//! the order rotates from round to round, so a machine whose speed drifts moves every side
+//! alike.
+//! Each thread count runs in a fresh process (`bench --batching --one`). CPU busy is user +
+//! system CPU time over wall time: how many cores the step kept busy.
+
+use std::process::Command;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bench::table::median;
+use crate::data::batch::Batch;
+use crate::data::batching::{self, Batching, Planner};
+use crate::data::encode::{EncodeConfig, Encoder, Example, Padding};
+use crate::error::{Error, Result};
+use crate::train::config::TrainConfig;
+use crate::train::loss_scale::LossScaler;
+use crate::train::prepare::{Prepared, prepare};
+use crate::train::step::Updater;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BatchingBench {
+    /// The preset whose data, model and settings run.
+    pub preset: String,
+    /// Thread counts; each runs in a fresh process.
+    pub threads: Vec<usize>,
+    /// Untimed steps first (the issue's "steps 2–4" skip one).
+    pub skip: usize,
+    /// Timed steps per variant and round.
+    pub steps: usize,
+    /// Rounds; the variants' order rotates per round.
+    pub rounds: usize,
+}
+
+/// One variant's figures at one thread count (medians over rounds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeRow {
+    /// Variant name.
+    pub variant: String,
+    /// Threads.
+    pub threads: usize,
+    /// Examples per timed step.
+    pub examples_per_step: f64,
+    /// Share of the timed steps' token slots that were padding.
+    pub padding_share: f64,
+    /// Share of the whole epoch's token slots that are padding.
+    pub epoch_padding_share: f64,
+    /// Milliseconds per step (median over rounds).
+    pub step_ms: f64,
+    /// Real tokens per second (median over rounds).
+    pub real_tokens_per_s: f64,
+    /// All token slots per second, padding included.
+    pub all_tokens_per_s: f64,
+    /// User + system CPU seconds over wall seconds while stepping (median over rounds).
+    pub cpu_busy: f64,
+}
+
+/// One variant: its name, the micro-batches of every step it runs, and its epoch's padding.
+struct Variant {
+    name: &'static str,
+    steps: Vec<Vec<Batch>>,
+    epoch_padding_share: f64,
+}
+
+impl BatchingBench {
+    /// Runs every thread count in a fresh process; rows in variant order per thread count.
+    pub fn run(&self) -> Result<Vec<ModeRow>> {
+        let exe = std::env::current_exe().map_err(|e| Error::io("lorasft executable", e))?;
+        let mut rows = Vec::new();
+        for &threads in &self.threads {
+            eprintln!(
+                "bench --batching: {} with {threads} thread(s)...",
+                self.preset
+            );
+            let out = Command::new(&exe)
+                .args(["bench", "--batching", "--one", "--preset", &self.preset])
+                .args(["--skip", &self.skip.to_string()])
+                .args(["--steps", &self.steps.to_string()])
+                .args(["--rounds", &self.rounds.to_string()])
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .map_err(|e| Error::io(&exe, e))?;
+            if !out.status.success() {
+                return Err(Error::Invalid(format!(
+                    "bench --batching with {threads} thread(s) failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                rows.push(
+                    serde_json::from_str(line).map_err(|e| {
+                        Error::Invalid(format!("reading the bench row {line:?}: {e}"))
+                    })?,
+                );
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Measures every variant in this process (candle's thread count).
+    pub fn run_here(&self) -> Result<Vec<ModeRow>> {
+        let mut cfg = TrainConfig::preset(&self.preset)?;
+        cfg.train.eval_every = 0;
+        let p = prepare(cfg)?;
+        let variants = variants(&p, self.skip, self.steps.max(1))?;
+        let mut model = p.base.model.clone();
+        model.add_lora(&p.cfg.lora, p.cfg.run.seed)?;
+        let mut measured: Vec<Vec<(f64, f64, usize, usize, usize)>> = vec![Vec::new(); 4];
+        for round in 0..self.rounds.max(1) {
+            for k in 0..variants.len() {
+                let i = (k + round) % variants.len();
+                let v = &variants[i];
+                eprintln!("  round {}: {}", round + 1, v.name);
+                let mut updater =
+                    Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
+                let (mut scaler, mut rng) = (LossScaler::disabled(), crate::rng::Rng::new(0));
+                let (mut wall, mut cpu, mut real, mut slots, mut examples) = (0.0, 0.0, 0, 0, 0);
+                for (n, micro) in v.steps.iter().enumerate() {
+                    let (t0, c0) = (Instant::now(), crate::sys::cpu_seconds());
+                    updater.step(&model, micro, &mut scaler, &mut rng, 1e-4)?;
+                    if n >= self.skip {
+                        wall += t0.elapsed().as_secs_f64();
+                        cpu += crate::sys::cpu_seconds() - c0;
+                        real += micro.iter().map(|b| b.real_tokens).sum::<usize>();
+                        slots += micro
+                            .iter()
+                            .map(|b| b.input_ids.elem_count())
+                            .sum::<usize>();
+                        examples += micro
+                            .iter()
+                            .map(|b| {
+                                b.segments
+                                    .as_ref()
+                                    .map_or(b.input_ids.dims()[0], |s| s.iter().map(Vec::len).sum())
+                            })
+                            .sum::<usize>();
+                    }
+                }
+                measured[i].push((wall, cpu, real, slots, examples));
+            }
+        }
+        Ok(variants
+            .iter()
+            .zip(&measured)
+            .map(|(v, m)| self.row(v, m))
+            .collect())
+    }
+
+    /// A variant's row from its rounds: (wall s, cpu s, real tokens, slots, examples) each.
+    fn row(&self, v: &Variant, rounds: &[(f64, f64, usize, usize, usize)]) -> ModeRow {
+        let per = |f: &dyn Fn(&(f64, f64, usize, usize, usize)) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            median(&mut v)
+        };
+        let steps = self.steps.max(1) as f64;
+        let (_, _, real, slots, examples) = rounds[0];
+        ModeRow {
+            variant: v.name.into(),
+            threads: candle_core::utils::get_num_threads(),
+            examples_per_step: examples as f64 / steps,
+            padding_share: 1.0 - real as f64 / slots.max(1) as f64,
+            epoch_padding_share: v.epoch_padding_share,
+            step_ms: per(&|r| r.0 / steps * 1e3),
+            real_tokens_per_s: per(&|r| r.2 as f64 / r.0),
+            all_tokens_per_s: per(&|r| r.3 as f64 / r.0),
+            cpu_busy: per(&|r| r.1 / r.0),
+        }
+    }
+}
+
+/// The four variants over the prepared run's training records: `skip` + `steps` steps each.
+fn variants(p: &Prepared, skip: usize, steps: usize) -> Result<Vec<Variant>> {
+    let records: Vec<_> = p
+        .split
+        .train
+        .iter()
+        .map(|&i| p.dataset.records[i].clone())
+        .collect();
+    let reference = EncodeConfig {
+        max_len: 512,
+        padding: Padding::MaxLength,
+        batching: Batching::Padded,
+        ..p.cfg.encode.clone()
+    };
+    let with = |batching| EncodeConfig {
+        batching,
+        ..p.cfg.encode.clone()
+    };
+    [
+        (
+            "padded, max_length 512 (the reference's padding)",
+            reference,
+        ),
+        (
+            "padded, dynamic (the preset's padding)",
+            with(Batching::Padded),
+        ),
+        ("group_by_length", with(Batching::GroupByLength)),
+        ("packed", with(Batching::Packed)),
+    ]
+    .into_iter()
+    .map(|(name, cfg)| {
+        let enc = Encoder::new(p.encoder.tokenizer().clone(), cfg, p.encoder.special_ids())?;
+        let examples = records
+            .iter()
+            .map(|r| enc.encode(r))
+            .collect::<Result<Vec<Example>>>()?;
+        let (steps, epoch_padding_share) = variant_steps(p, &enc, &examples, skip, steps)?;
+        Ok(Variant {
+            name,
+            steps,
+            epoch_padding_share,
+        })
+    })
+    .collect()
+}
+
+/// The epoch's first `skip` steps (`grad_accum` micro-batches each), then `steps` steps spread
+/// evenly over the rest of epoch 0, in the run's seeded order; and the epoch's padding share.
+fn variant_steps(
+    p: &Prepared,
+    enc: &Encoder,
+    examples: &[Example],
+    skip: usize,
+    steps: usize,
+) -> Result<(Vec<Vec<Batch>>, f64)> {
+    let (t, cfg) = (&p.cfg.train, enc.config());
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let planner = Planner::new(
+        cfg.batching,
+        lengths.clone(),
+        cfg.max_len,
+        t.batch_size,
+        p.cfg.run.seed,
+        p.cfg.data.shuffle,
+    );
+    let plan = planner.epoch(0);
+    let (mut slots, mut real) = (0usize, 0usize);
+    for m in &plan {
+        let tokens: Vec<usize> = m
+            .rows
+            .iter()
+            .map(|r| r.iter().map(|&i| lengths[i]).sum())
+            .collect();
+        slots += tokens.len() * enc.row_len(tokens.iter().copied().max().unwrap_or(0));
+        real += tokens.iter().sum::<usize>();
+    }
+    let total = plan.len() / t.grad_accum;
+    if total < skip + steps {
+        return Err(Error::Invalid(format!(
+            "{} batching gives {total} steps per epoch, fewer than the {} the bench needs",
+            cfg.batching.name(),
+            skip + steps
+        )));
+    }
+    let picked = (0..skip).chain((0..steps).map(|j| skip + j * (total - skip) / steps));
+    let batches = picked
+        .map(|step| {
+            plan[step * t.grad_accum..(step + 1) * t.grad_accum]
+                .iter()
+                .map(|m| {
+                    Batch::from_rows(&batching::collate(enc, m, examples), p.base.model.device())
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((batches, 1.0 - real as f64 / slots.max(1) as f64))
+}
+
+/// The table: each variant's figures and its real tokens/s over dynamic padding's and over
+/// the reference padding's, per thread count.
+pub fn render(bench: &BatchingBench, rows: &[ModeRow]) -> String {
+    let mut out = format!(
+        "{} preset, its seeded order, no evaluation; {} untimed step(s), then {} timed step(s) spread over epoch 0; median of {} round(s)\n\n\
+         | variant | threads | examples/step | padding share (timed steps) | padding share (epoch) | ms/step | real tok/s | all tok/s | CPU busy (cores) | real tok/s vs dynamic | vs max_length 512 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        bench.preset,
+        bench.skip,
+        bench.steps,
+        bench.rounds.max(1),
+    );
+    for &threads in &bench.threads {
+        let here: Vec<&ModeRow> = rows.iter().filter(|r| r.threads == threads).collect();
+        let base = |prefix: &str| {
+            here.iter()
+                .find(|r| r.variant.starts_with(prefix))
+                .map(|r| r.real_tokens_per_s)
+        };
+        let (reference, dynamic) = (base("padded, max_length"), base("padded, dynamic"));
+        for r in &here {
+            let ratio = |b: Option<f64>| {
+                b.map_or("".into(), |b| format!("{:.2}×", r.real_tokens_per_s / b))
+            };
+            out.push_str(&format!(
+                "| {} | {} | {:.1} | {:.1}% | {:.1}% | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |\n",
+                r.variant,
+                r.threads,
+                r.examples_per_step,
+                100.0 * r.padding_share,
+                100.0 * r.epoch_padding_share,
+                r.step_ms,
+                r.real_tokens_per_s,
+                r.all_tokens_per_s,
+                r.cpu_busy,
+                ratio(dynamic),
+                ratio(reference),
+            ));
+        }
+    }
+    out
+}
