@@ -23,6 +23,7 @@ use crate::data::batch::Batch;
 use crate::data::batching::{self, Batching, Planner};
 use crate::data::encode::{EncodeConfig, Encoder, Example, Padding};
 use crate::error::{Error, Result};
+use crate::model::Llama;
 use crate::train::config::TrainConfig;
 use crate::train::loss_scale::LossScaler;
 use crate::train::prepare::{Prepared, prepare};
@@ -116,38 +117,12 @@ impl BatchingBench {
         let variants = variants(&p, self.skip, self.steps.max(1))?;
         let mut model = p.base.model.clone();
         model.add_lora(&p.cfg.lora, p.cfg.run.seed)?;
-        let mut measured: Vec<Vec<(f64, f64, usize, usize, usize)>> = vec![Vec::new(); 4];
+        let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); variants.len()];
         for round in 0..self.rounds.max(1) {
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
-                let v = &variants[i];
-                eprintln!("  round {}: {}", round + 1, v.name);
-                let mut updater =
-                    Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
-                let (mut scaler, mut rng) = (LossScaler::disabled(), crate::rng::Rng::new(0));
-                let (mut wall, mut cpu, mut real, mut slots, mut examples) = (0.0, 0.0, 0, 0, 0);
-                for (n, micro) in v.steps.iter().enumerate() {
-                    let (t0, c0) = (Instant::now(), crate::sys::cpu_seconds());
-                    updater.step(&model, micro, &mut scaler, &mut rng, 1e-4)?;
-                    if n >= self.skip {
-                        wall += t0.elapsed().as_secs_f64();
-                        cpu += crate::sys::cpu_seconds() - c0;
-                        real += micro.iter().map(|b| b.real_tokens).sum::<usize>();
-                        slots += micro
-                            .iter()
-                            .map(|b| b.input_ids.elem_count())
-                            .sum::<usize>();
-                        examples += micro
-                            .iter()
-                            .map(|b| {
-                                b.segments
-                                    .as_ref()
-                                    .map_or(b.input_ids.dims()[0], |s| s.iter().map(Vec::len).sum())
-                            })
-                            .sum::<usize>();
-                    }
-                }
-                measured[i].push((wall, cpu, real, slots, examples));
+                eprintln!("  round {}: {}", round + 1, variants[i].name);
+                measured[i].push(self.time_variant(&p, &model, &variants[i])?);
             }
         }
         Ok(variants
@@ -157,26 +132,62 @@ impl BatchingBench {
             .collect())
     }
 
-    /// A variant's row from its rounds: (wall s, cpu s, real tokens, slots, examples) each.
-    fn row(&self, v: &Variant, rounds: &[(f64, f64, usize, usize, usize)]) -> ModeRow {
-        let per = |f: &dyn Fn(&(f64, f64, usize, usize, usize)) -> f64| {
+    /// Runs a variant's steps with a fresh optimizer; what its timed steps measured.
+    fn time_variant(&self, p: &Prepared, model: &Llama, v: &Variant) -> Result<Measured> {
+        let mut updater =
+            Updater::new(model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
+        let (mut scaler, mut rng) = (LossScaler::disabled(), crate::rng::Rng::new(0));
+        let mut m = Measured::default();
+        for (n, micro) in v.steps.iter().enumerate() {
+            let (t0, c0) = (Instant::now(), crate::sys::cpu_seconds());
+            updater.step(model, micro, &mut scaler, &mut rng, 1e-4)?;
+            if n < self.skip {
+                continue;
+            }
+            m.wall += t0.elapsed().as_secs_f64();
+            m.cpu += crate::sys::cpu_seconds() - c0;
+            for b in micro {
+                m.real += b.real_tokens;
+                m.slots += b.input_ids.elem_count();
+                m.examples += b
+                    .segments
+                    .as_ref()
+                    .map_or(b.input_ids.dims()[0], |s| s.iter().map(Vec::len).sum());
+            }
+        }
+        Ok(m)
+    }
+
+    /// A variant's row from what its rounds measured (the same steps in every round).
+    fn row(&self, v: &Variant, rounds: &[Measured]) -> ModeRow {
+        let per = |f: &dyn Fn(&Measured) -> f64| {
             let mut v: Vec<f64> = rounds.iter().map(f).collect();
             median(&mut v)
         };
         let steps = self.steps.max(1) as f64;
-        let (_, _, real, slots, examples) = rounds[0];
+        let first = rounds[0];
         ModeRow {
             variant: v.name.into(),
             threads: candle_core::utils::get_num_threads(),
-            examples_per_step: examples as f64 / steps,
-            padding_share: 1.0 - real as f64 / slots.max(1) as f64,
+            examples_per_step: first.examples as f64 / steps,
+            padding_share: 1.0 - first.real as f64 / first.slots.max(1) as f64,
             epoch_padding_share: v.epoch_padding_share,
-            step_ms: per(&|r| r.0 / steps * 1e3),
-            real_tokens_per_s: per(&|r| r.2 as f64 / r.0),
-            all_tokens_per_s: per(&|r| r.3 as f64 / r.0),
-            cpu_busy: per(&|r| r.1 / r.0),
+            step_ms: per(&|r| r.wall / steps * 1e3),
+            real_tokens_per_s: per(&|r| r.real as f64 / r.wall),
+            all_tokens_per_s: per(&|r| r.slots as f64 / r.wall),
+            cpu_busy: per(&|r| r.cpu / r.wall),
         }
     }
+}
+
+/// What one variant's timed steps of one round measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Measured {
+    wall: f64,
+    cpu: f64,
+    real: usize,
+    slots: usize,
+    examples: usize,
 }
 
 /// The four variants over the prepared run's training records: `skip` + `steps` steps each.
