@@ -187,12 +187,43 @@ pub fn render(suite: &Suite, result: &SuiteResult) -> String {
             n as f64 / secs
         ));
     }
+    out.push_str(&efficiency(&result.rows));
     out.push_str(&format!(
         "\nf32, LoRA r 8 on q_proj,v_proj, labels = input_ids, weights from seed {}; {} on {}\n",
         suite.seed,
         env!("CARGO_PKG_VERSION"),
         crate::sys::cpu_name()
     ));
+    out
+}
+
+/// Each lorasft row's step efficiency: GFLOP per step over the median step time, as a share
+/// of `threads` × one core's FMA peak, measured here and now.
+fn efficiency(rows: &[BenchRow]) -> String {
+    let Some(peak) = super::fma_peak_gflops() else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\nstep efficiency (GFLOP per step counted as 4 N + 12 L s h per token; one core's FMA peak measured now: {peak:.1} GFLOP/s):\n"
+    );
+    for r in rows.iter().filter(|r| r.impl_name == "lorasft") {
+        let Some(gflop) = BenchShape::ALL
+            .iter()
+            .find(|s| s.name() == r.shape)
+            .and_then(|&s| super::step_gflop(s).ok())
+        else {
+            continue;
+        };
+        let rate = gflop / (r.step_ms / 1e3);
+        out.push_str(&format!(
+            "- {} with {} thread(s): {gflop:.1} GFLOP in {:.0} ms = {rate:.1} GFLOP/s, {:.0}% of {} × peak\n",
+            r.shape,
+            r.threads,
+            r.step_ms,
+            100.0 * rate / (peak * r.threads as f64),
+            r.threads
+        ));
+    }
     out
 }
 

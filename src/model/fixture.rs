@@ -228,6 +228,9 @@ pub enum BenchShape {
 }
 
 impl BenchShape {
+    /// Every shape.
+    pub const ALL: [BenchShape; 3] = [BenchShape::Tiny, BenchShape::Smollm2, BenchShape::Tinyllama];
+
     /// The model shape.
     pub fn spec(self) -> FixtureSpec {
         match self {
