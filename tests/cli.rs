@@ -256,6 +256,9 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
         "longest",
         "--batch-size",
         "4",
+        // The config's spelling is accepted as well as clap's.
+        "--batching",
+        "group_by_length",
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -146,7 +146,8 @@ fn resume_continues_bitwise_identically_to_an_uninterrupted_run() {
 }
 
 /// Packing trains on the same examples with fewer rows: the smoke run's validation loss
-/// before training is the padded run's (evaluation packs too), and metrics count padding.
+/// before training is the padded run's (evaluation packs too), metrics count padding, and
+/// the report says what a packed step holds.
 #[test]
 fn packed_runs_evaluate_like_padded_ones_and_record_real_and_padded_tokens() {
     let eval0 = |batching: Batching| {
@@ -158,10 +159,26 @@ fn packed_runs_evaluate_like_padded_ones_and_record_real_and_padded_tokens() {
         let m = metrics(&s.run_dir);
         let first_eval = m.iter().find(|m| m.is_eval()).unwrap().loss;
         let train = m.iter().rfind(|m| m.is_train()).unwrap().clone();
-        (first_eval, train)
+        lorasft::report::write(&s.run_dir).unwrap();
+        let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
+        let batch_line = report
+            .lines()
+            .find(|l| l.starts_with("- Batch: "))
+            .unwrap()
+            .to_string();
+        (first_eval, train, batch_line)
     };
-    let (padded, pt) = eval0(Batching::Padded);
-    let (packed, kt) = eval0(Batching::Packed);
+    let (padded, pt, padded_line) = eval0(Batching::Padded);
+    let (packed, kt, packed_line) = eval0(Batching::Packed);
+    assert!(
+        padded_line.ends_with("= 8 examples per optimizer step"),
+        "{padded_line}"
+    );
+    assert!(
+        packed_line.contains("packed rows of up to 128 tokens per micro-batch × 2 accumulation = 8 rows per optimizer step (")
+            && packed_line.ends_with("examples per optimizer step on average)"),
+        "{packed_line}"
+    );
     assert!(
         ((padded - packed) / padded).abs() < 1e-5,
         "validation loss before training: padded {padded}, packed {packed}"

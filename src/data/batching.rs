@@ -30,6 +30,7 @@ pub enum Batching {
     #[default]
     Padded,
     /// One example per row, batches of similar length (transformers' `group_by_length`).
+    #[value(alias = "group_by_length")]
     GroupByLength,
     /// Several whole examples per row, each attending only to itself.
     Packed,

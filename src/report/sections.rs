@@ -278,6 +278,29 @@ fn batching_lines(c: &Ctx) -> String {
     out
 }
 
+/// What one optimizer step holds: examples, or packed rows and the examples they carry on
+/// average over an epoch of the training split.
+fn batch_text(c: &Ctx) -> String {
+    let t = &c.cfg.train;
+    let (b, k, n) = (t.batch_size, t.grad_accum, t.batch_size * t.grad_accum);
+    if c.cfg.encode.batching != Batching::Packed {
+        return format!("{b} per micro-batch × {k} accumulation = {n} examples per optimizer step");
+    }
+    let stats = &c.rec.data.train_stats.batching;
+    let rows = |mode| stats.iter().find(|s| s.mode == mode).map(|s| s.rows);
+    let carried = match (rows(Batching::Padded), rows(Batching::Packed)) {
+        (Some(examples), Some(packed)) if packed > 0 => format!(
+            " ({examples} examples in {packed} rows: {:.1} examples per optimizer step on average)",
+            (examples * n) as f64 / packed as f64
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{b} packed rows of up to {} tokens per micro-batch × {k} accumulation = {n} rows per optimizer step{carried}",
+        c.cfg.encode.max_len
+    )
+}
+
 /// Training framework decision and training configuration.
 pub fn training(c: &Ctx, r: &mut String) {
     let (m, s, cfg) = (&c.rec.manifest, &c.rec.summary, c.cfg);
@@ -292,7 +315,7 @@ pub fn training(c: &Ctx, r: &mut String) {
     let (o, t) = (&cfg.optim, &cfg.train);
     let _ = writeln!(
         r,
-        "- Trainer: lorasft\n- Precision: {}\n- Mixed Precision: {mixed}\n- Optimizer: AdamW (betas {}/{}, eps {:e}, weight decay {})\n- Learning rate: {} with {:?} schedule, warmup {:?}\n- Batch: {} per micro-batch × {} accumulation = {} examples per optimizer step\n- Gradient Accumulation: {}\n- Gradient Clipping: global norm {} ({} of {} steps clipped)\n- Evaluation Strategy: step-based, every {} steps and at the end\n- Steps: {} ({} skipped for lack of trainable tokens)\n- Shuffle: {} (seed {})\n\nOnly LoRA parameters were updated during training.\n{RULE}",
+        "- Trainer: lorasft\n- Precision: {}\n- Mixed Precision: {mixed}\n- Optimizer: AdamW (betas {}/{}, eps {:e}, weight decay {})\n- Learning rate: {} with {:?} schedule, warmup {:?}\n- Batch: {}\n- Gradient Accumulation: {}\n- Gradient Clipping: global norm {} ({} of {} steps clipped)\n- Evaluation Strategy: step-based, every {} steps and at the end\n- Steps: {} ({} skipped for lack of trainable tokens)\n- Shuffle: {} (seed {})\n\nOnly LoRA parameters were updated during training.\n{RULE}",
         m.precision.to_uppercase(),
         o.adamw.beta1,
         o.adamw.beta2,
@@ -301,9 +324,7 @@ pub fn training(c: &Ctx, r: &mut String) {
         o.lr,
         o.schedule,
         o.warmup,
-        t.batch_size,
-        t.grad_accum,
-        t.batch_size * t.grad_accum,
+        batch_text(c),
         if t.grad_accum > 1 {
             "Enabled"
         } else {
