@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::table::median;
 use crate::data::batch::Batch;
-use crate::data::batching::{self, Batching, Planner};
+use crate::data::batching::{self, Batching, PlanTokens, Planner};
 use crate::data::encode::{EncodeConfig, Encoder, Example, Padding};
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -257,16 +257,7 @@ fn variant_steps(
         p.cfg.data.shuffle,
     );
     let plan = planner.epoch(0);
-    let (mut slots, mut real) = (0usize, 0usize);
-    for m in &plan {
-        let tokens: Vec<usize> = m
-            .rows
-            .iter()
-            .map(|r| r.iter().map(|&i| lengths[i]).sum())
-            .collect();
-        slots += tokens.len() * enc.row_len(tokens.iter().copied().max().unwrap_or(0));
-        real += tokens.iter().sum::<usize>();
-    }
+    let tokens = PlanTokens::of(&plan, &lengths, enc);
     let total = plan.len() / t.grad_accum;
     if total < skip + steps {
         return Err(Error::Invalid(format!(
@@ -286,7 +277,7 @@ fn variant_steps(
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((batches, 1.0 - real as f64 / slots.max(1) as f64))
+    Ok((batches, tokens.padding_share()))
 }
 
 /// The table: each variant's figures and its real tokens/s over dynamic padding's and over

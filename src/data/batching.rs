@@ -60,6 +60,41 @@ pub const PACK_WINDOW: usize = 1024;
 /// Most mega-batches' size in batches for `group_by_length` (transformers' default).
 const MEGA_BATCH_MULT: usize = 50;
 
+/// Token slots of a plan's rows once collated, and the real tokens among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlanTokens {
+    /// Rows over every micro-batch.
+    pub rows: usize,
+    /// Token slots the rows take, padding included (the compute spent).
+    pub slots: usize,
+    /// Real tokens among them.
+    pub real: usize,
+}
+
+impl PlanTokens {
+    /// Counts `plan`'s rows and tokens as `encoder` pads them (`lengths` per example).
+    pub fn of(plan: &[MicroBatch], lengths: &[usize], encoder: &Encoder) -> Self {
+        let mut t = PlanTokens::default();
+        for micro in plan {
+            let tokens: Vec<usize> = micro
+                .rows
+                .iter()
+                .map(|r| r.iter().map(|&i| lengths[i]).sum())
+                .collect();
+            let longest = tokens.iter().copied().max().unwrap_or(0);
+            t.rows += tokens.len();
+            t.slots += tokens.len() * encoder.row_len(longest);
+            t.real += tokens.iter().sum::<usize>();
+        }
+        t
+    }
+
+    /// Share of the slots that are padding.
+    pub fn padding_share(&self) -> f64 {
+        1.0 - self.real as f64 / self.slots.max(1) as f64
+    }
+}
+
 /// One micro-batch: example indices per row (one each unless packed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MicroBatch {

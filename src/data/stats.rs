@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::batching::{Batching, Planner};
+use crate::data::batching::{Batching, PlanTokens, Planner};
 use crate::data::dataset::Record;
 use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
@@ -131,24 +131,13 @@ pub fn batching_stats(
         .iter()
         .map(|&mode| {
             let plan = Planner::new(mode, lengths.clone(), max_len, batch_size, 0, false).epoch(0);
-            let (mut rows, mut padded, mut real) = (0, 0, 0);
-            for micro in &plan {
-                let tokens: Vec<usize> = micro
-                    .rows
-                    .iter()
-                    .map(|r| r.iter().map(|&i| lengths[i]).sum())
-                    .collect();
-                let longest = tokens.iter().copied().max().unwrap_or(0);
-                rows += tokens.len();
-                padded += tokens.len() * encoder.row_len(longest);
-                real += tokens.iter().sum::<usize>();
-            }
+            let t = PlanTokens::of(&plan, &lengths, encoder);
             BatchingStats {
                 mode,
-                rows,
+                rows: t.rows,
                 micro_batches: plan.len(),
-                padded_tokens: padded,
-                real_tokens: real,
+                padded_tokens: t.slots,
+                real_tokens: t.real,
             }
         })
         .collect()
