@@ -7,7 +7,7 @@
 //!
 //! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`thread_tuning`], [`alloc_tuning`]
 //! 2. data: [`data`], [`tokenizer`], [`gguf`]
-//! 3. model: [`model`], [`adapter`], [`verify`], [`generate`], [`inspect`]
+//! 3. model: [`model`], [`adapter`], [`verify`], [`generate`], [`inspect`], [`export`]
 //! 4. run records: [`records`] (the typed files of a run directory)
 //! 5. training: [`train`]
 //! 6. tools over training: [`report`], [`bench`], [`selftest`]
@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod tokenizer;
 
 pub mod adapter;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod model;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lorasft::cli::args::{
-    BenchArgs, DeviceArgs, EvalArgs, GenerateArgs, InspectArgs, MergeArgs, StatsArgs,
-    TinyLlamaArgs, TokenizerCommand, TrainArgs,
+    BenchArgs, DeviceArgs, EvalArgs, ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs,
+    StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
 };
 use lorasft::cli::commands::{self, TrainOutcome};
 
@@ -67,6 +67,8 @@ enum Command {
         /// The run directory.
         run: PathBuf,
     },
+    /// Write a model (with an adapter merged in, if given) as a GGUF file for llama.cpp.
+    ExportGguf(ExportGgufArgs),
     /// Import a GGUF Llama (dequantised, Q/K un-permuted) as a Hugging Face model directory.
     ImportGguf {
         /// The GGUF file.
@@ -145,6 +147,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out.display());
         }
         Command::Reproduce { run } => reproduce_cmd(&run)?,
+        Command::ExportGguf(a) => {
+            let types = commands::export_gguf(&a)?;
+            let mut counts = std::collections::BTreeMap::new();
+            for (_, t) in &types {
+                *counts.entry(format!("{t:?}")).or_insert(0usize) += 1;
+            }
+            println!(
+                "wrote {} ({} tensors: {counts:?})",
+                a.out.display(),
+                types.len()
+            );
+        }
         Command::ImportGguf { file, out } => {
             let cfg = lorasft::model::gguf_import::import(&file, &out)?;
             println!(

@@ -114,3 +114,35 @@ mod tests {
         }
     }
 }
+
+thread_local! {
+    /// Set while [`catch_silently`] runs on this thread: the panic hook stays quiet.
+    static SILENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `Err(message)` without printing it. Used around calls into
+/// third-party parsers (candle's GGUF reader) as a last resort behind lorasft's own checks.
+///
+/// The panic hook is replaced once, by one that stays quiet only on a thread inside this
+/// function and defers to the previous hook everywhere else, so concurrent threads (tests)
+/// still report their own panics.
+pub fn catch_silently<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !SILENT.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = SILENT.with(|s| s.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    SILENT.with(|s| s.set(was));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .map_or_else(|| "panicked".into(), |m| format!("panicked: {m}"))
+    })
+}

@@ -24,7 +24,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["data", "tokenizer", "gguf"]),
     (
         "model",
-        &["model", "adapter", "verify", "generate", "inspect"],
+        &[
+            "model", "adapter", "verify", "generate", "inspect", "export",
+        ],
     ),
     ("run records", &["records"]),
     ("training", &["train"]),

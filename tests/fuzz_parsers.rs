@@ -4,7 +4,8 @@
 //! `tokenizer::from_gguf`), safetensors headers (`model::load::load_model`, `adapter::load`),
 //! `config.json` (`LlamaConfig::from_file`), `adapter_config.json` (`adapter::read_config`),
 //! `tokenizer.json` (`tokenizer::load`, `Encoder::from_file`) and datasets in JSON and JSONL
-//! (`data::dataset::load`). Each starts from real and fixture inputs and applies seeded
+//! (`data::dataset::load`). Each starts from real and fixture inputs (for GGUF, also a Q4_K_M
+//! file `export-gguf` writes) and applies seeded
 //! truncations, bit flips, byte insertions, huge length and size fields and deep nesting.
 //! Every call runs under `catch_unwind`: a panic fails the test, and a stack overflow would
 //! abort the whole binary, so a passing run also shows there is none. Each parser may return
@@ -12,7 +13,8 @@
 //!
 //! Allocation bounds are not measured in-process: a mutated length or count field must give
 //! an error, and that it does so before allocating (more than a few MiB, far under 64 MiB)
-//! rests on the parsers' explicit checks against the bytes the file holds (`gguf.rs`), on the
+//! rests on the parsers' explicit checks against the bytes the file holds (`gguf/mod.rs`, and
+//! `gguf/tensor.rs` before candle reads tensor data), on the
 //! safetensors crate's header checks, and on `config.json`'s size limits. An allocation that
 //! slipped past them would abort the binary, which fails the run as well.
 //!
@@ -291,6 +293,9 @@ fn gguf_seeds() -> Vec<Seed> {
         header,
         gguf_nest(),
     )];
+    let kquant = kquant_seed();
+    let header = header_len(&kquant);
+    seeds.push(Seed::binary("kquant.gguf", kquant, header, gguf_nest()));
     if let Some(assets) = common::assets() {
         for rel in [
             "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -303,6 +308,36 @@ fn gguf_seeds() -> Vec<Seed> {
         }
     }
     seeds
+}
+
+/// A Q4_K_M file as `export-gguf` writes it (K-quant, Q6_K and F32 tensors), from a one-layer
+/// fixture whose rows are whole 256-blocks: seeds the tensor-type and block checks.
+fn kquant_seed() -> Vec<u8> {
+    use lorasft::export::{ExportType, write_gguf};
+    let spec = lorasft::model::fixture::FixtureSpec {
+        hidden: 256,
+        intermediate: 256,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        vocab: 256,
+        ..Default::default()
+    };
+    let model = spec
+        .build(2, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("kquant.gguf");
+    write_gguf(
+        &model,
+        &spec.config(),
+        "seed",
+        Vec::new(),
+        ExportType::Q4KM,
+        &path,
+    )
+    .unwrap();
+    std::fs::read(&path).unwrap()
 }
 
 /// Where a GGUF's data section starts.
@@ -339,7 +374,7 @@ fn fuzz_gguf_reader_import_and_vocabulary() {
         let _ = lorasft::model::gguf_import::import_tensors(&g);
         let _ = lorasft::tokenizer::from_gguf::tokenizer_json(&g);
         let _ = lorasft::tokenizer::from_gguf::tokenizer_config(&g);
-        if seed.name == "synthetic.gguf" {
+        if seed.name == "synthetic.gguf" || seed.name == "kquant.gguf" {
             // The whole command, writing files and loading the tokenizer it converts.
             write(&file, bytes);
             let _ = lorasft::model::gguf_import::import(&file, &out);

@@ -285,7 +285,75 @@ impl Corpus {
             b.extend(v.to_le_bytes());
         }
         self.write("gguf/head-count-0.gguf", b);
+        self.write_tensor_ggufs();
     }
+
+    /// A valid fixture Llama with one thing wrong in its tensor directory or metadata: the
+    /// checks lorasft makes before candle reads tensor data.
+    fn write_tensor_ggufs(&self) {
+        use common::gguf_writer::{Meta, fixture_meta, fixture_tensors, gguf_bytes};
+        let valid = || gguf_bytes(&fixture_meta(), &fixture_tensors(1));
+        // Q8_1 exists in ggml only as a matmul scratch type; 99 is no type at all.
+        for (file, ty) in [("type-q8-1", 9u32), ("type-99", 99)] {
+            let mut b = valid();
+            patch_tensor(&mut b, "token_embd.weight", |_, t, _| *t = ty);
+            self.write(&format!("gguf/{file}.gguf"), b);
+        }
+        // Q4_K blocks hold 256 values; the fixture's rows hold 64.
+        let mut b = valid();
+        patch_tensor(&mut b, "blk.0.attn_q.weight", |_, t, _| *t = 12);
+        self.write("gguf/q4k-partial-block.gguf", b);
+        let mut b = valid();
+        patch_tensor(&mut b, "blk.0.ffn_down.weight", |_, t, _| *t = 14);
+        self.write("gguf/q6k-partial-block.gguf", b);
+        let mut b = valid();
+        patch_tensor(&mut b, "output.weight", |_, _, off| *off = 1 << 40);
+        self.write("gguf/tensor-past-eof.gguf", b);
+        // 2^64 - 32 Q8_0 values fit a u64, their bytes (2^59 - 1 blocks of 34) do not.
+        let mut b = valid();
+        patch_tensor(&mut b, "output.weight", |dims, t, _| {
+            *t = 8;
+            dims[0] = 32;
+            dims[1] = (1 << 59) - 1;
+        });
+        self.write("gguf/tensor-bytes-overflow.gguf", b);
+        // general.alignment as a u64: candle reads only 8 to 32-bit integers there, so it
+        // would place the data elsewhere than the header says.
+        let mut meta = fixture_meta();
+        meta.push(("general.alignment", Meta::U64(4096)));
+        self.write(
+            "gguf/alignment-u64.gguf",
+            gguf_bytes(&meta, &fixture_tensors(1)),
+        );
+        let mut meta = fixture_meta();
+        meta.push(("tokenizer.ggml.add_bos_token", Meta::Bool(true)));
+        let mut b = gguf_bytes(&meta, &fixture_tensors(1));
+        let key = gguf_str("tokenizer.ggml.add_bos_token");
+        let at = find(&b, &key).unwrap() + key.len() + 4;
+        b[at] = 2;
+        self.write("gguf/bool-2.gguf", b);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Edits the directory entry of tensor `name` (2-D): its dims, ggml type and offset.
+fn patch_tensor(b: &mut [u8], name: &str, f: impl FnOnce(&mut [u64; 2], &mut u32, &mut u64)) {
+    let key = gguf_str(name);
+    let mut at = find(b, &key).unwrap() + key.len();
+    assert_eq!(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()), 2);
+    at += 4;
+    let rd = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let mut dims = [rd(b, at), rd(b, at + 8)];
+    let mut ty = u32::from_le_bytes(b[at + 16..at + 20].try_into().unwrap());
+    let mut off = rd(b, at + 20);
+    f(&mut dims, &mut ty, &mut off);
+    b[at..at + 8].copy_from_slice(&dims[0].to_le_bytes());
+    b[at + 8..at + 16].copy_from_slice(&dims[1].to_le_bytes());
+    b[at + 16..at + 20].copy_from_slice(&ty.to_le_bytes());
+    b[at + 20..at + 28].copy_from_slice(&off.to_le_bytes());
 }
 
 fn gguf_header(magic: &[u8; 4], version: u32, tensors: u64, kvs: u64) -> Vec<u8> {
@@ -1183,6 +1251,7 @@ fn file_and_tool_commands_refuse_hostile_inputs() {
         // The divide by zero itself is pinned in tests/gguf.rs; this file also lacks a
         // vocabulary, which both commands name first.
         ("head-count-0", "head-count-0.gguf", true),
+        ("bool-2", "boolean byte 2", true),
     ] {
         let path = format!("T/gguf/{file}.gguf");
         let import = ["import-gguf", &path, "--out", "T/out/imported"];
@@ -1190,6 +1259,24 @@ fn file_and_tool_commands_refuse_hostile_inputs() {
         let _waited_on_parsers = parsers;
         c.case(&format!("import-gguf {file}"), &import, &[expect]);
         c.case(&format!("tokenizer from-gguf {file}"), &tok, &[expect]);
+    }
+    // Tensor-directory cases: the fixture files carry no vocabulary, so only the import
+    // reaches the tensor checks.
+    for (file, expect) in [
+        ("type-q8-1", "ggml type 9"),
+        ("type-99", "ggml type 99"),
+        ("q4k-partial-block", "not a whole number of Q4K blocks"),
+        ("q6k-partial-block", "not a whole number of Q6K blocks"),
+        ("tensor-past-eof", "runs past the end of the file"),
+        ("tensor-bytes-overflow", "overflow the byte count"),
+        ("alignment-u64", "candle places the tensor data"),
+    ] {
+        let path = format!("T/gguf/{file}.gguf");
+        c.case(
+            &format!("import-gguf {file}"),
+            &["import-gguf", &path, "--out", "T/out/imported"],
+            &[expect, &path],
+        );
     }
     for (path, expect) in [("T/missing.gguf", "No such file"), ("T/dir", "T/dir")] {
         c.case(

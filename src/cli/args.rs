@@ -294,6 +294,26 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
+/// `lorasft export-gguf`.
+#[derive(Args)]
+pub struct ExportGgufArgs {
+    /// Base model: directory, hub id, `gguf:PATH` or `fixture:...`.
+    #[arg(long)]
+    pub model: String,
+    /// Adapter directory to merge into the base first.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Tensor types (q4_k_m and q5_k_m are llama.cpp's mixes).
+    #[arg(long = "type", value_enum)]
+    pub ty: crate::export::ExportType,
+    /// tokenizer.json to embed (default: the model directory's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The GGUF file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 /// `lorasft tokenizer ...`.
 #[derive(Subcommand)]
 pub enum TokenizerCommand {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::adapter;
 use crate::bench::{self, suite};
 use crate::cli::args::{
-    BenchArgs, DeviceArgs, EvalArgs, GenerateArgs, InspectArgs, MergeArgs, ModelArgs, StatsArgs,
-    TrainArgs,
+    BenchArgs, DeviceArgs, EvalArgs, ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs,
+    ModelArgs, StatsArgs, TrainArgs,
 };
 use crate::data::dataset;
 use crate::data::encode::{EncodeConfig, Encoder};
@@ -183,6 +183,27 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
     adapter::load(&mut model, &a.adapter)?;
     model.merge_lora()?;
     adapter::export_merged(&model, &dir.join("config.json"), &a.out)
+}
+
+/// `lorasft export-gguf`: loads the base in f32 on the CPU, merges the adapter when one is
+/// given, and writes the GGUF; returns each tensor's name and type.
+pub fn export_gguf(a: &ExportGgufArgs) -> Result<Vec<(String, candle_core::quantized::GgmlDType)>> {
+    let resolved = resolve_model(&a.model, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    let tokenizer = resolved.tokenizer_path(a.tokenizer.as_deref())?;
+    let meta = crate::tokenizer::to_gguf::gguf_metadata(&tokenizer)?;
+    let mut model = resolved.model;
+    if let Some(dir) = &a.adapter {
+        adapter::load(&mut model, dir)?;
+        model.merge_lora()?;
+    }
+    crate::export::write_gguf(
+        &model,
+        &resolved.config,
+        &resolved.label,
+        meta,
+        a.ty,
+        &a.out,
+    )
 }
 
 /// Writes the shape and PEFT's trainable-parameter line from config.json to `out`; without

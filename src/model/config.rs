@@ -97,6 +97,14 @@ pub struct LlamaConfig {
     /// Architectures list, written for transformers' auto classes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
+    /// transformers' `_name_or_path`: the hub id the model came from, when known. Names the
+    /// base model in adapters and reports instead of a local path.
+    #[serde(
+        default,
+        rename = "_name_or_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub name_or_path: Option<String>,
 }
 
 fn default_act() -> String {

@@ -154,6 +154,7 @@ impl FixtureSpec {
             }),
             model_type: Some("llama".into()),
             architectures: Some(vec!["LlamaForCausalLM".into()]),
+            name_or_path: None,
         }
     }
 

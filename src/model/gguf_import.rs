@@ -1,90 +1,41 @@
 //! Import of Llama weights from GGUF (llama.cpp's format) into a Hugging Face-layout directory:
-//! dequantisation (F32, F16, BF16, Q4_0, Q4_1, Q8_0), llama.cpp → transformers tensor names, and
+//! dequantisation through candle (every type `gguf::tensor::ggml_dtype` knows, K-quants
+//! included, one tensor at a time), llama.cpp → transformers tensor names, and
 //! the un-permutation of Q and K, which llama.cpp stores interleaved for its RoPE kernel
 //! (without it the model babbles).
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{Device, Tensor};
-use half::{bf16, f16};
 
 use crate::error::{Error, Result};
+use crate::gguf::tensor::ggml_dtype;
 use crate::gguf::{Gguf, TensorInfo, Value};
 use crate::model::config::{LlamaConfig, ModelShape, TokenIds};
 
-/// Bytes per block and values per block of a ggml type, when supported.
-fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
-    Some(match ggml_type {
-        0 => (4, 1),   // F32
-        1 => (2, 1),   // F16
-        30 => (2, 1),  // BF16
-        2 => (18, 32), // Q4_0: f16 d, 16 bytes of nibbles
-        3 => (20, 32), // Q4_1: f16 d, f16 m, 16 bytes of nibbles
-        8 => (34, 32), // Q8_0: f16 d, 32 i8
-        _ => return None,
-    })
-}
-
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// Dequantises `n` values of a ggml type to f32.
+/// Dequantises `n` values of ggml type `ggml_type` to f32 with candle's dequantizers (every
+/// type [`ggml_dtype`] knows); `bytes` must hold exactly whole blocks for `n` values.
 pub fn dequantize(ggml_type: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
-    let (bsize, bvals) = block_layout(ggml_type)
-        .ok_or_else(|| Error::Invalid(format!("ggml type {ggml_type} is not supported")))?;
-    let needed = (n / bvals).checked_mul(bsize);
-    if !n.is_multiple_of(bvals) || needed.is_none_or(|b| bytes.len() < b) {
+    let info = TensorInfo {
+        name: "values".into(),
+        dims: vec![n as u64],
+        ggml_type,
+        offset: 0,
+    };
+    let len = info
+        .byte_len()
+        .map_err(|m| Error::Invalid(format!("{n} values {m}")))?;
+    if (bytes.len() as u64) < len {
         return Err(Error::Invalid(format!(
             "{n} values of ggml type {ggml_type} do not fit {} bytes",
             bytes.len()
         )));
     }
-    let mut out = Vec::with_capacity(n);
-    match ggml_type {
-        0 => out.extend(
-            bytes[..4 * n]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        1 => out.extend(
-            bytes[..2 * n]
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        30 => out.extend(
-            bytes[..2 * n]
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        2 | 3 => {
-            let with_min = ggml_type == 3;
-            for blk in bytes[..n / 32 * bsize].chunks_exact(bsize) {
-                let d = f16_at(blk, 0);
-                let (m, qs) = if with_min {
-                    (f16_at(blk, 2), &blk[4..20])
-                } else {
-                    (0.0, &blk[2..18])
-                };
-                let off = if with_min { 0.0 } else { -8.0 };
-                let mut vals = [0f32; 32];
-                for (j, q) in qs.iter().enumerate() {
-                    vals[j] = (f32::from(q & 0x0f) + off) * d + m;
-                    vals[j + 16] = (f32::from(q >> 4) + off) * d + m;
-                }
-                out.extend_from_slice(&vals);
-            }
-        }
-        8 => {
-            for blk in bytes[..n / 32 * bsize].chunks_exact(bsize) {
-                let d = f16_at(blk, 0);
-                out.extend(blk[2..34].iter().map(|&q| f32::from(q as i8) * d));
-            }
-        }
-        _ => unreachable!("checked by block_layout"),
-    }
-    Ok(out)
+    let t = ggml_dtype(ggml_type).expect("checked by byte_len");
+    let q = qtensor_from_ggml(t, &bytes[..len as usize], vec![n], &Device::Cpu)?;
+    Ok(q.dequantize(&Device::Cpu)?.to_vec1()?)
 }
 
 /// Undoes llama.cpp's Q/K permutation of an (out, in) row-major matrix:
@@ -193,7 +144,39 @@ pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig> {
         torch_dtype: Some("float32".into()),
         model_type: Some("llama".into()),
         architectures: Some(vec!["LlamaForCausalLM".into()]),
+        name_or_path: Some(model_name(g)),
     })
+}
+
+/// What a GGUF file says its model is called, for model cards: the Hugging Face repository
+/// (`general.source.huggingface.repository`, or a `huggingface.co` `general.source.url`) when
+/// the converter recorded one, else `general.name`, else `general.basename`, else the file's
+/// stem. Never a directory path.
+pub fn model_name(g: &Gguf) -> String {
+    let s = |k: &str| {
+        g.metadata
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let from_url = s("general.source.url").and_then(|u| {
+        let rest = u
+            .strip_prefix("https://huggingface.co/")
+            .or_else(|| u.strip_prefix("http://huggingface.co/"))?;
+        let mut parts = rest.split('/').filter(|p| !p.is_empty());
+        Some(format!("{}/{}", parts.next()?, parts.next()?))
+    });
+    s("general.source.huggingface.repository")
+        .map(str::to_string)
+        .or(from_url)
+        .or_else(|| s("general.name").map(str::to_string))
+        .or_else(|| s("general.basename").map(str::to_string))
+        .unwrap_or_else(|| {
+            g.path
+                .file_stem()
+                .map_or_else(|| "gguf".into(), |f| f.to_string_lossy().into_owned())
+        })
 }
 
 /// llama.cpp names of the model-wide tensors and their transformers names.
@@ -239,31 +222,6 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let layer: usize = layer.parse().ok()?;
     let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == part)?;
     Some(format!("blk.{layer}.{g}"))
-}
-
-fn tensor_f32(g: &Gguf, t: &TensorInfo) -> Result<(Vec<f32>, Vec<usize>)> {
-    let bad =
-        |msg: String| Error::Invalid(format!("{}: tensor `{}` {msg}", g.path.display(), t.name));
-    let (bsize, bvals) = block_layout(t.ggml_type)
-        .ok_or_else(|| bad(format!("has unsupported ggml type {}", t.ggml_type)))?;
-    let n = t
-        .elements()
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| {
-            bad(format!(
-                "dimensions {:?} overflow the element count",
-                t.dims
-            ))
-        })?;
-    let len = (n / bvals)
-        .checked_mul(bsize)
-        .ok_or_else(|| bad(format!("dimensions {:?} overflow the byte count", t.dims)))?;
-    // The bytes are checked to lie in the file before anything is allocated for the values.
-    let bytes = g.tensor_bytes(t, len)?;
-    let vals = dequantize(t.ggml_type, bytes, n).map_err(|e| bad(e.to_string()))?;
-    // GGUF lists dims fastest-first; transformers' shape is the reverse.
-    let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-    Ok((vals, shape))
 }
 
 /// The GGUF tensors by transformers name, checked against the shape the metadata describe:
@@ -319,9 +277,12 @@ pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)
             g.path.display()
         ))
     })?;
+    let mut reader = g.tensor_reader()?;
     let mut out = HashMap::new();
     for (name, t) in tensor_directory(g, &shape)? {
-        let (mut vals, dims) = tensor_f32(g, t)?;
+        let w = reader.f32(t)?;
+        let dims = w.dims().to_vec();
+        let mut vals = w.flatten_all()?.to_vec1::<f32>()?;
         let heads = if name.ends_with("q_proj.weight") {
             Some(shape.heads)
         } else if name.ends_with("k_proj.weight") {
@@ -346,7 +307,7 @@ pub fn import(gguf: &Path, out: &Path) -> Result<LlamaConfig> {
     let g = Gguf::read(gguf)?;
     let (cfg, tensors) = import_tensors(&g)?;
     let existed = out.exists();
-    let written = write_import(&g, &cfg, &tensors, gguf, out);
+    let written = write_import(&g, &cfg, &tensors, out);
     if written.is_err() && !existed {
         // Best effort: the write error is the one worth reporting.
         let _ = std::fs::remove_dir_all(out);
@@ -358,7 +319,6 @@ fn write_import(
     g: &Gguf,
     cfg: &LlamaConfig,
     tensors: &HashMap<String, Tensor>,
-    gguf: &Path,
     out: &Path,
 ) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -367,7 +327,7 @@ fn write_import(
     std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
     candle_core::safetensors::save(tensors, out.join("model.safetensors"))?;
     if g.metadata.contains_key("tokenizer.ggml.model") {
-        crate::tokenizer::from_gguf::convert(gguf, &out.join("tokenizer.json"))?;
+        crate::tokenizer::from_gguf::convert_parsed(g, &out.join("tokenizer.json"))?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
+use crate::gguf::Gguf;
 use crate::model::config::LlamaConfig;
 use crate::model::fixture::{BenchShape, FixtureSpec};
 use crate::model::load::{self, ModelSource};
@@ -21,7 +22,8 @@ pub struct ResolvedModel {
     pub config: LlamaConfig,
     /// The directory holding config.json, weights and (usually) tokenizer.json.
     pub dir: Option<PathBuf>,
-    /// How to name the base model in adapters and reports (hub id or path).
+    /// How to name the base model in adapters and reports: the hub id or published name when
+    /// one is known (GGUF `general.*` metadata, config.json `_name_or_path`), else the path.
     pub label: String,
 }
 
@@ -96,13 +98,23 @@ pub fn resolve_model(source: &str, dev: &Device, dtype: DType) -> Result<Resolve
     if let Some(rest) = source.strip_prefix("fixture:") {
         return fixture(source, rest, dev, dtype);
     }
-    let source = match source.strip_prefix("gguf:") {
-        Some(path) => imported_gguf(path)?,
-        None => ModelSource::parse(source),
+    let (source, gguf_name) = match source.strip_prefix("gguf:") {
+        Some(path) => (
+            imported_gguf(path)?,
+            Some(gguf_import::model_name(&Gguf::read(Path::new(path))?)),
+        ),
+        None => (ModelSource::parse(source), None),
     };
     let (config, model, _) = load::load_model(&source, dtype, dev)?;
     let (dir, label) = match &source {
-        ModelSource::Dir(d) => (Some(d.clone()), d.display().to_string()),
+        // The name the model was published under, when the file or config.json records one:
+        // model cards name the hub model, not a local cache path.
+        ModelSource::Dir(d) => (
+            Some(d.clone()),
+            gguf_name
+                .or_else(|| config.name_or_path.clone().filter(|n| !n.trim().is_empty()))
+                .unwrap_or_else(|| d.display().to_string()),
+        ),
         ModelSource::Hub(id) => (
             load::resolve_config(&source)?
                 .parent()

@@ -172,14 +172,21 @@ pub fn tokenizer_config(g: &Gguf) -> Result<Json> {
         "add_bos_token": opt_bool(g, "tokenizer.ggml.add_bos_token", llama),
         "add_eos_token": opt_bool(g, "tokenizer.ggml.add_eos_token", false),
         "converted_from": g.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+        // Kept so that `export-gguf` writes the same `tokenizer.ggml.pre` back.
+        "gguf_pre": g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str),
     }))
 }
 
 /// Converts the vocabulary of `gguf` into a `tokenizer.json` at `out` (and a
 /// `tokenizer_config.json` beside it); returns the vocabulary size.
 pub fn convert(gguf: &Path, out: &Path) -> Result<usize> {
-    let g = Gguf::read(gguf)?;
-    let json = tokenizer_json(&g)?;
+    convert_parsed(&Gguf::read(gguf)?, out)
+}
+
+/// [`convert`] for a header already parsed (an import reads the file's header once).
+pub fn convert_parsed(g: &Gguf, out: &Path) -> Result<usize> {
+    let gguf = g.path.as_path();
+    let json = tokenizer_json(g)?;
     let n = json["model"]["vocab"].as_object().map_or(0, |v| v.len());
     let text = serde_json::to_string(&json).map_err(|e| Error::Invalid(e.to_string()))?;
     // Make sure the tokenizers crate accepts what we wrote before handing it out.
@@ -190,7 +197,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<usize> {
     }
     std::fs::write(out, text).map_err(|e| Error::io(out, e))?;
     let cfg_path = out.with_file_name("tokenizer_config.json");
-    let cfg = serde_json::to_string_pretty(&tokenizer_config(&g)?)
+    let cfg = serde_json::to_string_pretty(&tokenizer_config(g)?)
         .map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(&cfg_path, cfg + "\n").map_err(|e| Error::io(&cfg_path, e))?;
     Ok(n)

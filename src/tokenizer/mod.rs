@@ -1,9 +1,11 @@
 //! Tokenizers built by the project's own code: `tokenizer.json` for the `tokenizers` crate
 //! from GGUF vocabularies (Llama SentencePiece and GPT-2-style byte-level BPE), and a tiny
-//! Llama-shaped fixture tokenizer trained on the fixture dataset.
+//! Llama-shaped fixture tokenizer trained on the fixture dataset; and the way back, a
+//! `tokenizer.json` as GGUF `tokenizer.ggml.*` metadata for `export-gguf`.
 
 pub mod from_gguf;
 pub mod spec;
+pub mod to_gguf;
 pub mod train;
 
 pub use spec::{ByteLevelVocab, SpmVocab, TokenKind};

@@ -6,8 +6,13 @@
 //! deep, tensors have at most [`MAX_DIMS`] dimensions whose product must fit a `u64`, and
 //! `general.alignment` must be a power of two.
 
+pub mod tensor;
+
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -98,18 +103,14 @@ impl TensorInfo {
 
 /// Where the data section starts: after the directory, rounded up to `general.alignment`
 /// (32 when absent), which must be a power of two.
-fn data_start(c: &Cursor<'_>, metadata: &BTreeMap<String, Value>) -> Result<usize> {
+fn data_start<R: Read>(c: &Cursor<'_, R>, metadata: &BTreeMap<String, Value>) -> Result<u64> {
     let align = match metadata.get("general.alignment") {
         None => 32,
-        Some(v) => v
-            .as_u64()
-            .and_then(|a| usize::try_from(a).ok())
-            .filter(|a| a.is_power_of_two())
-            .ok_or_else(|| {
-                c.err(format!(
-                    "general.alignment {v:?} is not a positive power of two"
-                ))
-            })?,
+        Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
+            c.err(format!(
+                "general.alignment {v:?} is not a positive power of two"
+            ))
+        })?,
     };
     c.pos.checked_next_multiple_of(align).ok_or_else(|| {
         c.err(format!(
@@ -118,7 +119,18 @@ fn data_start(c: &Cursor<'_>, metadata: &BTreeMap<String, Value>) -> Result<usiz
     })
 }
 
-/// A parsed GGUF file held in memory.
+/// Where a parsed GGUF file's bytes live: tensor data is read from here lazily, one tensor at
+/// a time, so an import never holds the whole file in memory.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A file on disk, reopened when tensors are read.
+    File(PathBuf),
+    /// Bytes already in memory (tests and fuzzing).
+    Bytes(Arc<[u8]>),
+}
+
+/// A parsed GGUF header: metadata and tensor directory, plus where the tensor data lives.
+/// The tensor data itself is not read until asked for (see [`tensor::TensorReader`]).
 #[derive(Debug)]
 pub struct Gguf {
     /// The file read.
@@ -129,17 +141,21 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, Value>,
     /// Tensor directory, in file order.
     pub tensors: Vec<TensorInfo>,
-    data: Vec<u8>,
-    data_start: usize,
+    source: Source,
+    file_len: u64,
+    data_start: u64,
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// A bounded reader over the header: every read is checked against the bytes left in the
+/// file before anything is allocated for it.
+struct Cursor<'a, R> {
+    r: R,
+    pos: u64,
+    len: u64,
     path: &'a Path,
 }
 
-impl<'a> Cursor<'a> {
+impl<R: Read> Cursor<'_, R> {
     fn err(&self, msg: impl Into<String>) -> Error {
         Error::Invalid(format!(
             "{}: byte {}: {}",
@@ -150,8 +166,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// Bytes left after the cursor.
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
     }
 
     /// A count read from the file, refused unless `count` items of at least `min_size` bytes
@@ -159,7 +175,8 @@ impl<'a> Cursor<'a> {
     fn count(&mut self, count: u64, min_size: usize, what: &str) -> Result<usize> {
         match usize::try_from(count) {
             Ok(n)
-                if n.checked_mul(min_size)
+                if count
+                    .checked_mul(min_size as u64)
                     .is_some_and(|b| b <= self.remaining()) =>
             {
                 Ok(n)
@@ -171,50 +188,67 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        let n = buf.len() as u64;
         if self.remaining() < n {
             return Err(self.err(format!("unexpected end of file (wanted {n} more bytes)")));
         }
-        let s = &self.buf[self.pos..self.pos + n];
+        self.r
+            .read_exact(buf)
+            .map_err(|e| self.err(format!("read failed: {e}")))?;
         self.pos += n;
-        Ok(s)
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut b = [0u8; N];
+        self.fill(&mut b)?;
+        Ok(b)
+    }
+
+    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
+        if self.remaining() < n as u64 {
+            return Err(self.err(format!("unexpected end of file (wanted {n} more bytes)")));
+        }
+        let mut v = vec![0u8; n];
+        self.fill(&mut v)?;
+        Ok(v)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.array()?))
     }
 
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.array()?))
     }
 
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         let n = self.count(n, 1, "string byte")?;
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+        Ok(String::from_utf8_lossy(&self.take(n)?).into_owned())
     }
 
     /// A metadata value of type `ty`, inside `depth` enclosing arrays.
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
         Ok(match ty {
-            0 => Value::U64(u64::from(self.take(1)?[0])),
-            1 => Value::I64(i64::from(self.take(1)?[0] as i8)),
-            2 => Value::U64(u64::from(u16::from_le_bytes(
-                self.take(2)?.try_into().expect("2"),
-            ))),
-            3 => Value::I64(i64::from(i16::from_le_bytes(
-                self.take(2)?.try_into().expect("2"),
-            ))),
+            0 => Value::U64(u64::from(self.u8()?)),
+            1 => Value::I64(i64::from(self.u8()? as i8)),
+            2 => Value::U64(u64::from(u16::from_le_bytes(self.array()?))),
+            3 => Value::I64(i64::from(i16::from_le_bytes(self.array()?))),
             4 => Value::U64(u64::from(self.u32()?)),
             5 => Value::I64(i64::from(self.u32()? as i32)),
             6 => Value::F64(f64::from(f32::from_bits(self.u32()?))),
-            7 => Value::Bool(self.take(1)?[0] != 0),
+            7 => match self.u8()? {
+                b @ (0 | 1) => Value::Bool(b == 1),
+                b => return Err(self.err(format!("boolean byte {b} is neither 0 nor 1"))),
+            },
             8 => Value::Str(self.string()?),
-            9 => self.array(depth)?,
+            9 => self.array_value(depth)?,
             10 => Value::U64(self.u64()?),
             11 => Value::I64(self.u64()? as i64),
             12 => Value::F64(f64::from_bits(self.u64()?)),
@@ -223,7 +257,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// An array value (its element type, count and elements), refused past [`MAX_NESTING`].
-    fn array(&mut self, depth: usize) -> Result<Value> {
+    fn array_value(&mut self, depth: usize) -> Result<Value> {
         if depth >= MAX_NESTING {
             return Err(self.err(format!(
                 "arrays nested more than {MAX_NESTING} deep are not supported"
@@ -257,7 +291,7 @@ fn min_value_size(ty: u32) -> usize {
     }
 }
 
-impl Cursor<'_> {
+impl<R: Read> Cursor<'_, R> {
     /// One tensor directory entry: name, dimensions, type and offset. The element count
     /// must fit a `u64`.
     fn tensor_info(&mut self) -> Result<TensorInfo> {
@@ -283,50 +317,68 @@ impl Cursor<'_> {
         }
         Ok(info)
     }
-}
 
-impl Gguf {
-    /// Reads and parses a GGUF file (versions 2 and 3).
-    pub fn read(path: &Path) -> Result<Self> {
-        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(path, data)
-    }
-
-    /// Parses GGUF bytes; `path` is used in error messages.
-    pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self> {
-        let mut c = Cursor {
-            buf: &data,
-            pos: 0,
-            path,
-        };
-        if c.take(4)? != b"GGUF" {
-            return Err(c.err("not a GGUF file (bad magic)"));
+    /// The whole header: magic, version, metadata and tensor directory.
+    fn header(&mut self) -> Result<(u32, BTreeMap<String, Value>, Vec<TensorInfo>)> {
+        if &self.array::<4>()? != b"GGUF" {
+            return Err(self.err("not a GGUF file (bad magic)"));
         }
-        let version = c.u32()?;
+        let version = self.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(c.err(format!("unsupported GGUF version {version}")));
+            return Err(self.err(format!("unsupported GGUF version {version}")));
         }
-        let n_tensors = c.u64()?;
-        let n_tensors = c.count(n_tensors, 24, "tensor")?;
-        let n_kv = c.u64()?;
-        let n_kv = c.count(n_kv, 13, "metadata key")?;
+        let n_tensors = self.u64()?;
+        let n_tensors = self.count(n_tensors, 24, "tensor")?;
+        let n_kv = self.u64()?;
+        let n_kv = self.count(n_kv, 13, "metadata key")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
-            let key = c.string()?;
-            let ty = c.u32()?;
-            let v = c.value(ty, 0)?;
+            let key = self.string()?;
+            let ty = self.u32()?;
+            let v = self.value(ty, 0)?;
             metadata.insert(key, v);
         }
         let tensors = (0..n_tensors)
-            .map(|_| c.tensor_info())
+            .map(|_| self.tensor_info())
             .collect::<Result<Vec<_>>>()?;
+        Ok((version, metadata, tensors))
+    }
+}
+
+impl Gguf {
+    /// Reads and parses a GGUF file's header (versions 2 and 3). Only the metadata and the
+    /// tensor directory are read; tensor data stays on disk until a tensor is asked for.
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let r = BufReader::with_capacity(1 << 16, file);
+        Self::parse_from(path, r, len, Source::File(path.to_path_buf()))
+    }
+
+    /// Parses GGUF bytes held in memory; `path` is used in error messages.
+    pub fn parse(path: &Path, data: Vec<u8>) -> Result<Self> {
+        let bytes: Arc<[u8]> = data.into();
+        let len = bytes.len() as u64;
+        let r = std::io::Cursor::new(Arc::clone(&bytes));
+        Self::parse_from(path, r, len, Source::Bytes(bytes))
+    }
+
+    fn parse_from(path: &Path, r: impl Read, len: u64, source: Source) -> Result<Self> {
+        let mut c = Cursor {
+            r,
+            pos: 0,
+            len,
+            path,
+        };
+        let (version, metadata, tensors) = c.header()?;
         let data_start = data_start(&c, &metadata)?;
         Ok(Self {
             path: path.to_path_buf(),
             version,
             metadata,
             tensors,
-            data,
+            source,
+            file_len: len,
             data_start,
         })
     }
@@ -343,21 +395,16 @@ impl Gguf {
 
     /// The byte offset in the file where the data section (the tensors' bytes) starts.
     pub fn data_offset(&self) -> usize {
-        self.data_start
+        self.data_start as usize
     }
 
-    /// The raw bytes of a tensor (`len` bytes from its offset).
-    pub fn tensor_bytes(&self, info: &TensorInfo, len: usize) -> Result<&[u8]> {
-        let start = usize::try_from(info.offset)
-            .ok()
-            .and_then(|o| o.checked_add(self.data_start));
-        let range = start.and_then(|s| Some(s..s.checked_add(len)?));
-        range.and_then(|r| self.data.get(r)).ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: tensor `{}` data runs past the end of the file",
-                self.path.display(),
-                info.name
-            ))
-        })
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Where the file's bytes live (for reading tensor data).
+    pub fn source(&self) -> &Source {
+        &self.source
     }
 }
