@@ -103,18 +103,6 @@ pub fn crash_point(name: &str) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peak_rss_is_positive_on_linux() {
-        if cfg!(target_os = "linux") {
-            assert!(peak_rss_mib().is_some_and(|m| m > 0.0));
-        }
-    }
-}
-
 thread_local! {
     /// Set while [`catch_silently`] runs on this thread: the panic hook stays quiet.
     static SILENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -145,4 +133,26 @@ pub fn catch_silently<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .or_else(|| p.downcast_ref::<String>().cloned())
             .map_or_else(|| "panicked".into(), |m| format!("panicked: {m}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_rss_is_positive_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_mib().is_some_and(|m| m > 0.0));
+        }
+    }
+
+    #[test]
+    fn catch_silently_turns_a_panic_into_its_message_and_passes_values_through() {
+        assert_eq!(catch_silently(|| 7), Ok(7));
+        let e = catch_silently(|| -> u8 { panic!("bad block {}", 3) }).unwrap_err();
+        assert_eq!(e, "panicked: bad block 3");
+        // Nested and repeated calls leave the thread able to report its own panics again.
+        assert_eq!(catch_silently(|| catch_silently(|| 1)), Ok(Ok(1)));
+        assert!(!SILENT.with(std::cell::Cell::get));
+    }
 }

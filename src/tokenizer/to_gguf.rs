@@ -241,3 +241,46 @@ pub fn gguf_metadata(path: &Path) -> Result<GgufMeta> {
     put("add_eos_token", GValue::Bool(add_eos_tok.is_some()));
     Ok(meta)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spm_scores_replay_the_merge_order() {
+        let tokens: Vec<String> = ["<unk>", "a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        // "ab" first, then "abc" (two ways), then "bc"; single letters score below all.
+        let merges: Vec<String> = ["a b", "ab c", "a bc", "b c"]
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        let s = spm_scores(&tokens, &merges);
+        assert_eq!(s[4], 0.0);
+        assert_eq!(s[6], -1.0);
+        assert_eq!(s[5], -3.0);
+        assert!(s[1] < -3.0 && s[2] < s[1] && s[0] > s[1]);
+    }
+
+    #[test]
+    fn byte_pieces_and_pre_tokenizer_names() {
+        assert!(is_byte_piece("<0x0A>") && is_byte_piece("<0xff>"));
+        assert!(!is_byte_piece("<0xZZ>") && !is_byte_piece("<0x0A") && !is_byte_piece("a"));
+        let j = |s: &str| serde_json::from_str::<Json>(s).unwrap();
+        assert_eq!(pre_name(&j(r#"{"type": "ByteLevel"}"#)), "gpt-2");
+        assert_eq!(
+            pre_name(&j(
+                r#"{"type": "Sequence", "pretokenizers": [{"type": "Digits"}, {"type": "ByteLevel"}]}"#
+            )),
+            "smollm"
+        );
+        assert_eq!(
+            pre_name(&j(
+                r#"{"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]}"#
+            )),
+            "llama-bpe"
+        );
+    }
+}
