@@ -506,6 +506,28 @@ fn merge_eval_and_generate_from_the_command_line() {
     let per: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&per).unwrap()).unwrap();
     assert_eq!(per.len(), 44);
+    // Every batching mode evaluates the same targets to the same mean loss (to rounding).
+    let eval_loss = |batching: &str| {
+        let out = ok(lorasft()
+            .args(["eval", "--model"])
+            .arg(&dir)
+            .arg("--adapter")
+            .arg(&s.adapter_dir)
+            .arg("--data")
+            .arg(&data)
+            .args(["--labels", "mask-padding", "--padding", "longest"])
+            .args(["--max-len", "128", "--batching", batching]));
+        let targets = out.split("loss targets: ").nth(1).unwrap();
+        let loss = out.split("mean loss: ").nth(1).unwrap();
+        let num = |t: &str| t.split(',').next().unwrap().trim().parse::<f64>().unwrap();
+        (num(targets), num(loss))
+    };
+    let padded = eval_loss("padded");
+    for mode in ["group-by-length", "packed"] {
+        let (targets, loss) = eval_loss(mode);
+        assert_eq!(targets, padded.0, "{mode}: the same targets");
+        assert!((loss - padded.1).abs() <= 1e-5 * padded.1, "{mode}: {loss} vs {padded:?}");
+    }
 
     let generate = |extra: &[&str]| {
         ok(lorasft()
