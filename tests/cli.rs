@@ -168,16 +168,15 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
     let root = env!("CARGO_MANIFEST_DIR");
     let data = format!("{root}/fixtures/instructions.json");
     let tok = format!("{root}/fixtures/tokenizer.json");
-    let text = run_ok(lorasft().args([
-        "data",
-        "stats",
-        "--data",
-        &data,
-        "--tokenizer",
-        &tok,
-        "--labels",
-        "completion-only",
-    ]));
+    // `data stats` on the fixture records with these flags; its stdout.
+    let stats = |flags: &[&str]| {
+        run_ok(
+            lorasft()
+                .args(["data", "stats", "--data", &data, "--tokenizer", &tok])
+                .args(flags),
+        )
+    };
+    let text = stats(&["--labels", "completion-only"]);
     assert!(
         text.contains("records: 44 (21 with input, 23 without; 2 with empty output)"),
         "{text}"
@@ -186,17 +185,7 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
         text.contains("records with no trainable label: 3"),
         "{text}"
     );
-    let json = run_ok(lorasft().args([
-        "data",
-        "stats",
-        "--data",
-        &data,
-        "--tokenizer",
-        &tok,
-        "--labels",
-        "input-ids",
-        "--json",
-    ]));
+    let json = stats(&["--labels", "input-ids", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["records"], 44);
     assert_eq!(
@@ -207,27 +196,11 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
         v["padding_label_tokens"].as_u64().unwrap() > 0,
         "max_length padding under input-ids trains on padding"
     );
-    let masked = run_ok(lorasft().args([
-        "data",
-        "stats",
-        "--data",
-        &data,
-        "--tokenizer",
-        &tok,
-        "--labels",
-        "mask-padding",
-        "--json",
-    ]));
+    let masked = stats(&["--labels", "mask-padding", "--json"]);
     let m: serde_json::Value = serde_json::from_str(&masked).unwrap();
     assert_eq!(m["padding_label_tokens"], 0);
     // Every batching mode's rows, micro-batches and padding share, whichever is chosen.
-    let modes = run_ok(lorasft().args([
-        "data",
-        "stats",
-        "--data",
-        &data,
-        "--tokenizer",
-        &tok,
+    let modes = stats(&[
         "--max-len",
         "128",
         "--padding",
@@ -238,18 +211,12 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
         "2",
         "--batching",
         "packed",
-    ]));
+    ]);
     for mode in ["padded |", "group_by_length |", "packed (chosen) |"] {
         assert!(modes.contains(mode), "{mode}: {modes}");
     }
     assert!(modes.contains("| 44 | 11 | 5 |"), "44 rows padded: {modes}");
-    let json = run_ok(lorasft().args([
-        "data",
-        "stats",
-        "--data",
-        &data,
-        "--tokenizer",
-        &tok,
+    let json = stats(&[
         "--max-len",
         "128",
         "--padding",
@@ -260,7 +227,7 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
         "--batching",
         "group_by_length",
         "--json",
-    ]));
+    ]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let b = v["batching"].as_array().unwrap();
     let share = |i: usize| {

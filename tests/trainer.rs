@@ -526,7 +526,10 @@ fn merge_eval_and_generate_from_the_command_line() {
     for mode in ["group-by-length", "packed"] {
         let (targets, loss) = eval_loss(mode);
         assert_eq!(targets, padded.0, "{mode}: the same targets");
-        assert!((loss - padded.1).abs() <= 1e-5 * padded.1, "{mode}: {loss} vs {padded:?}");
+        assert!(
+            (loss - padded.1).abs() <= 1e-5 * padded.1,
+            "{mode}: {loss} vs {padded:?}"
+        );
     }
 
     let generate = |extra: &[&str]| {
