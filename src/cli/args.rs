@@ -100,6 +100,9 @@ pub struct TrainArgs {
     /// targets are adopted).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// Sets `model.keep_quantized`: keep a `gguf:` base's projections quantized in memory.
+    #[arg(long)]
+    pub keep_quantized: bool,
     /// Sets `encode.batching`: padded, group-by-length or packed.
     #[arg(long, value_enum)]
     pub batching: Option<Batching>,
@@ -132,6 +135,7 @@ impl TrainArgs {
             device: self.device,
             precision: self.precision,
             init_adapter: self.init_adapter.clone(),
+            keep_quantized: self.keep_quantized,
             batching: self.batching,
         }
     }

@@ -25,4 +25,5 @@ pub mod kernels;
 pub mod linear_ce;
 pub mod matmul;
 pub mod ops;
+pub mod quant;
 pub mod simd;
