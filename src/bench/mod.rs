@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 pub mod batching;
+pub mod memory;
 pub mod suite;
 pub mod table;
 
@@ -34,15 +35,19 @@ pub struct StepBench {
 impl StepBench {
     /// Builds the model from `seed` in `dtype` on `dev` and draws the batch.
     pub fn new(shape: BenchShape, dtype: DType, dev: &Device, seed: u64) -> Result<Self> {
-        let spec = shape.spec();
-        let mut model = spec.build(seed, dtype, dev)?;
+        let model = shape.spec().build(seed, dtype, dev)?;
+        Self::from_model(model, shape.batch_seq(), seed)
+    }
+
+    /// [`StepBench::new`] on a model already built (adapters are added here), with a
+    /// (batch, seq) batch of random ids.
+    pub fn from_model(mut model: Llama, (b, s): (usize, usize), seed: u64) -> Result<Self> {
+        let dev = model.device().clone();
+        let vocab = model.shape().vocab;
         model.add_lora(&LoraConfig::default(), seed)?;
-        let (b, s) = shape.batch_seq();
         let mut rng = Rng::derive(seed, "bench-batch");
-        let ids: Vec<u32> = (0..b * s)
-            .map(|_| rng.below(spec.vocab as u64) as u32)
-            .collect();
-        let batch = Batch::unpadded(Tensor::from_vec(ids, (b, s), dev)?)?;
+        let ids: Vec<u32> = (0..b * s).map(|_| rng.below(vocab as u64) as u32).collect();
+        let batch = Batch::unpadded(Tensor::from_vec(ids, (b, s), &dev)?)?;
         let updater = Updater::new(&model, AdamWParams::default(), 1.0)?;
         Ok(Self {
             model,

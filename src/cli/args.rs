@@ -100,6 +100,9 @@ pub struct TrainArgs {
     /// targets are adopted).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// Sets `model.keep_quantized`: keep a `gguf:` base's projections quantized in memory.
+    #[arg(long)]
+    pub keep_quantized: bool,
     /// Sets `encode.batching`: padded, group-by-length or packed.
     #[arg(long, value_enum)]
     pub batching: Option<Batching>,
@@ -132,6 +135,7 @@ impl TrainArgs {
             device: self.device,
             precision: self.precision,
             init_adapter: self.init_adapter.clone(),
+            keep_quantized: self.keep_quantized,
             batching: self.batching,
         }
     }
@@ -515,6 +519,17 @@ pub struct BenchArgs {
     /// With --batching: the preset whose data, model and settings run.
     #[arg(long, default_value = "smollm2-demo")]
     pub preset: String,
+    /// Measure the peak RSS and ms/step of a TinyLlama-shape step (batch 1 × 256) with the
+    /// base in f32 and kept quantized (Q4_K_M), each in a child process (`--threads`,
+    /// `--steps`, `--seed` apply).
+    #[arg(long)]
+    pub memory: bool,
+    /// With --memory: the Q4_K_M GGUF of the fixture (written there first when absent).
+    #[arg(long, default_value = ".cache/bench/tinyllama-fixture-q4_k_m.gguf")]
+    pub memory_gguf: PathBuf,
+    /// With --memory --one: load `--memory-gguf` kept quantized instead of the f32 fixture.
+    #[arg(long, hide = true)]
+    pub memory_quantized: bool,
     /// With --batching: untimed steps before the timed ones.
     #[arg(long, default_value_t = 1, value_parser = count::<0, MAX_STEPS>)]
     pub skip: usize,

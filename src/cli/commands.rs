@@ -397,6 +397,9 @@ pub fn reproduce(run: &Path) -> Result<(Reproduction, String)> {
 /// `lorasft bench`: one shape in this process as a JSON row (`--one`, what the suite spawns),
 /// or the whole suite as a table (and JSON lines with `--json`).
 pub fn bench(a: &BenchArgs) -> Result<String> {
+    if a.memory {
+        return bench_memory(a);
+    }
     if a.batching {
         let b = a.batching_bench();
         if a.one {
@@ -430,6 +433,22 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
         std::fs::write(path, suite::json_lines(&result.rows)?).map_err(|e| Error::io(path, e))?;
     }
     Ok(suite::render(&suite, &result))
+}
+
+/// `lorasft bench --memory`: one child's row (`--one`; the quantized base with
+/// `--memory-quantized`), or the table over f32 and quantized bases.
+fn bench_memory(a: &BenchArgs) -> Result<String> {
+    use crate::bench::memory;
+    if a.one {
+        let gguf = a.memory_quantized.then_some(a.memory_gguf.as_path());
+        return json_line(&memory::run_here(gguf, a.steps, a.seed)?);
+    }
+    let rows = memory::run(&a.memory_gguf, &a.threads, a.steps, a.seed)?;
+    if let Some(path) = &a.json {
+        let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
+        std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(memory::render(&rows))
 }
 
 /// A value as one line of JSON.

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{Device, Tensor};
@@ -13,7 +14,10 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::gguf::tensor::ggml_dtype;
 use crate::gguf::{Gguf, TensorInfo, Value};
+use crate::model::Llama;
 use crate::model::config::{LlamaConfig, ModelShape, TokenIds};
+use crate::model::cpu::quant::QuantWeight;
+use crate::model::lora::Frozen;
 
 /// Dequantises `n` values of ggml type `ggml_type` to f32 with candle's dequantizers (every
 /// type [`ggml_dtype`] knows); `bytes` must hold exactly whole blocks for `n` values.
@@ -38,20 +42,28 @@ pub fn dequantize(ggml_type: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(q.dequantize(&Device::Cpu)?.to_vec1()?)
 }
 
-/// Undoes llama.cpp's Q/K permutation of an (out, in) row-major matrix:
-/// `reshape(heads, out/heads/2, 2, in).transpose(1, 2).reshape(out, in)`.
-pub fn unpermute_qk(w: &[f32], out_f: usize, in_f: usize, heads: usize) -> Vec<f32> {
+/// For each row of the un-permuted (transformers) Q or K weight, the row of the GGUF weight
+/// it comes from: the permutation moves whole rows, so it applies to quantized rows as well.
+pub fn unpermuted_row_sources(out_f: usize, heads: usize) -> Vec<usize> {
     let half = out_f / heads / 2;
-    let mut res = vec![0f32; w.len()];
+    let mut src = vec![0; out_f];
     for h in 0..heads {
         for i in 0..half {
             for two in 0..2 {
                 // source row (h, i, two) in the GGUF layout -> destination row (h, two, i)
-                let src = ((h * half + i) * 2 + two) * in_f;
-                let dst = ((h * 2 + two) * half + i) * in_f;
-                res[dst..dst + in_f].copy_from_slice(&w[src..src + in_f]);
+                src[(h * 2 + two) * half + i] = (h * half + i) * 2 + two;
             }
         }
+    }
+    src
+}
+
+/// Undoes llama.cpp's Q/K permutation of an (out, in) row-major matrix:
+/// `reshape(heads, out/heads/2, 2, in).transpose(1, 2).reshape(out, in)`.
+pub fn unpermute_qk(w: &[f32], out_f: usize, in_f: usize, heads: usize) -> Vec<f32> {
+    let mut res = vec![0f32; w.len()];
+    for (dst, src) in unpermuted_row_sources(out_f, heads).into_iter().enumerate() {
+        res[dst * in_f..(dst + 1) * in_f].copy_from_slice(&w[src * in_f..(src + 1) * in_f]);
     }
     res
 }
@@ -283,19 +295,66 @@ pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)
         let w = reader.f32(t)?;
         let dims = w.dims().to_vec();
         let mut vals = w.flatten_all()?.to_vec1::<f32>()?;
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(shape.heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(shape.kv_heads)
-        } else {
-            None
-        };
-        if let Some(h) = heads {
+        if let Some(h) = permuted_heads(&name, &shape) {
             vals = unpermute_qk(&vals, dims[0], dims[1], h);
         }
         out.insert(name, Tensor::from_vec(vals, dims, &Device::Cpu)?);
     }
     Ok((cfg, out))
+}
+
+/// The head count llama.cpp permuted a tensor's rows by: Q and K only.
+fn permuted_heads(name: &str, shape: &ModelShape) -> Option<usize> {
+    if name.ends_with("q_proj.weight") {
+        Some(shape.heads)
+    } else if name.ends_with("k_proj.weight") {
+        Some(shape.kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Loads a GGUF Llama for training with `model.keep_quantized` (CPU, f32 activations): the
+/// seven projections of every layer stay `QTensor`s in the file's types (Q and K rows
+/// un-permuted as raw blocks), and the embeddings, norms and lm_head are dequantized to f32
+/// once. Tensors are read one at a time, so the file is never held twice.
+pub fn load_quantized(g: &Gguf) -> Result<(LlamaConfig, Llama)> {
+    let cfg = config_from_gguf(g)?;
+    let shape = cfg.shape().map_err(|msg| {
+        Error::Invalid(format!(
+            "{}: the llama.* metadata describe an invalid model: {msg}",
+            g.path.display()
+        ))
+    })?;
+    let mut reader = g.tensor_reader()?;
+    let mut dir = tensor_directory(g, &shape)?.into_iter();
+    let model = Llama::from_frozen(shape.clone(), |name, _| {
+        let (hf, t) = dir.next().expect("the directory follows tensor_specs");
+        debug_assert_eq!(hf, name);
+        if !name.ends_with("_proj.weight") {
+            return Ok(Frozen::Dense(reader.f32(t)?));
+        }
+        let q = reader.qtensor(t)?;
+        let order =
+            permuted_heads(name, &shape).map(|h| unpermuted_row_sources(q.shape().dims()[0], h));
+        let w = QuantWeight::from_rows(q, order.as_deref())
+            .map_err(|e| Error::Invalid(format!("{}: `{}`: {e}", g.path.display(), t.name)))?;
+        Ok(Frozen::Quant(Arc::new(w)))
+    })?;
+    Ok((cfg, model))
+}
+
+/// Writes config.json and (when the file has a vocabulary) tokenizer.json for a GGUF Llama
+/// into `out`, without the weights: what a `keep_quantized` run needs from the import.
+pub fn write_config_and_tokenizer(g: &Gguf, cfg: &LlamaConfig, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let cfg_path = out.join("config.json");
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+    if g.metadata.contains_key("tokenizer.ggml.model") {
+        crate::tokenizer::from_gguf::convert_parsed(g, &out.join("tokenizer.json"))?;
+    }
+    Ok(())
 }
 
 /// Imports a GGUF Llama into `out`: config.json, model.safetensors (f32), and the converted
@@ -321,13 +380,7 @@ fn write_import(
     tensors: &HashMap<String, Tensor>,
     out: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let cfg_path = out.join("config.json");
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+    write_config_and_tokenizer(g, cfg, out)?;
     candle_core::safetensors::save(tensors, out.join("model.safetensors"))?;
-    if g.metadata.contains_key("tokenizer.ggml.model") {
-        crate::tokenizer::from_gguf::convert_parsed(g, &out.join("tokenizer.json"))?;
-    }
     Ok(())
 }

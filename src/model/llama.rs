@@ -13,7 +13,7 @@ use crate::device::master_dtype;
 use crate::error::{Error, Result};
 use crate::model::config::{ModelShape, Projection};
 use crate::model::cpu::attention::Mask;
-use crate::model::lora::{Linear, LoraAdapter, LoraConfig, Mode};
+use crate::model::lora::{Frozen, Linear, LoraAdapter, LoraConfig, Mode};
 use crate::model::loss::{LossSum, lm_head_loss_sum};
 use crate::model::ops::{attention, frozen_linear, rms_norm, swiglu, to_heads};
 use crate::model::visibility::KeyRanges;
@@ -139,28 +139,47 @@ impl Llama {
         shape: ModelShape,
         mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
     ) -> Result<Self> {
+        Self::from_frozen(shape, |name, dims| get(name, dims).map(Frozen::Dense))
+    }
+
+    /// [`Llama::from_tensors`] with the seven projections' weights given as [`Frozen`], dense
+    /// or kept quantized; every other tensor (embeddings, norms, lm_head) must be dense.
+    pub fn from_frozen(
+        shape: ModelShape,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Frozen>,
+    ) -> Result<Self> {
         let specs = shape.tensor_specs();
         let mut it = specs.iter();
-        let mut next = || -> Result<Tensor> {
+        let mut next_frozen = || -> Result<Frozen> {
             let (name, dims) = it.next().expect("tensor_specs lists every tensor");
             get(name, dims)
         };
-        let embed = next()?;
+        let dense = |f: Frozen| match f {
+            Frozen::Dense(t) => Ok(t),
+            Frozen::Quant(q) => Err(Error::Invalid(format!(
+                "only the projections may stay quantized, got {q:?} for a dense tensor"
+            ))),
+        };
+        let embed = next_frozen().and_then(dense)?;
         let mut layers = Vec::with_capacity(shape.layers);
         for _ in 0..shape.layers {
-            let input_norm = next()?;
+            let input_norm = next_frozen().and_then(dense)?;
             let proj = (0..Projection::ALL.len())
-                .map(|_| next().map(Linear::new))
+                .map(|_| next_frozen().map(Linear::from_frozen))
                 .collect::<Result<Vec<_>>>()?;
-            let post_norm = next()?;
+            let post_norm = next_frozen().and_then(dense)?;
             layers.push(Layer {
                 input_norm,
                 post_norm,
                 proj,
             });
         }
-        let norm = next()?;
-        let lm_head = if shape.tied { None } else { Some(next()?) };
+        let norm = next_frozen().and_then(dense)?;
+        let lm_head = if shape.tied {
+            None
+        } else {
+            Some(next_frozen().and_then(dense)?)
+        };
         let (cos, sin) = rope_tables(&shape, embed.dtype(), embed.device())?;
         Ok(Self {
             shape,
@@ -200,7 +219,7 @@ impl Llama {
         let mut tensors = vec![self.embed.clone()];
         for l in &self.layers {
             tensors.push(l.input_norm.clone());
-            tensors.extend(l.proj.iter().map(|p| p.weight().clone()));
+            tensors.extend(l.proj.iter().map(|p| p.weight().stored()));
             tensors.push(l.post_norm.clone());
         }
         tensors.push(self.norm.clone());

@@ -6,13 +6,15 @@
 //! The adapters' A and B are the model's only `Var`s.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::config::Projection;
-use crate::model::ops::frozen_linear;
+use crate::model::cpu::quant::QuantWeight;
+use crate::model::ops::{frozen_linear, frozen_linear_quant};
 use crate::rng::Rng;
 
 /// LoRA hyper-parameters; `Default` is the reference run (r 8, alpha 16, dropout 0.05, q+v).
@@ -157,11 +159,39 @@ pub enum Mode<'a> {
     Train(&'a mut Rng),
 }
 
+/// A frozen base weight (out, in): a dense tensor, or kept quantized (`model.keep_quantized`).
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    /// A tensor in the model's dtype.
+    Dense(Tensor),
+    /// A `QTensor` in the GGUF file's type, dequantized block by block as products need it.
+    Quant(Arc<QuantWeight>),
+}
+
+impl Frozen {
+    /// The weight as a dense tensor: itself, or (quantized) all of it dequantized to f32,
+    /// for merge and export only.
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Quant(q) => q.dequantize(),
+        }
+    }
+
+    /// What fingerprints and gradient checks see: the dense tensor, or the raw block bytes.
+    pub fn stored(&self) -> Tensor {
+        match self {
+            Self::Dense(t) => t.clone(),
+            Self::Quant(q) => q.bytes_tensor(),
+        }
+    }
+}
+
 /// A linear layer with a frozen weight and an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Frozen base weight, (out, in). Never a `Var`, never changed by training.
-    weight: Tensor,
+    weight: Frozen,
     /// The adapter, when this module is a target.
     lora: Option<LoraAdapter>,
     /// `W + delta` while merged; `weight` itself is kept so that unmerge restores it exactly.
@@ -171,6 +201,11 @@ pub struct Linear {
 impl Linear {
     /// A frozen linear with no adapter.
     pub fn new(weight: Tensor) -> Self {
+        Self::from_frozen(Frozen::Dense(weight))
+    }
+
+    /// A frozen linear, dense or quantized, with no adapter.
+    pub fn from_frozen(weight: Frozen) -> Self {
         Self {
             weight,
             lora: None,
@@ -179,7 +214,7 @@ impl Linear {
     }
 
     /// The frozen base weight.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Frozen {
         &self.weight
     }
 
@@ -202,8 +237,9 @@ impl Linear {
     /// Folds the adapter into a merged weight `W + B A s`; refuses non-finite results.
     pub fn merge(&mut self) -> Result<()> {
         if let Some(lora) = &self.lora {
-            let delta = lora.delta_weight()?.to_dtype(self.weight.dtype())?;
-            let merged = (&self.weight + delta)?;
+            let weight = self.weight.dense()?;
+            let delta = lora.delta_weight()?.to_dtype(weight.dtype())?;
+            let merged = (&weight + delta)?;
             let total = merged.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             if !total.is_finite() {
                 return Err(Error::Invalid(
@@ -225,9 +261,10 @@ impl Linear {
         match (&self.merged, &self.lora) {
             (Some(m), _) => Ok(m.clone()),
             (None, Some(l)) => {
-                Ok((&self.weight + l.delta_weight()?.to_dtype(self.weight.dtype())?)?)
+                let weight = self.weight.dense()?;
+                Ok((&weight + l.delta_weight()?.to_dtype(weight.dtype())?)?)
             }
-            (None, None) => Ok(self.weight.clone()),
+            (None, None) => self.weight.dense(),
         }
     }
 
@@ -236,7 +273,10 @@ impl Linear {
         if let Some(m) = &self.merged {
             return Ok(frozen_linear(x, m)?);
         }
-        let base = frozen_linear(x, &self.weight)?;
+        let base = match &self.weight {
+            Frozen::Dense(w) => frozen_linear(x, w)?,
+            Frozen::Quant(q) => frozen_linear_quant(x, q)?,
+        };
         let Some(lora) = &self.lora else {
             return Ok(base);
         };

@@ -10,7 +10,10 @@
 use crate::model::autograd::attach_backward;
 use crate::model::cpu::attention::{Attention, Mask};
 use crate::model::cpu::matmul::matmul_frozen;
-use crate::model::cpu::ops::{self as cpu_ops, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
+use crate::model::cpu::ops::{
+    self as cpu_ops, FrozenLinear, QuantLinear, RmsNorm, RopeHeads, SwiGlu,
+};
+use crate::model::cpu::quant::QuantWeight;
 use crate::model::visibility::mask_value;
 use candle_core::{D, DType, Result, Tensor};
 
@@ -43,6 +46,24 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         matmul_frozen(&g.reshape((rows, out_f))?, &w, false)
             .map_err(candle_core::Error::wrap)?
             .reshape(x.shape())
+    })
+}
+
+/// `x @ w^T` for a frozen weight kept quantized (CPU f32 only): [`frozen_linear`] on `w`'s
+/// dequantized values, bit for bit, without ever holding all of them.
+pub fn frozen_linear_quant(x: &Tensor, w: &std::sync::Arc<QuantWeight>) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims();
+    if x.dims().last() != Some(&in_f) || !cpu_ops::on_host_f32(x) {
+        candle_core::bail!(
+            "frozen_linear: input {:?} {:?} on {:?} does not fit a quantized weight ({out_f}, \
+             {in_f}), which runs on the CPU in f32 only",
+            x.shape(),
+            x.dtype(),
+            x.device().location()
+        );
+    }
+    x.contiguous()?.apply_op1(QuantLinear {
+        w: std::sync::Arc::clone(w),
     })
 }
 

@@ -93,8 +93,51 @@ fn imported_gguf(path: &str) -> Result<ModelSource> {
     Ok(ModelSource::Dir(dir))
 }
 
+/// A `gguf:PATH` source with its projections kept quantized. Only config.json and
+/// tokenizer.json are written to `PATH.hf/` (when absent): the weights come from the file.
+fn quantized_gguf(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedModel> {
+    let Some(path) = source.strip_prefix("gguf:") else {
+        return Err(Error::Invalid(format!(
+            "model.keep_quantized (--keep-quantized) needs a `gguf:PATH` model source, \
+             got {source:?}"
+        )));
+    };
+    if !dev.is_cpu() || dtype != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "model.keep_quantized (--keep-quantized) runs on the CPU in f32 only, got {:?} {dtype:?}",
+            dev.location()
+        )));
+    }
+    let g = Gguf::read(Path::new(path))?;
+    let (config, model) = gguf_import::load_quantized(&g)?;
+    let dir = PathBuf::from(path).with_extension("hf");
+    if !dir.join("tokenizer.json").exists() || !dir.join("config.json").exists() {
+        gguf_import::write_config_and_tokenizer(&g, &config, &dir)?;
+    }
+    Ok(ResolvedModel {
+        model,
+        config,
+        dir: Some(dir),
+        label: gguf_import::model_name(&g),
+    })
+}
+
 /// Loads a model source in `dtype` on `dev`.
 pub fn resolve_model(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedModel> {
+    resolve_model_with(source, dev, dtype, false)
+}
+
+/// [`resolve_model`], with the frozen projections of a `gguf:` source kept quantized when
+/// `keep_quantized` (`model.keep_quantized`); that needs a `gguf:` source, the CPU and f32.
+pub fn resolve_model_with(
+    source: &str,
+    dev: &Device,
+    dtype: DType,
+    keep_quantized: bool,
+) -> Result<ResolvedModel> {
+    if keep_quantized {
+        return quantized_gguf(source, dev, dtype);
+    }
     if let Some(rest) = source.strip_prefix("fixture:") {
         return fixture(source, rest, dev, dtype);
     }

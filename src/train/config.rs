@@ -47,6 +47,10 @@ pub struct ModelConfig {
     /// targets replace the `lora` section's (the run states the adopted values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_adapter: Option<PathBuf>,
+    /// Keep the frozen projections of a `gguf:` source quantized in memory (CPU, f32), each
+    /// dequantized a block at a time inside its products; results equal the f32 import's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_quantized: bool,
 }
 
 /// The dataset and its split.
@@ -140,6 +144,7 @@ impl Default for TrainConfig {
                 source: DEFAULT_HUB_ID.into(),
                 tokenizer: None,
                 init_adapter: None,
+                keep_quantized: false,
             },
             data: DataConfig {
                 path: "data.json".into(),
@@ -195,6 +200,7 @@ impl TrainConfig {
             source: "fixture:0".into(),
             tokenizer: Some("fixtures/tokenizer.json".into()),
             init_adapter: None,
+            keep_quantized: false,
         };
         c.data = DataConfig {
             path: "fixtures/instructions.json".into(),
@@ -248,6 +254,7 @@ impl TrainConfig {
             source: "gguf:.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             tokenizer: None,
             init_adapter: None,
+            keep_quantized: false,
         };
         c.data = DataConfig {
             path: ".cache/assets/data/alpaca_en_demo.json".into(),
@@ -382,6 +389,12 @@ impl TrainConfig {
     }
 
     fn validate_run_and_data(&self) -> Result<()> {
+        if self.model.keep_quantized && !self.model.source.starts_with("gguf:") {
+            return Err(Error::Invalid(format!(
+                "model.keep_quantized = true needs a `gguf:PATH` model.source, got {:?}",
+                self.model.source
+            )));
+        }
         let name = &self.run.name;
         let bad_name =
             name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']);
@@ -543,6 +556,8 @@ pub struct ConfigSource {
     pub precision: Option<Precision>,
     /// `model.init_adapter`.
     pub init_adapter: Option<PathBuf>,
+    /// `model.keep_quantized = true` when set.
+    pub keep_quantized: bool,
     /// `encode.batching`.
     pub batching: Option<Batching>,
 }
@@ -579,6 +594,9 @@ impl ConfigSource {
         }
         if let Some(a) = &self.init_adapter {
             cfg.model.init_adapter = Some(a.clone());
+        }
+        if self.keep_quantized {
+            cfg.model.keep_quantized = true;
         }
         if let Some(b) = self.batching {
             cfg.encode.batching = b;

@@ -15,7 +15,7 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::generate::{self, Generation};
 use crate::model::Llama;
-use crate::model::source::{ResolvedModel, resolve_model};
+use crate::model::source::{ResolvedModel, resolve_model_with};
 use crate::records::{DataRecord, Manifest};
 use crate::train::config::TrainConfig;
 use crate::verify::Fingerprint;
@@ -55,7 +55,12 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
         // Dropout masks are drawn on accelerators: seed their generator from the run.
         dev.set_seed(cfg.run.seed)?;
     }
-    let base = resolve_model(&cfg.model.source, &dev, cfg.run.precision.dtype())?;
+    let base = resolve_model_with(
+        &cfg.model.source,
+        &dev,
+        cfg.run.precision.dtype(),
+        cfg.model.keep_quantized,
+    )?;
     let tokenizer_path = base.tokenizer_path(cfg.model.tokenizer.as_deref())?;
     let encoder = Encoder::from_file(&tokenizer_path, cfg.encode.clone())?;
     check_fits(&cfg, &base.model, &encoder, &tokenizer_path)?;

@@ -72,22 +72,33 @@ pub fn gemm_rows_f32(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = candle_core::utils::get_num_threads().max(1);
-    // Blocks of at least 32 columns, in multiples of 16 (the kernel's width).
-    let block = n.div_ceil(threads).max(32).next_multiple_of(16);
     let out = SendPtr(dst.as_mut_ptr());
-    let run = |j0: usize| {
-        let j1 = (j0 + block).min(n);
+    let run = |j0: usize, j1: usize| {
+        // rhs (k, n) view of the block: transposed (n, k) rows j0.., or columns j0.. of (k, n).
+        let (rhs_ptr, rhs_cs, rhs_rs) = if rhs_is_nk {
+            (rhs[j0 * k..].as_ptr(), k as isize, 1)
+        } else {
+            (rhs[j0..].as_ptr(), 1, n as isize)
+        };
         // SAFETY: `dst` holds m*n elements and each call writes only columns j0..j1 of it,
         // disjoint across calls; `lhs` and `rhs` are read-only and sized as asserted above.
-        unsafe { gemm_cols(out, lhs, rhs, (m, n, k), j0..j1, rhs_is_nk) }
+        unsafe { gemm_cols(out, lhs, (rhs_ptr, rhs_cs, rhs_rs), (m, n, k), j0..j1) }
     };
+    for_col_blocks(n, run);
+}
+
+/// The column blocks of an (m, n) product as [`gemm_rows_f32`] splits it: one block per
+/// thread (candle's count), of at least 32 columns, in multiples of 16 (the kernel's width).
+/// Runs `run(j0, j1)` for each, in parallel when there are several.
+pub(crate) fn for_col_blocks(n: usize, run: impl Fn(usize, usize) + Sync) {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let block = n.div_ceil(threads).max(32).next_multiple_of(16);
     if threads == 1 || block >= n {
-        run(0);
+        run(0, n);
     } else {
         (0..n.div_ceil(block))
             .into_par_iter()
-            .for_each(|b| run(b * block));
+            .for_each(|b| run(b * block, (b * block + block).min(n)));
     }
 }
 
@@ -100,26 +111,21 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// Columns `cols` of `dst (m, n) = lhs @ rhs` (see [`gemm_rows_f32`]) in one single-threaded
-/// `gemm` call.
+/// `gemm` call; `rhs` = (pointer to the block's first element, column stride, row stride) of
+/// the (k, cols.len()) block.
 ///
 /// # Safety
 /// `dst` must point to m*n writable elements that no one else touches in columns `cols`,
-/// `lhs` and `rhs` must hold m*k and k*n elements, and `cols` must lie within 0..n.
-unsafe fn gemm_cols(
+/// `lhs` must hold m*k elements, `rhs` must address a live (k, cols.len()) matrix with its
+/// strides, and `cols` must lie within 0..n.
+pub(crate) unsafe fn gemm_cols(
     dst: SendPtr,
     lhs: &[f32],
-    rhs: &[f32],
+    (rhs_ptr, rhs_cs, rhs_rs): (*const f32, isize, isize),
     (m, n, k): (usize, usize, usize),
     cols: std::ops::Range<usize>,
-    rhs_is_nk: bool,
 ) {
     let (j0, w) = (cols.start, cols.len());
-    // rhs (k, n) view of the block: transposed (n, k) rows j0.., or columns j0.. of (k, n).
-    let (rhs_ptr, rhs_cs, rhs_rs) = if rhs_is_nk {
-        (rhs[j0 * k..].as_ptr(), k as isize, 1)
-    } else {
-        (rhs[j0..].as_ptr(), 1, n as isize)
-    };
     // SAFETY: per the contract; the strides describe row-major matrices inside the slices.
     unsafe {
         gemm::gemm(

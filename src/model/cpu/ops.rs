@@ -15,6 +15,7 @@ use crate::model::cpu::kernels::{
     self, HeadsLayout, Rotation, rms_norm_bwd, rms_norm_fwd, swiglu_bwd, swiglu_fwd,
 };
 use crate::model::cpu::matmul::gemm_rows_f32;
+use crate::model::cpu::quant::{QuantWeight, gemm_rows_quant};
 
 /// Whether `t` can take the fused host path: an f32 tensor on the CPU.
 pub fn on_host_f32(t: &Tensor) -> bool {
@@ -78,6 +79,44 @@ impl CustomOp1 for FrozenLinear {
                 gemm_rows_f32(&mut dx, g, w, rows, in_f, out_f, false)
             })
         })??;
+        Ok(Some(host(dx, x.shape())?))
+    }
+}
+
+/// [`FrozenLinear`] with the weight kept quantized: both products dequantize it one column
+/// block at a time ([`gemm_rows_quant`]), bit-identical to [`FrozenLinear`] on its f32 values.
+pub struct QuantLinear {
+    /// The frozen quantized weight, (out, in).
+    pub w: std::sync::Arc<QuantWeight>,
+}
+
+impl CustomOp1 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "quant-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (out_f, in_f) = self.w.dims();
+        let x = slice(s, l)?;
+        if x.len() % in_f != 0 {
+            bail!(
+                "quant-linear: input {:?} against a weight ({out_f}, {in_f})",
+                l.dims()
+            );
+        }
+        let rows = x.len() / in_f;
+        let mut y = vec![0f32; rows * out_f];
+        gemm_rows_quant(&mut y, x, &self.w, rows, true);
+        let mut dims = l.shape().dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (out_f, in_f) = self.w.dims();
+        let rows = g.elem_count() / out_f;
+        let mut dx = vec![0f32; rows * in_f];
+        read(g, |g| gemm_rows_quant(&mut dx, g, &self.w, rows, false))?;
         Ok(Some(host(dx, x.shape())?))
     }
 }

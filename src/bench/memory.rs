@@ -1,0 +1,170 @@
+//! `lorasft bench --memory`: the peak resident memory and the time of one training step on a
+//! TinyLlama-shape model (fixture weights, batch 1 × 256), with the base in f32 and with it
+//! kept quantized (`model.keep_quantized`) from the same weights exported to Q4_K_M. Each
+//! (base, threads) pair runs in a fresh child process. After the model is loaded the child
+//! resets the kernel's peak (`5` into `/proc/self/clear_refs`), runs the steps, and reads
+//! `VmHWM` from `/proc/self/status`: the figure is the step's peak, not the load's.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::bench::StepBench;
+use crate::error::{Error, Result};
+use crate::export::{ExportType, write_gguf};
+use crate::gguf::Gguf;
+use crate::model::fixture::BenchShape;
+use crate::model::gguf_import::load_quantized;
+
+/// The (batch, seq) of the memory figure.
+pub const BATCH_SEQ: (usize, usize) = (1, 256);
+
+/// One child's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryRow {
+    /// `f32`, or the GGUF file type kept quantized.
+    pub base: String,
+    /// Worker threads (RAYON_NUM_THREADS).
+    pub threads: usize,
+    /// Resident memory right after loading, MiB.
+    pub rss_loaded_mib: f64,
+    /// Peak resident memory over the steps (VmHWM after a reset at load), MiB.
+    pub step_peak_mib: f64,
+    /// Median step time, ms.
+    pub step_ms: f64,
+}
+
+/// Resets the kernel's peak RSS (VmHWM) to the current RSS.
+fn reset_peak() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .map_err(|e| Error::io(Path::new("/proc/self/clear_refs"), e))
+}
+
+/// A `VmHWM:`/`VmRSS:` line of /proc/self/status, MiB.
+fn status_mib(key: &str) -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| Error::io(Path::new("/proc/self/status"), e))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .ok_or_else(|| Error::Invalid(format!("/proc/self/status has no {key}")))
+}
+
+/// Runs in the child: loads the base (`None`: the f32 fixture; `Some(file)`: the GGUF kept
+/// quantized), resets the peak, runs one warm-up and `steps` timed steps.
+pub fn run_here(gguf: Option<&Path>, steps: usize, seed: u64) -> Result<MemoryRow> {
+    let (model, base) = match gguf {
+        None => (
+            BenchShape::Tinyllama
+                .spec()
+                .build(seed, DType::F32, &Device::Cpu)?,
+            "f32".to_string(),
+        ),
+        Some(file) => {
+            let (_, m) = load_quantized(&Gguf::read(file)?)?;
+            (m, "q4_k_m kept quantized".to_string())
+        }
+    };
+    let mut bench = StepBench::from_model(model, BATCH_SEQ, seed)?;
+    let rss_loaded_mib = status_mib("VmRSS:")?;
+    reset_peak()?;
+    bench.step()?;
+    let mut times = Vec::new();
+    for _ in 0..steps.max(1) {
+        let t = Instant::now();
+        let loss = bench.step()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!("bench step loss is {loss}")));
+        }
+    }
+    Ok(MemoryRow {
+        base,
+        threads: candle_core::utils::get_num_threads(),
+        rss_loaded_mib,
+        step_peak_mib: status_mib("VmHWM:")?,
+        step_ms: crate::bench::table::median(&mut times),
+    })
+}
+
+/// Writes the TinyLlama-shape fixture (seed `seed`) as a Q4_K_M GGUF at `file` unless present.
+pub fn ensure_gguf(file: &Path, seed: u64) -> Result<()> {
+    if file.exists() {
+        return Ok(());
+    }
+    let spec = BenchShape::Tinyllama.spec();
+    let model = spec.build(seed, DType::F32, &Device::Cpu)?;
+    let tmp = file.with_extension("partial");
+    let name = "lorasft-bench-tinyllama";
+    write_gguf(
+        &model,
+        &spec.config(),
+        name,
+        Vec::new(),
+        ExportType::Q4KM,
+        &tmp,
+    )?;
+    std::fs::rename(&tmp, file).map_err(|e| Error::io(file, e))
+}
+
+/// Spawns one child per (base, threads) pair and collects their rows.
+pub fn run(gguf: &Path, threads: &[usize], steps: usize, seed: u64) -> Result<Vec<MemoryRow>> {
+    ensure_gguf(gguf, seed)?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("lorasft executable", e))?;
+    let mut rows = Vec::new();
+    for &t in threads {
+        for base in [None, Some(gguf)] {
+            let mut c = std::process::Command::new(&exe);
+            c.args(["bench", "--memory", "--one", "--steps", &steps.to_string()])
+                .args(["--seed", &seed.to_string()])
+                .env("RAYON_NUM_THREADS", t.to_string());
+            c.arg("--memory-gguf").arg(gguf);
+            if base.is_some() {
+                c.arg("--memory-quantized");
+            }
+            let out = c.output().map_err(|e| Error::io(&exe, e))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let row = text
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<MemoryRow>(l).ok())
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "bench --memory child failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                })?;
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+/// The rows as a Markdown table, with each quantized row's ratio to the f32 row before it.
+pub fn render(rows: &[MemoryRow]) -> String {
+    let mut s = format!(
+        "TinyLlama-shape fixture, batch {} x {}, one training step (LoRA r 8 on q,v)\n\n\
+         | base | threads | RSS after load (MiB) | step peak RSS (MiB) | ms/step | peak vs f32 |\n\
+         |---|---|---|---|---|---|\n",
+        BATCH_SEQ.0, BATCH_SEQ.1
+    );
+    let mut f32_peak = None;
+    for r in rows {
+        let ratio = match (r.base.as_str(), f32_peak) {
+            ("f32", _) => {
+                f32_peak = Some(r.step_peak_mib);
+                "1".to_string()
+            }
+            (_, Some(p)) => format!("{:.3}", r.step_peak_mib / p),
+            _ => "n/a".to_string(),
+        };
+        s += &format!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {ratio} |\n",
+            r.base, r.threads, r.rss_loaded_mib, r.step_peak_mib, r.step_ms
+        );
+    }
+    s
+}
