@@ -6,20 +6,10 @@ mod common;
 
 use common::lorasft;
 
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn inspect_config_only_prints_peft_line_for_tinyllama() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tinyllama-1.1b-chat");
-    let out = run_ok(lorasft().args(["inspect", "--model", dir, "--config-only"]));
+    let out = common::stdout_ok(lorasft().args(["inspect", "--model", dir, "--config-only"]));
     assert!(
         out.lines().any(|l| l
             == "trainable params: 1,126,400 || all params: 1,101,174,784 || trainable%: 0.1023"),
@@ -36,7 +26,7 @@ fn fixture_is_byte_identical_for_a_seed_and_differs_across_seeds() {
     let tmp = tempfile::tempdir().unwrap();
     let write = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
-        run_ok(
+        common::stdout_ok(
             lorasft()
                 .args([
                     "fixture",
@@ -65,13 +55,13 @@ fn fixture_is_byte_identical_for_a_seed_and_differs_across_seeds() {
 #[test]
 fn inspect_loads_weights_and_counts_the_same_parameters() {
     let tmp = tempfile::tempdir().unwrap();
-    run_ok(
+    common::stdout_ok(
         lorasft()
             .args(["fixture", "tiny-llama", "--seed", "1", "--tied", "--out"])
             .arg(tmp.path()),
     );
     let m = tmp.path().to_str().unwrap();
-    let config_only = run_ok(lorasft().args([
+    let config_only = common::stdout_ok(lorasft().args([
         "inspect",
         "--model",
         m,
@@ -79,7 +69,8 @@ fn inspect_loads_weights_and_counts_the_same_parameters() {
         "--targets",
         "all-linear",
     ]));
-    let loaded = run_ok(lorasft().args(["inspect", "--model", m, "--targets", "all-linear"]));
+    let loaded =
+        common::stdout_ok(lorasft().args(["inspect", "--model", m, "--targets", "all-linear"]));
     let line = config_only
         .lines()
         .find(|l| l.starts_with("trainable params"))
@@ -128,7 +119,7 @@ fn hub_id_found_in_the_cache_is_used_offline() {
         repo.join("snapshots/abc123/config.json"),
     )
     .unwrap();
-    let out = run_ok(
+    let out = common::stdout_ok(
         lorasft()
             .args(["inspect", "--config-only"])
             .env("HF_HOME", tmp.path())
@@ -142,7 +133,7 @@ fn fixture_tokenizer_is_reproduced_byte_for_byte_by_train_fixture() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("tokenizer.json");
     let root = env!("CARGO_MANIFEST_DIR");
-    run_ok(
+    common::stdout_ok(
         lorasft()
             .args([
                 "tokenizer",
@@ -170,7 +161,7 @@ fn data_stats_reports_truncation_no_label_records_and_padding_share() {
     let tok = format!("{root}/fixtures/tokenizer.json");
     // `data stats` on the fixture records with these flags; its stdout.
     let stats = |flags: &[&str]| {
-        run_ok(
+        common::stdout_ok(
             lorasft()
                 .args(["data", "stats", "--data", &data, "--tokenizer", &tok])
                 .args(flags),
@@ -269,7 +260,7 @@ fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() 
         r#"{"impl_name": "other", "shape": "tiny", "batch": 4, "seq": 128, "threads": 1, "step_ms": 1000.0, "step_range_ms": [990.0, 1010.0], "tokens_per_s": 512.0, "forward_ms": 300.0, "gen_tokens_per_s": 50.0, "peak_rss_mib": 900.0}"#,
     )
     .unwrap();
-    let out = run_ok(
+    let out = common::stdout_ok(
         lorasft()
             .args(["bench", "--shapes", "tiny", "--threads", "1"])
             .args([
@@ -318,7 +309,7 @@ fn bench_against_a_command_pairs_rows_round_by_round() {
     // commented out by the trailing '#').
     let row = r#"{"impl_name": "other", "shape": "tiny", "batch": 4, "seq": 128, "threads": 1, "step_ms": 2000.0, "step_range_ms": [1990.0, 2010.0], "tokens_per_s": 256.0, "forward_ms": 600.0, "gen_tokens_per_s": 40.0, "peak_rss_mib": 900.0}"#;
     let cmd = format!("echo '{row}' #");
-    let out = run_ok(
+    let out = common::stdout_ok(
         lorasft()
             .args(["bench", "--shapes", "tiny", "--threads", "1"])
             .args(["--steps", "1", "--gen-tokens", "2", "--rounds", "2"])

@@ -36,17 +36,6 @@ fn model_dir(spec: &FixtureSpec, seed: u64, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn run_ok(c: &mut std::process::Command) -> String {
-    let out = c.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{c:?} failed:\n{text}");
-    text
-}
-
 fn export_cli(model: &str, adapter: Option<&Path>, ty: &str, out: &Path) -> String {
     let mut c = lorasft();
     c.args(["export-gguf", "--model", model, "--type", ty, "--out"])
@@ -54,7 +43,7 @@ fn export_cli(model: &str, adapter: Option<&Path>, ty: &str, out: &Path) -> Stri
     if let Some(a) = adapter {
         c.arg("--adapter").arg(a);
     }
-    run_ok(&mut c)
+    common::output_ok(&mut c)
 }
 
 fn load_dir(dir: &Path) -> lorasft::model::Llama {
@@ -340,7 +329,7 @@ fn k_quant_exports_import_and_train_and_cards_name_the_hub_model() {
             "{printed}"
         );
         let runs = tmp.path().join(format!("runs-{ty}"));
-        let out = run_ok(
+        let out = common::output_ok(
             lorasft()
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .args(["train", "--preset", "smoke", "--max-steps", "3", "--quiet"])
@@ -409,7 +398,7 @@ fn sources_are_named_by_their_published_name_never_by_a_cache_path() {
 
 /// `lorasft eval`'s mean loss of `model` on `data`.
 fn eval_loss(model: &str, tokenizer: &Path, data: &Path) -> f64 {
-    let out = run_ok(
+    let out = common::output_ok(
         lorasft()
             .args(["eval", "--model", model, "--max-len", "256", "--tokenizer"])
             .arg(tokenizer)
@@ -448,7 +437,7 @@ fn merged_smollm2_keeps_its_eval_loss_through_q8_0() {
     let data = tmp.path().join("alpaca24.json");
     std::fs::write(&data, serde_json::to_string(&all[..24]).unwrap()).unwrap();
     let merged = tmp.path().join("merged");
-    run_ok(
+    common::output_ok(
         lorasft()
             .args(["merge", "--model", base.to_str().unwrap(), "--adapter"])
             .arg(&adapter)

@@ -31,17 +31,6 @@ fn kquant_spec() -> FixtureSpec {
     }
 }
 
-fn run_ok(c: &mut std::process::Command) -> String {
-    let out = c.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{c:?} failed:\n{text}");
-    text
-}
-
 /// The fixture (seed 5) exported by `lorasft export-gguf --type ty` into `tmp`.
 fn exported(tmp: &Path, ty: &str) -> PathBuf {
     let dir = tmp.join("m");
@@ -50,7 +39,7 @@ fn exported(tmp: &Path, ty: &str) -> PathBuf {
         std::fs::copy(common::fixture_tokenizer(), dir.join("tokenizer.json")).unwrap();
     }
     let file = tmp.join(format!("{ty}.gguf"));
-    run_ok(
+    common::output_ok(
         common::lorasft()
             .args(["export-gguf", "--model"])
             .arg(&dir)
@@ -218,7 +207,7 @@ fn train_with_keep_quantized_learns_and_matches_the_f32_import_step_for_step() {
         if keep {
             c.arg("--keep-quantized");
         }
-        run_ok(&mut c);
+        common::output_ok(&mut c);
         let run = runs.join("smoke");
         let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
         assert_eq!(config.contains("keep_quantized = true"), keep, "{config}");

@@ -433,16 +433,6 @@ fn peft_written_adapter_loads_and_unsupported_features_are_refused() {
 
 use common::lorasft;
 
-fn ok(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn merge_eval_and_generate_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
@@ -452,13 +442,15 @@ fn merge_eval_and_generate_from_the_command_line() {
     cfg.model.tokenizer = None;
     let s = run(cfg, &RunOptions::default());
     let merged = tmp.path().join("merged");
-    ok(lorasft()
-        .args(["merge", "--model"])
-        .arg(&dir)
-        .arg("--adapter")
-        .arg(&s.adapter_dir)
-        .arg("--out")
-        .arg(&merged));
+    common::stdout_ok(
+        lorasft()
+            .args(["merge", "--model"])
+            .arg(&dir)
+            .arg("--adapter")
+            .arg(&s.adapter_dir)
+            .arg("--out")
+            .arg(&merged),
+    );
     let src = lorasft::model::load::ModelSource::Dir(merged.clone());
     let merged_model = lorasft::model::load::load_model(&src, DType::F32, &Device::Cpu)
         .unwrap()
@@ -482,23 +474,25 @@ fn merge_eval_and_generate_from_the_command_line() {
 
     let data = root().join("fixtures/instructions.json");
     let per = tmp.path().join("per.json");
-    let out = ok(lorasft()
-        .args(["eval", "--model"])
-        .arg(&dir)
-        .arg("--adapter")
-        .arg(&s.adapter_dir)
-        .arg("--data")
-        .arg(&data)
-        .args([
-            "--labels",
-            "mask-padding",
-            "--padding",
-            "longest",
-            "--max-len",
-            "128",
-            "--per-record",
-        ])
-        .arg(&per));
+    let out = common::stdout_ok(
+        lorasft()
+            .args(["eval", "--model"])
+            .arg(&dir)
+            .arg("--adapter")
+            .arg(&s.adapter_dir)
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--labels",
+                "mask-padding",
+                "--padding",
+                "longest",
+                "--max-len",
+                "128",
+                "--per-record",
+            ])
+            .arg(&per),
+    );
     assert!(
         out.contains("mean loss") && out.contains("perplexity"),
         "{out}"
@@ -508,15 +502,17 @@ fn merge_eval_and_generate_from_the_command_line() {
     assert_eq!(per.len(), 44);
     // Every batching mode evaluates the same targets to the same mean loss (to rounding).
     let eval_loss = |batching: &str| {
-        let out = ok(lorasft()
-            .args(["eval", "--model"])
-            .arg(&dir)
-            .arg("--adapter")
-            .arg(&s.adapter_dir)
-            .arg("--data")
-            .arg(&data)
-            .args(["--labels", "mask-padding", "--padding", "longest"])
-            .args(["--max-len", "128", "--batching", batching]));
+        let out = common::stdout_ok(
+            lorasft()
+                .args(["eval", "--model"])
+                .arg(&dir)
+                .arg("--adapter")
+                .arg(&s.adapter_dir)
+                .arg("--data")
+                .arg(&data)
+                .args(["--labels", "mask-padding", "--padding", "longest"])
+                .args(["--max-len", "128", "--batching", batching]),
+        );
         let targets = out.split("loss targets: ").nth(1).unwrap();
         let loss = out.split("mean loss: ").nth(1).unwrap();
         let num = |t: &str| t.split(',').next().unwrap().trim().parse::<f64>().unwrap();
@@ -533,18 +529,20 @@ fn merge_eval_and_generate_from_the_command_line() {
     }
 
     let generate = |extra: &[&str]| {
-        ok(lorasft()
-            .args(["generate", "--model"])
-            .arg(&dir)
-            .arg("--adapter")
-            .arg(&s.adapter_dir)
-            .args([
-                "--instruction",
-                "Name a mammal that can fly.",
-                "--max-new-tokens",
-                "8",
-            ])
-            .args(extra))
+        common::stdout_ok(
+            lorasft()
+                .args(["generate", "--model"])
+                .arg(&dir)
+                .arg("--adapter")
+                .arg(&s.adapter_dir)
+                .args([
+                    "--instruction",
+                    "Name a mammal that can fly.",
+                    "--max-new-tokens",
+                    "8",
+                ])
+                .args(extra),
+        )
     };
     assert_eq!(
         generate(&[]),
@@ -576,16 +574,18 @@ fn config_files_presets_and_overrides_resolve_and_are_saved() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("run.toml");
     std::fs::write(&path, "[optim]\nlr = 0.005\n[train]\nmax_steps = 3\n").unwrap();
-    let out = ok(lorasft()
-        .args(["train", "--preset", "smoke", "--config"])
-        .arg(&path)
-        .args([
-            "--set",
-            "lora.r=4",
-            "--set",
-            "encode.labels=\"completion_only\"",
-            "--dry-run",
-        ]));
+    let out = common::stdout_ok(
+        lorasft()
+            .args(["train", "--preset", "smoke", "--config"])
+            .arg(&path)
+            .args([
+                "--set",
+                "lora.r=4",
+                "--set",
+                "encode.labels=\"completion_only\"",
+                "--dry-run",
+            ]),
+    );
     let cfg: TrainConfig = toml::from_str(&out).unwrap();
     assert_eq!(
         (cfg.optim.lr, cfg.train.max_steps, cfg.lora.r),
@@ -681,10 +681,12 @@ fn init_adapter_settings_are_adopted_and_stated_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().to_str().unwrap();
     let base = ["train", "--preset", "smoke", "--max-steps", "2", "--quiet"];
-    ok(lorasft()
-        .current_dir(root())
-        .args(base)
-        .args(["--out-dir", out, "--name", "src"]));
+    common::stdout_ok(lorasft().current_dir(root()).args(base).args([
+        "--out-dir",
+        out,
+        "--name",
+        "src",
+    ]));
     let src = tmp.path().join("src/adapter");
     // A run whose config says r 4, alpha 8, started from it: the adapter's values are trained
     // and stated by the startup line, config.toml, REPORT.md and the model card.
@@ -767,7 +769,7 @@ fn a_run_directory_belongs_to_one_run() {
             .args(["--out-dir", out]);
         c
     };
-    ok(&mut train());
+    common::stdout_ok(&mut train());
     // A fresh run into a finished run's directory refuses, naming what is there.
     let refused = train().output().unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -777,13 +779,15 @@ fn a_run_directory_belongs_to_one_run() {
         "{stderr}"
     );
     // --overwrite clears it and runs; the result equals a run into an empty directory.
-    ok(train().arg("--overwrite"));
+    common::stdout_ok(train().arg("--overwrite"));
     let dir = tmp.path().join("smoke");
     let other = tempfile::tempdir().unwrap();
-    ok(lorasft()
-        .current_dir(root())
-        .args(["train", "--preset", "smoke", "--max-steps", "2", "--quiet"])
-        .args(["--out-dir", other.path().to_str().unwrap()]));
+    common::stdout_ok(
+        lorasft()
+            .current_dir(root())
+            .args(["train", "--preset", "smoke", "--max-steps", "2", "--quiet"])
+            .args(["--out-dir", other.path().to_str().unwrap()]),
+    );
     assert_eq!(losses(&dir), losses(&other.path().join("smoke")));
     // While a run holds the directory, a second one fails at once naming the holder's PID.
     let _held =
@@ -901,10 +905,12 @@ fn a_failed_init_adapter_leaves_no_run_directory_and_touches_no_other_run() {
         "a failed start leaves no run directory"
     );
     // Into another run's directory: its config.toml is left as it was.
-    ok(lorasft()
-        .current_dir(root())
-        .args(["train", "--preset", "smoke", "--max-steps", "1", "--quiet"])
-        .args(["--out-dir", out.to_str().unwrap(), "--name", "done"]));
+    common::stdout_ok(
+        lorasft()
+            .current_dir(root())
+            .args(["train", "--preset", "smoke", "--max-steps", "1", "--quiet"])
+            .args(["--out-dir", out.to_str().unwrap(), "--name", "done"]),
+    );
     let before = std::fs::read(out.join("done/config.toml")).unwrap();
     assert_eq!(attempt("done").status.code(), Some(1));
     assert_eq!(std::fs::read(out.join("done/config.toml")).unwrap(), before);

@@ -279,9 +279,8 @@ fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, 
     Ok(out)
 }
 
-/// Reads every tensor of a GGUF Llama as transformers-named f32 tensors, Q/K un-permuted.
-/// The metadata must describe a valid Llama and the tensors must be exactly its tensors.
-pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+/// The config the GGUF's metadata describe, and its validated shape.
+fn config_and_shape(g: &Gguf) -> Result<(LlamaConfig, ModelShape)> {
     let cfg = config_from_gguf(g)?;
     let shape = cfg.shape().map_err(|msg| {
         Error::Invalid(format!(
@@ -289,6 +288,13 @@ pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)
             g.path.display()
         ))
     })?;
+    Ok((cfg, shape))
+}
+
+/// Reads every tensor of a GGUF Llama as transformers-named f32 tensors, Q/K un-permuted.
+/// The metadata must describe a valid Llama and the tensors must be exactly its tensors.
+pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    let (cfg, shape) = config_and_shape(g)?;
     let mut reader = g.tensor_reader()?;
     let mut out = HashMap::new();
     for (name, t) in tensor_directory(g, &shape)? {
@@ -319,13 +325,7 @@ fn permuted_heads(name: &str, shape: &ModelShape) -> Option<usize> {
 /// un-permuted as raw blocks), and the embeddings, norms and lm_head are dequantized to f32
 /// once. Tensors are read one at a time, so the file is never held twice.
 pub fn load_quantized(g: &Gguf) -> Result<(LlamaConfig, Llama)> {
-    let cfg = config_from_gguf(g)?;
-    let shape = cfg.shape().map_err(|msg| {
-        Error::Invalid(format!(
-            "{}: the llama.* metadata describe an invalid model: {msg}",
-            g.path.display()
-        ))
-    })?;
+    let (cfg, shape) = config_and_shape(g)?;
     let mut reader = g.tensor_reader()?;
     let mut dir = tensor_directory(g, &shape)?.into_iter();
     let model = Llama::from_frozen(shape.clone(), |name, _| {
