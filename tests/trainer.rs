@@ -474,25 +474,23 @@ fn merge_eval_and_generate_from_the_command_line() {
 
     let data = root().join("fixtures/instructions.json");
     let per = tmp.path().join("per.json");
-    let out = common::stdout_ok(
-        lorasft()
-            .args(["eval", "--model"])
-            .arg(&dir)
-            .arg("--adapter")
-            .arg(&s.adapter_dir)
-            .arg("--data")
-            .arg(&data)
-            .args([
-                "--labels",
-                "mask-padding",
-                "--padding",
-                "longest",
-                "--max-len",
-                "128",
-                "--per-record",
-            ])
-            .arg(&per),
-    );
+    // `lorasft eval` of the trained adapter on the fixture records, masked padding, dynamic
+    // padding at 128, plus `extra` flags; its stdout.
+    let eval = |extra: &[&std::ffi::OsStr]| {
+        common::stdout_ok(
+            lorasft()
+                .args(["eval", "--model"])
+                .arg(&dir)
+                .arg("--adapter")
+                .arg(&s.adapter_dir)
+                .arg("--data")
+                .arg(&data)
+                .args(["--labels", "mask-padding", "--padding", "longest"])
+                .args(["--max-len", "128"])
+                .args(extra),
+        )
+    };
+    let out = eval(&["--per-record".as_ref(), per.as_os_str()]);
     assert!(
         out.contains("mean loss") && out.contains("perplexity"),
         "{out}"
@@ -502,17 +500,7 @@ fn merge_eval_and_generate_from_the_command_line() {
     assert_eq!(per.len(), 44);
     // Every batching mode evaluates the same targets to the same mean loss (to rounding).
     let eval_loss = |batching: &str| {
-        let out = common::stdout_ok(
-            lorasft()
-                .args(["eval", "--model"])
-                .arg(&dir)
-                .arg("--adapter")
-                .arg(&s.adapter_dir)
-                .arg("--data")
-                .arg(&data)
-                .args(["--labels", "mask-padding", "--padding", "longest"])
-                .args(["--max-len", "128", "--batching", batching]),
-        );
+        let out = eval(&["--batching".as_ref(), batching.as_ref()]);
         let targets = out.split("loss targets: ").nth(1).unwrap();
         let loss = out.split("mean loss: ").nth(1).unwrap();
         let num = |t: &str| t.split(',').next().unwrap().trim().parse::<f64>().unwrap();
