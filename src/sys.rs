@@ -18,8 +18,24 @@ pub fn cpu_seconds() -> f64 {
 
 /// Peak resident set size of this process in MiB (VmHWM from /proc/self/status).
 pub fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// Resident set size of this process now, in MiB (VmRSS from /proc/self/status).
+pub fn rss_mib() -> Option<f64> {
+    status_mib("VmRSS:")
+}
+
+/// Resets this process's peak resident set size to its current size (Linux: `5` into
+/// /proc/self/clear_refs), so [`peak_rss_mib`] then measures from here on.
+pub fn reset_peak_rss() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}
+
+/// A `key:   N kB` line of /proc/self/status, in MiB.
+fn status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }

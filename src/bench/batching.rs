@@ -13,7 +13,6 @@
 //! Each thread count runs in a fresh process (`bench --batching --one`). CPU busy is user +
 //! system CPU time over wall time: how many cores the step kept busy.
 
-use std::process::Command;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -77,34 +76,26 @@ struct Variant {
 impl BatchingBench {
     /// Runs every thread count in a fresh process; rows in variant order per thread count.
     pub fn run(&self) -> Result<Vec<ModeRow>> {
-        let exe = std::env::current_exe().map_err(|e| Error::io("lorasft executable", e))?;
         let mut rows = Vec::new();
         for &threads in &self.threads {
             eprintln!(
                 "bench --batching: {} with {threads} thread(s)...",
                 self.preset
             );
-            let out = Command::new(&exe)
-                .args(["bench", "--batching", "--one", "--preset", &self.preset])
-                .args(["--skip", &self.skip.to_string()])
-                .args(["--steps", &self.steps.to_string()])
-                .args(["--rounds", &self.rounds.to_string()])
-                .env("RAYON_NUM_THREADS", threads.to_string())
-                .output()
-                .map_err(|e| Error::io(&exe, e))?;
-            if !out.status.success() {
-                return Err(Error::Invalid(format!(
-                    "bench --batching with {threads} thread(s) failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                rows.push(
-                    serde_json::from_str(line).map_err(|e| {
-                        Error::Invalid(format!("reading the bench row {line:?}: {e}"))
-                    })?,
-                );
-            }
+            let args = [
+                "--batching",
+                "--one",
+                "--preset",
+                &self.preset,
+                "--skip",
+                &self.skip.to_string(),
+                "--steps",
+                &self.steps.to_string(),
+                "--rounds",
+                &self.rounds.to_string(),
+            ]
+            .map(Into::into);
+            rows.extend(crate::bench::child_rows::<ModeRow>(&args, threads)?);
         }
         Ok(rows)
     }

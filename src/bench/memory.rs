@@ -17,6 +17,7 @@ use crate::export::{ExportType, write_gguf};
 use crate::gguf::Gguf;
 use crate::model::fixture::BenchShape;
 use crate::model::gguf_import::load_quantized;
+use crate::sys;
 
 /// The (batch, seq) of the memory figure.
 pub const BATCH_SEQ: (usize, usize) = (1, 256);
@@ -36,21 +37,9 @@ pub struct MemoryRow {
     pub step_ms: f64,
 }
 
-/// Resets the kernel's peak RSS (VmHWM) to the current RSS.
-fn reset_peak() -> Result<()> {
-    std::fs::write("/proc/self/clear_refs", "5")
-        .map_err(|e| Error::io(Path::new("/proc/self/clear_refs"), e))
-}
-
-/// A `VmHWM:`/`VmRSS:` line of /proc/self/status, MiB.
-fn status_mib(key: &str) -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| Error::io(Path::new("/proc/self/status"), e))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|kib| kib / 1024.0)
-        .ok_or_else(|| Error::Invalid(format!("/proc/self/status has no {key}")))
+/// A /proc/self/status figure, or an error saying it is missing (Linux only).
+fn measured(figure: Option<f64>, key: &str) -> Result<f64> {
+    figure.ok_or_else(|| Error::Invalid(format!("/proc/self/status gives no {key} here")))
 }
 
 /// Runs in the child: loads the base (`None`: the f32 fixture; `Some(file)`: the GGUF kept
@@ -69,8 +58,8 @@ pub fn run_here(gguf: Option<&Path>, steps: usize, seed: u64) -> Result<MemoryRo
         }
     };
     let mut bench = StepBench::from_model(model, BATCH_SEQ, seed)?;
-    let rss_loaded_mib = status_mib("VmRSS:")?;
-    reset_peak()?;
+    let rss_loaded_mib = measured(sys::rss_mib(), "VmRSS")?;
+    sys::reset_peak_rss().map_err(|e| Error::io(Path::new("/proc/self/clear_refs"), e))?;
     bench.step()?;
     let mut times = Vec::new();
     for _ in 0..steps.max(1) {
@@ -85,7 +74,7 @@ pub fn run_here(gguf: Option<&Path>, steps: usize, seed: u64) -> Result<MemoryRo
         base,
         threads: candle_core::utils::get_num_threads(),
         rss_loaded_mib,
-        step_peak_mib: status_mib("VmHWM:")?,
+        step_peak_mib: measured(sys::peak_rss_mib(), "VmHWM")?,
         step_ms: crate::bench::table::median(&mut times),
     })
 }
@@ -113,31 +102,21 @@ pub fn ensure_gguf(file: &Path, seed: u64) -> Result<()> {
 /// Spawns one child per (base, threads) pair and collects their rows.
 pub fn run(gguf: &Path, threads: &[usize], steps: usize, seed: u64) -> Result<Vec<MemoryRow>> {
     ensure_gguf(gguf, seed)?;
-    let exe = std::env::current_exe().map_err(|e| Error::io("lorasft executable", e))?;
     let mut rows = Vec::new();
     for &t in threads {
-        for base in [None, Some(gguf)] {
-            let mut c = std::process::Command::new(&exe);
-            c.args(["bench", "--memory", "--one", "--steps", &steps.to_string()])
-                .args(["--seed", &seed.to_string()])
-                .env("RAYON_NUM_THREADS", t.to_string());
-            c.arg("--memory-gguf").arg(gguf);
-            if base.is_some() {
-                c.arg("--memory-quantized");
+        for quantized in [false, true] {
+            let mut args: Vec<std::ffi::OsString> =
+                ["--memory", "--one", "--steps"].map(Into::into).to_vec();
+            args.extend([
+                steps.to_string().into(),
+                "--seed".into(),
+                seed.to_string().into(),
+            ]);
+            args.extend(["--memory-gguf".into(), gguf.as_os_str().to_owned()]);
+            if quantized {
+                args.push("--memory-quantized".into());
             }
-            let out = c.output().map_err(|e| Error::io(&exe, e))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let row = text
-                .lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<MemoryRow>(l).ok())
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "bench --memory child failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ))
-                })?;
-            rows.push(row);
+            rows.extend(crate::bench::child_rows::<MemoryRow>(&args, t)?);
         }
     }
     Ok(rows)

@@ -247,6 +247,36 @@ pub fn time_encoding(data: &std::path::Path, tokenizer: &std::path::Path) -> Res
     Ok((dataset.records.len(), start.elapsed().as_secs_f64()))
 }
 
+/// Runs `lorasft bench <args>` in a fresh process with `threads` worker threads (so each
+/// thread count gets its own candle pool and a clean heap) and reads the JSON row it prints
+/// per line; a failing child is an error quoting its stderr.
+pub fn child_rows<T: serde::de::DeserializeOwned>(
+    args: &[std::ffi::OsString],
+    threads: usize,
+) -> Result<Vec<T>> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("lorasft executable", e))?;
+    let out = std::process::Command::new(&exe)
+        .arg("bench")
+        .args(args)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .map_err(|e| Error::io(&exe, e))?;
+    if !out.status.success() {
+        return Err(Error::Invalid(format!(
+            "bench {args:?} with {threads} thread(s) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line)
+                .map_err(|e| Error::Invalid(format!("reading the bench row {line:?}: {e}")))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

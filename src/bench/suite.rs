@@ -102,24 +102,26 @@ impl Suite {
 
     /// One lorasft row from a fresh process (`bench --one`) with `threads` threads.
     fn lorasft_row(&self, shape: &str, threads: usize) -> Result<BenchRow> {
-        let exe = std::env::current_exe().map_err(|e| Error::io("lorasft executable", e))?;
-        let out = Command::new(&exe)
-            .args(["bench", "--one", "--shapes", shape])
-            .args(["--steps", &self.steps.to_string()])
-            .args(["--gen-tokens", &self.gen_tokens.to_string()])
-            .args(["--seed", &self.seed.to_string()])
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .output()
-            .map_err(|e| Error::io(&exe, e))?;
-        if !out.status.success() {
-            return Err(Error::Invalid(format!(
-                "bench {shape} with {threads} thread(s) failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
+        let args = [
+            "--one",
+            "--shapes",
+            shape,
+            "--steps",
+            &self.steps.to_string(),
+            "--gen-tokens",
+            &self.gen_tokens.to_string(),
+            "--seed",
+            &self.seed.to_string(),
+        ]
+        .map(Into::into);
+        let mut rows = crate::bench::child_rows::<BenchRow>(&args, threads)?;
+        match (rows.pop(), rows.is_empty()) {
+            (Some(row), true) => Ok(row),
+            _ => Err(Error::Invalid(format!(
+                "bench {shape} with {threads} thread(s) printed {} rows, not one",
+                rows.len() + 1
+            ))),
         }
-        let line = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(line.trim())
-            .map_err(|e| Error::Invalid(format!("reading the bench row {line:?}: {e}")))
     }
 
     /// The rows another implementation's bench command prints for one shape and thread count.
