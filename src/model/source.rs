@@ -141,12 +141,10 @@ pub fn resolve_model_with(
     if let Some(rest) = source.strip_prefix("fixture:") {
         return fixture(source, rest, dev, dtype);
     }
-    let (source, gguf_name) = match source.strip_prefix("gguf:") {
-        Some(path) => (
-            imported_gguf(path)?,
-            Some(gguf_import::model_name(&Gguf::read(Path::new(path))?)),
-        ),
-        None => (ModelSource::parse(source), None),
+    let gguf_path = source.strip_prefix("gguf:");
+    let source = match gguf_path {
+        Some(path) => imported_gguf(path)?,
+        None => ModelSource::parse(source),
     };
     let (config, model, _) = load::load_model(&source, dtype, dev)?;
     let (dir, label) = match &source {
@@ -154,9 +152,15 @@ pub fn resolve_model_with(
         // model cards name the hub model, not a local cache path.
         ModelSource::Dir(d) => (
             Some(d.clone()),
-            gguf_name
-                .or_else(|| config.name_or_path.clone().filter(|n| !n.trim().is_empty()))
-                .unwrap_or_else(|| d.display().to_string()),
+            // An import records the GGUF's name as `_name_or_path`; a directory imported
+            // before it did is named from the file's header.
+            match config.name_or_path.clone().filter(|n| !n.trim().is_empty()) {
+                Some(name) => name,
+                None => match gguf_path {
+                    Some(path) => gguf_import::model_name(&Gguf::read(Path::new(path))?),
+                    None => d.display().to_string(),
+                },
+            },
         ),
         ModelSource::Hub(id) => (
             load::resolve_config(&source)?
