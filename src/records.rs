@@ -211,6 +211,9 @@ pub struct Manifest {
     pub model_shape: String,
     /// Digest of the SHA-256 of every base tensor.
     pub base_weights_digest: String,
+    /// How the base was held in memory ([`crate::model::Llama::base_format`]).
+    #[serde(default)]
+    pub base_format: String,
     /// The device the run computed on, as opened ("cpu", "cuda:0").
     pub device: String,
     /// The precision of the frozen base and activations ("fp32", "bf16", "f16").

@@ -205,12 +205,27 @@ fn train_with_keep_quantized_learns_and_matches_the_f32_import_step_for_step() {
             .arg("--out-dir")
             .arg(&runs);
         if keep {
-            c.arg("--keep-quantized");
+            // The quantized run also recomputes its activations: neither changes a number.
+            c.args(["--keep-quantized", "--gradient-checkpointing"]);
         }
         common::output_ok(&mut c);
         let run = runs.join("smoke");
         let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
         assert_eq!(config.contains("keep_quantized = true"), keep, "{config}");
+        let report = std::fs::read_to_string(run.join("REPORT.md")).unwrap();
+        let line = report
+            .lines()
+            .find(|l| l.starts_with("- Base weights in memory: "))
+            .unwrap_or_else(|| panic!("no base format line in\n{report}"));
+        if keep {
+            assert!(
+                line.contains("projections kept quantized (Q4_K × ")
+                    && line.contains("embeddings, norms and lm_head F32"),
+                "{line}"
+            );
+        } else {
+            assert_eq!(line, "- Base weights in memory: F32, every tensor dense");
+        }
         summary(&run)
     };
     let quant = train(true);

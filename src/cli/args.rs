@@ -106,6 +106,10 @@ pub struct TrainArgs {
     /// Sets `encode.batching`: padded, group-by-length or packed.
     #[arg(long, value_enum)]
     pub batching: Option<Batching>,
+    /// Sets `train.gradient_checkpointing`: recompute activations in the backward (same
+    /// results, far less memory, about a third more time per step).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
@@ -137,6 +141,7 @@ impl TrainArgs {
             init_adapter: self.init_adapter.clone(),
             keep_quantized: self.keep_quantized,
             batching: self.batching,
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 }
@@ -519,17 +524,24 @@ pub struct BenchArgs {
     /// With --batching: the preset whose data, model and settings run.
     #[arg(long, default_value = "smollm2-demo")]
     pub preset: String,
-    /// Measure the peak RSS and ms/step of a TinyLlama-shape step (batch 1 × 256) with the
-    /// base in f32 and kept quantized (Q4_K_M), each in a child process (`--threads`,
-    /// `--steps`, `--seed` apply).
+    /// Measure the peak RSS and ms/step of a training step (batch 1 × 256) with the base in
+    /// f32 and kept quantized (Q4_K_M), activations kept and recomputed, each in a child
+    /// process (`--memory-shape`, `--threads`, `--steps`, `--seed` apply).
     #[arg(long)]
     pub memory: bool,
-    /// With --memory: the Q4_K_M GGUF of the fixture (written there first when absent).
-    #[arg(long, default_value = ".cache/bench/tinyllama-fixture-q4_k_m.gguf")]
-    pub memory_gguf: PathBuf,
-    /// With --memory --one: load `--memory-gguf` kept quantized instead of the f32 fixture.
+    /// With --memory: the fixture's shape.
+    #[arg(long, value_enum, default_value = "tinyllama")]
+    pub memory_shape: BenchShape,
+    /// With --memory: the Q4_K_M GGUF of the fixture, written there first when absent
+    /// (default: .cache/bench/SHAPE-fixture-q4_k_m.gguf).
+    #[arg(long)]
+    pub memory_gguf: Option<PathBuf>,
+    /// With --memory --one: load the GGUF kept quantized instead of the f32 fixture.
     #[arg(long, hide = true)]
     pub memory_quantized: bool,
+    /// With --memory --one: recompute activations in the backward.
+    #[arg(long, hide = true)]
+    pub memory_recompute: bool,
     /// With --batching: untimed steps before the timed ones.
     #[arg(long, default_value_t = 1, value_parser = count::<0, MAX_STEPS>)]
     pub skip: usize,

@@ -436,14 +436,22 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
 }
 
 /// `lorasft bench --memory`: one child's row (`--one`; the quantized base with
-/// `--memory-quantized`), or the table over f32 and quantized bases.
+/// `--memory-quantized`, recomputed activations with `--memory-recompute`), or the table.
 fn bench_memory(a: &BenchArgs) -> Result<String> {
     use crate::bench::memory;
+    let gguf = a
+        .memory_gguf
+        .clone()
+        .unwrap_or_else(|| memory::default_gguf(a.memory_shape));
     if a.one {
-        let gguf = a.memory_quantized.then_some(a.memory_gguf.as_path());
-        return json_line(&memory::run_here(gguf, a.steps, a.seed)?);
+        let case = memory::MemoryCase {
+            shape: a.memory_shape,
+            gguf: a.memory_quantized.then_some(gguf.as_path()),
+            recompute: a.memory_recompute,
+        };
+        return json_line(&memory::run_here(case, a.steps, a.seed)?);
     }
-    let rows = memory::run(&a.memory_gguf, &a.threads, a.steps, a.seed)?;
+    let rows = memory::run(a.memory_shape, &gguf, &a.threads, a.steps, a.seed)?;
     if let Some(path) = &a.json {
         let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
         std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;

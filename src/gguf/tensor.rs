@@ -40,6 +40,27 @@ pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     })
 }
 
+/// The type's name as llama.cpp writes it (`Q4_K`, `Q8_0`, `F32`).
+pub fn ggml_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
 /// The ggml type id of a candle type (the inverse of [`ggml_dtype`]).
 pub fn ggml_id(t: GgmlDType) -> u32 {
     match t {

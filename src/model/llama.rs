@@ -16,6 +16,7 @@ use crate::model::cpu::attention::Mask;
 use crate::model::lora::{Frozen, Linear, LoraAdapter, LoraConfig, Mode};
 use crate::model::loss::{LossSum, lm_head_loss_sum};
 use crate::model::ops::{attention, frozen_linear, rms_norm, swiglu, to_heads};
+use crate::model::recompute::recompute;
 use crate::model::visibility::KeyRanges;
 use crate::rng::Rng;
 
@@ -32,6 +33,15 @@ impl Layer {
     fn proj(&self, p: Projection) -> &Linear {
         &self.proj[p as usize]
     }
+
+    /// The layer's adapter tensors, A before B, in [`Projection::ALL`] order.
+    fn lora_vars(&self) -> Vec<Var> {
+        self.proj
+            .iter()
+            .filter_map(Linear::lora)
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
 }
 
 /// A Llama model: frozen base tensors plus optional LoRA adapters (its only `Var`s).
@@ -46,6 +56,9 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     lora: Option<LoraConfig>,
+    /// Training forwards recompute each layer's intermediates in the backward instead of
+    /// keeping them (`train.gradient_checkpointing`).
+    recompute: bool,
 }
 
 pub use crate::model::visibility::mask_value;
@@ -190,7 +203,38 @@ impl Llama {
             cos,
             sin,
             lora: None,
+            recompute: false,
         })
+    }
+
+    /// Turns activation recomputation on or off for training forwards
+    /// (`train.gradient_checkpointing`): results are unchanged, the step's memory falls to
+    /// about one layer's intermediates, and each step runs the forward twice.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    /// How the frozen base is held in memory, for manifests and reports: the dtype of its
+    /// dense tensors and, with `model.keep_quantized`, the GGUF types of the projections.
+    pub fn base_format(&self) -> String {
+        let mut quant = std::collections::BTreeMap::<&str, usize>::new();
+        for p in self.layers.iter().flat_map(|l| &l.proj) {
+            if let Frozen::Quant(q) = p.weight() {
+                *quant
+                    .entry(crate::gguf::tensor::ggml_name(q.dtype()))
+                    .or_default() += 1;
+            }
+        }
+        let dtype = format!("{:?}", self.dtype()).to_uppercase();
+        if quant.is_empty() {
+            return format!("{dtype}, every tensor dense");
+        }
+        let types: Vec<String> = quant.iter().map(|(t, n)| format!("{t} × {n}")).collect();
+        format!(
+            "projections kept quantized ({}), dequantized block by block inside each product; \
+             embeddings, norms and lm_head {dtype}",
+            types.join(", ")
+        )
     }
 
     /// The model's validated shape.
@@ -491,55 +535,16 @@ impl Llama {
                 .reshape((b, s, self.shape.hidden))?; // (b, s, h)
         let ctx = AttnInputs { mask, cos, sin };
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &ctx, mode, None)?;
+            x = if self.recompute && mode.is_training() {
+                let (shape, l, c) = (self.shape.clone(), layer.clone(), ctx.clone());
+                recompute(&x, layer.lora_vars(), mode, move |x, mode| {
+                    decoder_layer(&shape, &l, x, &c, mode, None)
+                })?
+            } else {
+                decoder_layer(&self.shape, layer, &x, &ctx, mode, None)?
+            };
         }
         Ok(rms_norm(&x, &self.norm, self.shape.rms_norm_eps)?)
-    }
-
-    fn layer_forward(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        ctx: &AttnInputs,
-        mode: &mut Mode<'_>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let AttnInputs { mask, cos, sin } = ctx;
-        let ModelShape {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: d,
-            rms_norm_eps: eps,
-            ..
-        } = self.shape;
-        let hn = rms_norm(x, &l.input_norm, eps)?; // (b, s, h)
-        let q = l.proj(Projection::QProj).forward(&hn, mode)?; // (b, s, nh*d)
-        let k = l.proj(Projection::KProj).forward(&hn, mode)?; // (b, s, nkv*d)
-        let v = l.proj(Projection::VProj).forward(&hn, mode)?; // (b, s, nkv*d)
-        let q = to_heads(&q, nh, Some((cos, sin)))?; // (b, nh, s, d), rotated
-        let k = to_heads(&k, nkv, Some((cos, sin)))?; // (b, nkv, s, d), rotated
-        let v = to_heads(&v, nkv, None)?; // (b, nkv, s, d)
-        // With a KV cache (generation), keys and values of earlier positions come first.
-        let (k, v) = match kv {
-            None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-        };
-        // Keys: t = s in training, cached + s in generation.
-        let o = attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (b, s, nh*d)
-        let x = (x + l.proj(Projection::OProj).forward(&o, mode)?)?;
-
-        let hn = rms_norm(&x, &l.post_norm, eps)?;
-        let gate = l.proj(Projection::GateProj).forward(&hn, mode)?; // (b, s, i)
-        let up = l.proj(Projection::UpProj).forward(&hn, mode)?; // (b, s, i)
-        let m = swiglu(&gate, &up)?;
-        Ok((x + l.proj(Projection::DownProj).forward(&m, mode)?)?)
     }
 
     /// Logits (1, v) of the last position for new tokens (1, n), extending `cache`; the
@@ -575,7 +580,7 @@ impl Llama {
             sin,
         };
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, &ctx, &mut Mode::Eval, Some(slot))?;
+            x = decoder_layer(&self.shape, layer, &x, &ctx, &mut Mode::Eval, Some(slot))?;
         }
         cache.len += n;
         let last = rms_norm(&x.narrow(1, n - 1, 1)?, &self.norm, self.shape.rms_norm_eps)?;
@@ -584,6 +589,7 @@ impl Llama {
 }
 
 /// What every layer's attention shares in one forward: the mask and the RoPE tables.
+#[derive(Clone)]
 struct AttnInputs {
     /// Key ranges, or a (b or 1, 1, s, t) additive bias.
     mask: Mask,
@@ -615,4 +621,52 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// One decoder layer: attention and MLP, each behind its norm and residual. `kv` extends and
+/// returns the layer's cache in generation.
+fn decoder_layer(
+    shape: &ModelShape,
+    l: &Layer,
+    x: &Tensor,
+    ctx: &AttnInputs,
+    mode: &mut Mode<'_>,
+    kv: Option<&mut Option<(Tensor, Tensor)>>,
+) -> Result<Tensor> {
+    let AttnInputs { mask, cos, sin } = ctx;
+    let ModelShape {
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: d,
+        rms_norm_eps: eps,
+        ..
+    } = *shape;
+    let hn = rms_norm(x, &l.input_norm, eps)?; // (b, s, h)
+    let q = l.proj(Projection::QProj).forward(&hn, mode)?; // (b, s, nh*d)
+    let k = l.proj(Projection::KProj).forward(&hn, mode)?; // (b, s, nkv*d)
+    let v = l.proj(Projection::VProj).forward(&hn, mode)?; // (b, s, nkv*d)
+    let q = to_heads(&q, nh, Some((cos, sin)))?; // (b, nh, s, d), rotated
+    let k = to_heads(&k, nkv, Some((cos, sin)))?; // (b, nkv, s, d), rotated
+    let v = to_heads(&v, nkv, None)?; // (b, nkv, s, d)
+    // With a KV cache (generation), keys and values of earlier positions come first.
+    let (k, v) = match kv {
+        None => (k, v),
+        Some(slot) => {
+            let (k, v) = match slot.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            (k, v)
+        }
+    };
+    // Keys: t = s in training, cached + s in generation.
+    let o = attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (b, s, nh*d)
+    let x = (x + l.proj(Projection::OProj).forward(&o, mode)?)?;
+
+    let hn = rms_norm(&x, &l.post_norm, eps)?;
+    let gate = l.proj(Projection::GateProj).forward(&hn, mode)?; // (b, s, i)
+    let up = l.proj(Projection::UpProj).forward(&hn, mode)?; // (b, s, i)
+    let m = swiglu(&gate, &up)?;
+    Ok((x + l.proj(Projection::DownProj).forward(&m, mode)?)?)
 }

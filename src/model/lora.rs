@@ -151,12 +151,48 @@ impl LoraAdapter {
     }
 }
 
-/// Whether a forward is for training (dropout drawn from the given RNG) or evaluation.
+/// Whether a forward is for training (dropout drawn from the given RNG) or evaluation, and,
+/// under activation recomputation, whether its dropout masks are recorded or replayed.
 pub enum Mode<'a> {
     /// Evaluation: no dropout.
     Eval,
     /// Training: dropout masks drawn from this generator.
     Train(&'a mut Rng),
+    /// Training whose forward will run again in the backward: masks are drawn as in `Train`
+    /// and each is also pushed onto the tape.
+    Record(&'a mut Rng, &'a mut Vec<Tensor>),
+    /// That second run: masks come off the tape, in the order they were recorded, so the
+    /// recomputed forward is the first one bit for bit on every device.
+    Replay(&'a mut std::collections::VecDeque<Tensor>),
+}
+
+impl Mode<'_> {
+    /// Whether this forward trains (dropout on, gradients wanted).
+    pub fn is_training(&self) -> bool {
+        !matches!(self, Mode::Eval)
+    }
+
+    /// Inverted dropout with probability `p` in training, `x` itself otherwise.
+    pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = match self {
+            Mode::Eval => return Ok(x.clone()),
+            Mode::Train(rng) => keep_mask(x, p, rng)?,
+            Mode::Record(rng, tape) => {
+                let keep = keep_mask(x, p, rng)?;
+                tape.push(keep.clone());
+                keep
+            }
+            Mode::Replay(tape) => tape.pop_front().ok_or_else(|| {
+                Error::Invalid(
+                    "recomputed forward asked for more dropout masks than it drew".into(),
+                )
+            })?,
+        };
+        apply_keep(x, &keep, p)
+    }
 }
 
 /// A frozen base weight (out, in): a dense tensor, or kept quantized (`model.keep_quantized`).
@@ -280,10 +316,7 @@ impl Linear {
         let Some(lora) = &self.lora else {
             return Ok(base);
         };
-        let xd = match mode {
-            Mode::Train(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
-            _ => x.clone(),
-        };
+        let xd = mode.dropout(x, lora.dropout)?;
         // The branch runs in the adapters' (master) dtype, f32 under a half-precision base.
         let xd = xd.to_dtype(lora.a.dtype())?;
         let down = xd.broadcast_matmul(&lora.a.as_tensor().t()?)?; // (b, s, r)
@@ -297,14 +330,23 @@ impl Linear {
 /// On the CPU the mask comes from `rng` (bitwise reproducible); on an accelerator it is drawn
 /// there, from the device's generator (seeded by the trainer), to keep the host out of the loop.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    let keep = if x.device().is_cpu() {
+    apply_keep(x, &keep_mask(x, p, rng)?, p)
+}
+
+/// The 0/1 keep mask (u8, `x`'s shape) of [`dropout`].
+fn keep_mask(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    Ok(if x.device().is_cpu() {
         let keep: Vec<u8> = (0..x.elem_count())
             .map(|_| u8::from(rng.next_f64() >= p))
             .collect();
         Tensor::from_vec(keep, x.shape(), x.device())?
     } else {
         Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?
-    };
+    })
+}
+
+/// `x` times `keep / (1 - p)`.
+fn apply_keep(x: &Tensor, keep: &Tensor, p: f64) -> Result<Tensor> {
     let mask = (keep.to_dtype(x.dtype())? * (1.0 / (1.0 - p)))?;
     Ok((x * mask)?)
 }

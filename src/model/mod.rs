@@ -1,7 +1,7 @@
 //! The Llama model for training: config, weights, forward, loss, LoRA adapters and custom ops.
 //!
 //! Inside, the imports run one way: `autograd` and `cpu` (the fast path) at the bottom, then
-//! `ops` and `loss`, then `lora` and `llama`, then what builds models (`load`, `fixture`,
+//! `ops` and `loss`, then `lora`, `recompute` and `llama`, then what builds models (`load`, `fixture`,
 //! `gguf_import`, `source`).
 
 pub mod autograd;
@@ -14,6 +14,7 @@ pub mod load;
 pub mod lora;
 pub mod loss;
 pub mod ops;
+pub mod recompute;
 pub mod source;
 pub mod visibility;
 

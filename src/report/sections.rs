@@ -347,10 +347,20 @@ pub fn hardware(c: &Ctx, r: &mut String) {
     let _ = writeln!(r, "## Hardware & Environment\n");
     let _ = writeln!(
         r,
-        "- Device: {} ({}, {} threads)\n- Operating system: {}\n- Host: {}\n- Frameworks:\n  - lorasft {} (commit {})\n  - candle-core {}\n  - tokenizers {}\n  - safetensors {}\n- Wall time of the training loop: {} s\n- Throughput: {} tokens/s\n- Peak memory (RSS): {} MiB\n{RULE}",
+        "- Device: {} ({}, {} threads)\n- Base weights in memory: {}\n- Activations: {}\n- Operating system: {}\n- Host: {}\n- Frameworks:\n  - lorasft {} (commit {})\n  - candle-core {}\n  - tokenizers {}\n  - safetensors {}\n- Wall time of the training loop: {} s\n- Throughput: {} tokens/s\n- Peak memory (RSS): {} MiB\n{RULE}",
         m.device,
         c.v(m.cpu.clone()),
         c.v(m.threads.to_string()),
+        if m.base_format.is_empty() {
+            "not recorded (run written before lorasft recorded it)"
+        } else {
+            &m.base_format
+        },
+        if c.cfg.train.gradient_checkpointing {
+            "recomputed layer by layer in the backward (gradient checkpointing)"
+        } else {
+            "kept from the forward for the backward"
+        },
         c.v(m.os.clone()),
         c.v(m.host.clone()),
         m.lorasft_version,

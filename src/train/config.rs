@@ -101,6 +101,11 @@ pub struct LoopConfig {
     pub eval_every: usize,
     /// Checkpoint every N steps (and at the end); 0 = only at the end.
     pub save_every: usize,
+    /// Recompute each decoder layer's activations in the backward instead of keeping them
+    /// (transformers' `gradient_checkpointing`): the same numbers bit for bit, a step's
+    /// activation memory down to about one layer's, one more forward per step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 /// The whole run, as written in TOML.
@@ -169,6 +174,7 @@ impl Default for TrainConfig {
                 log_every: 10,
                 eval_every: 50,
                 save_every: 50,
+                gradient_checkpointing: false,
             },
             generate: GenerateConfig {
                 max_new_tokens: 64,
@@ -235,6 +241,7 @@ impl TrainConfig {
             log_every: 5,
             eval_every: 20,
             save_every: 20,
+            gradient_checkpointing: false,
         };
         c.generate.max_new_tokens = 16;
         c.prompts = vec![
@@ -284,6 +291,7 @@ impl TrainConfig {
             log_every: 1,
             eval_every: 8,
             save_every: 8,
+            gradient_checkpointing: false,
         };
         c.generate.max_new_tokens = 48;
         c.prompts = vec![
@@ -560,6 +568,8 @@ pub struct ConfigSource {
     pub keep_quantized: bool,
     /// `encode.batching`.
     pub batching: Option<Batching>,
+    /// `train.gradient_checkpointing = true` when set.
+    pub gradient_checkpointing: bool,
 }
 
 impl ConfigSource {
@@ -600,6 +610,9 @@ impl ConfigSource {
         }
         if let Some(b) = self.batching {
             cfg.encode.batching = b;
+        }
+        if self.gradient_checkpointing {
+            cfg.train.gradient_checkpointing = true;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -190,6 +190,7 @@ impl Prepared {
                 if sh.tied { "tied" } else { "untied" }
             ),
             base_weights_digest: base.digest(),
+            base_format: self.base.model.base_format(),
             device: device::describe(self.base.model.device()),
             precision: self.cfg.run.precision.to_string(),
             cpu: crate::sys::cpu_name(),

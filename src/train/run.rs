@@ -163,6 +163,7 @@ impl<'o> Run<'o> {
         let planner = planner(&p.cfg, &p.train);
         let total = total_steps(&p.cfg, planner.micro_per_epoch());
         let mut model = p.base.model.clone();
+        model.set_recompute(p.cfg.train.gradient_checkpointing);
         let resume_from = if opts.resume {
             checkpoint::latest(&dir)?
         } else {
