@@ -237,3 +237,41 @@ fn train_with_keep_quantized_learns_and_matches_the_f32_import_step_for_step() {
         assert_eq!(quant[key], dense[key], "{key}: {quant} vs {dense}");
     }
 }
+
+/// The path an accelerator takes (the one weight dequantized where the model computes, for
+/// the forward and again for the backward), run on the CPU in f64 where it is also taken:
+/// output and input gradient equal `frozen_linear` on the dequantized weight, bit for bit.
+/// On the CPU the device copy is no copy, and the CPU refuses a quantized base outside f32.
+#[test]
+fn composed_quantized_product_equals_the_dense_one_and_cpu_needs_f32() {
+    use lorasft::model::ops::{frozen_linear, frozen_linear_quant};
+    let w = Tensor::randn(0f32, 0.1, (48, 256), &Device::Cpu).unwrap();
+    for ty in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        let kept = QuantWeight::new(QTensor::quantize(&w, ty).unwrap())
+            .unwrap()
+            .with_device_copy(&Device::Cpu, DType::F64)
+            .unwrap();
+        let dense = kept.dequantize().unwrap().to_dtype(DType::F64).unwrap();
+        let kept = std::sync::Arc::new(kept);
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f64, 1.0, (2, 5, 256), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let g = Tensor::randn(0f64, 1.0, (2, 5, 48), &Device::Cpu).unwrap();
+        let run = |y: Tensor| {
+            let dx = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (bits(&y), bits(dx.get(x.as_tensor()).unwrap()))
+        };
+        let quant = run(frozen_linear_quant(x.as_tensor(), &kept).unwrap());
+        let reference = run(frozen_linear(x.as_tensor(), &dense).unwrap());
+        assert_eq!(quant, reference, "{ty:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = exported(tmp.path(), "q8_0");
+    let err =
+        gguf_import::load_quantized_on(&Gguf::read(&file).unwrap(), &Device::Cpu, DType::BF16)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(err.contains("f32 only"), "{err}");
+}

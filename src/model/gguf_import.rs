@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::tensor::ggml_dtype;
@@ -320,11 +320,23 @@ fn permuted_heads(name: &str, shape: &ModelShape) -> Option<usize> {
     }
 }
 
-/// Loads a GGUF Llama for training with `model.keep_quantized` (CPU, f32 activations): the
-/// seven projections of every layer stay `QTensor`s in the file's types (Q and K rows
-/// un-permuted as raw blocks), and the embeddings, norms and lm_head are dequantized to f32
-/// once. Tensors are read one at a time, so the file is never held twice.
+/// Loads a GGUF Llama for training with `model.keep_quantized` on the CPU in f32: the seven
+/// projections of every layer stay `QTensor`s in the file's types (Q and K rows un-permuted
+/// as raw blocks), and the embeddings, norms and lm_head are dequantized to f32 once.
+/// Tensors are read one at a time, so the file is never held twice.
 pub fn load_quantized(g: &Gguf) -> Result<(LlamaConfig, Llama)> {
+    load_quantized_on(g, &Device::Cpu, DType::F32)
+}
+
+/// [`load_quantized`] for a model on `dev` in `dtype`: on an accelerator each projection's
+/// blocks are also copied there (and dequantized there, one product at a time), and the
+/// dense tensors are moved there in `dtype`. On the CPU only f32 is accepted.
+pub fn load_quantized_on(g: &Gguf, dev: &Device, dtype: DType) -> Result<(LlamaConfig, Llama)> {
+    if dev.is_cpu() && dtype != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "model.keep_quantized (--keep-quantized) runs on the CPU in f32 only, got {dtype:?}"
+        )));
+    }
     let (cfg, shape) = config_and_shape(g)?;
     let mut reader = g.tensor_reader()?;
     let mut dir = tensor_directory(g, &shape)?.into_iter();
@@ -332,12 +344,15 @@ pub fn load_quantized(g: &Gguf) -> Result<(LlamaConfig, Llama)> {
         let (hf, t) = dir.next().expect("the directory follows tensor_specs");
         debug_assert_eq!(hf, name);
         if !name.ends_with("_proj.weight") {
-            return Ok(Frozen::Dense(reader.f32(t)?));
+            return Ok(Frozen::Dense(
+                reader.f32(t)?.to_device(dev)?.to_dtype(dtype)?,
+            ));
         }
         let q = reader.qtensor(t)?;
         let order =
             permuted_heads(name, &shape).map(|h| unpermuted_row_sources(q.shape().dims()[0], h));
         let w = QuantWeight::from_rows(q, order.as_deref())
+            .and_then(|w| w.with_device_copy(dev, dtype))
             .map_err(|e| Error::Invalid(format!("{}: `{}`: {e}", g.path.display(), t.name)))?;
         Ok(Frozen::Quant(Arc::new(w)))
     })?;

@@ -205,12 +205,12 @@ pub enum Frozen {
 }
 
 impl Frozen {
-    /// The weight as a dense tensor: itself, or (quantized) all of it dequantized to f32,
-    /// for merge and export only.
+    /// The weight as a dense tensor: itself, or (quantized) all of it dequantized where the
+    /// model computes, for merge and export only.
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             Self::Dense(t) => Ok(t.clone()),
-            Self::Quant(q) => q.dequantize(),
+            Self::Quant(q) => q.dense_for_product(),
         }
     }
 

@@ -21,49 +21,65 @@ use candle_core::{D, DType, Result, Tensor};
 /// `x` is (..., in); the result is (..., out).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
-    let dims = x.dims().to_vec();
-    let last = *dims.last().unwrap_or(&0);
-    if last != in_f {
-        candle_core::bail!(
-            "frozen_linear: input {:?} does not match weight {:?}",
-            x.shape(),
-            w.shape()
-        );
-    }
+    check_linear_input(x, out_f, in_f)?;
     if cpu_ops::on_host_f32(x) && w.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() });
     }
-    let rows = x.elem_count() / in_f;
-    let mut out_dims = dims.clone();
-    *out_dims.last_mut().expect("rank >= 1") = out_f;
-    let y = matmul_frozen(&x.detach().reshape((rows, in_f))?, w, true)
-        .map_err(candle_core::Error::wrap)?
-        .reshape(out_dims)?; // (..., out)
     let w = w.clone();
-    attach_backward("frozen-linear", x, y, move |x, _y, g| {
-        // y = x w^T  =>  dx = g w
-        let rows = g.elem_count() / out_f;
-        matmul_frozen(&g.reshape((rows, out_f))?, &w, false)
-            .map_err(candle_core::Error::wrap)?
-            .reshape(x.shape())
+    composed_linear(x, (out_f, in_f), move || Ok(w.clone()))
+}
+
+/// `x @ w^T` for a frozen weight kept quantized: [`frozen_linear`] on `w`'s dequantized
+/// values, bit for bit, without ever holding all of the base dense. On the CPU in f32 each
+/// product dequantizes tile by tile; elsewhere (an accelerator, or another dtype) the one
+/// weight is dequantized where the model computes, for the forward and again for the
+/// backward, and dropped after each.
+pub fn frozen_linear_quant(x: &Tensor, w: &std::sync::Arc<QuantWeight>) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims();
+    check_linear_input(x, out_f, in_f)?;
+    if cpu_ops::on_host_f32(x) {
+        return x.contiguous()?.apply_op1(QuantLinear {
+            w: std::sync::Arc::clone(w),
+        });
+    }
+    let (w, dtype) = (std::sync::Arc::clone(w), x.dtype());
+    composed_linear(x, (out_f, in_f), move || {
+        w.dense_for_product()
+            .and_then(|d| Ok(d.to_dtype(dtype)?))
+            .map_err(candle_core::Error::wrap)
     })
 }
 
-/// `x @ w^T` for a frozen weight kept quantized (CPU f32 only): [`frozen_linear`] on `w`'s
-/// dequantized values, bit for bit, without ever holding all of them.
-pub fn frozen_linear_quant(x: &Tensor, w: &std::sync::Arc<QuantWeight>) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims();
-    if x.dims().last() != Some(&in_f) || !cpu_ops::on_host_f32(x) {
+/// Refuses an input whose last dim is not the weight's `in_f`.
+fn check_linear_input(x: &Tensor, out_f: usize, in_f: usize) -> Result<()> {
+    if x.dims().last() != Some(&in_f) {
         candle_core::bail!(
-            "frozen_linear: input {:?} {:?} on {:?} does not fit a quantized weight ({out_f}, \
-             {in_f}), which runs on the CPU in f32 only",
-            x.shape(),
-            x.dtype(),
-            x.device().location()
+            "frozen_linear: input {:?} does not match weight ({out_f}, {in_f})",
+            x.shape()
         );
     }
-    x.contiguous()?.apply_op1(QuantLinear {
-        w: std::sync::Arc::clone(w),
+    Ok(())
+}
+
+/// `x @ w^T` with the weight from `weight()` (called for the forward and for the backward)
+/// and a written backward that computes dX only.
+fn composed_linear(
+    x: &Tensor,
+    (out_f, in_f): (usize, usize),
+    weight: impl Fn() -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let rows = x.elem_count() / in_f;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = out_f;
+    let y = matmul_frozen(&x.detach().reshape((rows, in_f))?, &weight()?, true)
+        .map_err(candle_core::Error::wrap)?
+        .reshape(out_dims)?; // (..., out)
+    attach_backward("frozen-linear", x, y, move |x, _y, g| {
+        // y = x w^T  =>  dx = g w
+        let rows = g.elem_count() / out_f;
+        matmul_frozen(&g.reshape((rows, out_f))?, &weight()?, false)
+            .map_err(candle_core::Error::wrap)?
+            .reshape(x.shape())
     })
 }
 

@@ -102,14 +102,8 @@ fn quantized_gguf(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedMo
              got {source:?}"
         )));
     };
-    if !dev.is_cpu() || dtype != DType::F32 {
-        return Err(Error::Invalid(format!(
-            "model.keep_quantized (--keep-quantized) runs on the CPU in f32 only, got {:?} {dtype:?}",
-            dev.location()
-        )));
-    }
     let g = Gguf::read(Path::new(path))?;
-    let (config, model) = gguf_import::load_quantized(&g)?;
+    let (config, model) = gguf_import::load_quantized_on(&g, dev, dtype)?;
     let dir = PathBuf::from(path).with_extension("hf");
     if !dir.join("tokenizer.json").exists() || !dir.join("config.json").exists() {
         gguf_import::write_config_and_tokenizer(&g, &config, &dir)?;
@@ -128,7 +122,7 @@ pub fn resolve_model(source: &str, dev: &Device, dtype: DType) -> Result<Resolve
 }
 
 /// [`resolve_model`], with the frozen projections of a `gguf:` source kept quantized when
-/// `keep_quantized` (`model.keep_quantized`); that needs a `gguf:` source, the CPU and f32.
+/// `keep_quantized` (`model.keep_quantized`); that needs a `gguf:` source, and f32 on the CPU.
 pub fn resolve_model_with(
     source: &str,
     dev: &Device,

@@ -1,5 +1,7 @@
 //! A frozen weight kept quantized in memory: a candle `QTensor` (out, in) in the GGUF file's
-//! type, whose rows are dequantized a range at a time into the caller's buffer.
+//! type, whose rows are dequantized a range at a time into the caller's buffer. On an
+//! accelerator the blocks are also copied there and a product dequantizes its one weight
+//! there with candle's kernels ([`QuantWeight::dense_for_product`]).
 //!
 //! Every ggml type stores a row of `in` values as `in / block` whole blocks, so row `r` is
 //! the byte range `r * row_bytes .. (r + 1) * row_bytes` and is independent of every other
@@ -16,17 +18,20 @@ use candle_core::quantized::k_quants::{
     BlockQ8_0, BlockQ8_1, BlockQ8K,
 };
 use candle_core::quantized::{GgmlDType, GgmlType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
-/// A frozen (out, in) weight held as a `QTensor` in its file's type, CPU only.
+/// A frozen (out, in) weight held as a `QTensor` in its file's type on the host, and, for a
+/// model on an accelerator, as a second copy of the same blocks there.
 pub struct QuantWeight {
     q: QTensor,
     out_f: usize,
     in_f: usize,
     row_bytes: usize,
+    /// The blocks on the model's accelerator, with the dtype its products run in.
+    on_device: Option<(QTensor, DType)>,
 }
 
 impl std::fmt::Debug for QuantWeight {
@@ -94,6 +99,7 @@ impl QuantWeight {
             out_f,
             in_f,
             row_bytes,
+            on_device: None,
         };
         if w.q.data()?.len() != out_f * row_bytes {
             return Err(Error::Invalid(format!(
@@ -101,6 +107,28 @@ impl QuantWeight {
             )));
         }
         Ok(w)
+    }
+
+    /// The weight with a copy of its blocks on `dev`, whose products dequantize there into
+    /// `dtype` (one linear at a time, inside the product); on the CPU, the weight unchanged.
+    /// The host blocks stay for fingerprints, merges and export.
+    pub fn with_device_copy(mut self, dev: &Device, dtype: DType) -> Result<Self> {
+        if dev.is_cpu() {
+            return Ok(self);
+        }
+        let storage = QStorage::from_data(Cow::Borrowed(&self.q.data()?), dev, self.dtype())?;
+        self.on_device = Some((QTensor::new(storage, (self.out_f, self.in_f))?, dtype));
+        Ok(self)
+    }
+
+    /// The whole weight dense where its products run: dequantized on the accelerator in the
+    /// model's dtype when there is a device copy, else on the host in f32. Callers hold it
+    /// for one product only, so at most one linear of the base is ever dense.
+    pub fn dense_for_product(&self) -> Result<Tensor> {
+        match &self.on_device {
+            Some((q, dtype)) => Ok(q.dequantize(&q.device())?.to_dtype(*dtype)?),
+            None => self.dequantize(),
+        }
     }
 
     /// (out, in).
