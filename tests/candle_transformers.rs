@@ -10,7 +10,7 @@
 //!   summation orders (measured a few 1e-7 on the fixture, a few 1e-6 over SmolLM2's 30
 //!   layers), so 1e-4 leaves room for other machines' SIMD paths while a wrong permutation,
 //!   norm epsilon or RoPE base moves logits by O(1).
-//! - The Q4_1 SmolLM2 file read directly: 0.15, and the greedy next token must agree on at
+//! - The Q4_1 SmolLM2 file read directly, by lorasft's import or kept quantized: 0.15, and the greedy next token must agree on at
 //!   least 3/4 of the positions. candle's quantized matmul does not dequantize the weights:
 //!   it quantizes the activations to Q8_1 and takes integer dot products, so its logits
 //!   differ from the exact product of the dequantized weights that lorasft computes
@@ -106,6 +106,35 @@ fn quantized_llama_agrees_with_lorasft_on_the_real_smollm2_gguf() {
     println!("quantized_llama on Q4_1 vs lorasft: {rel:.2e} relative, argmax {agree}/{n}");
     assert!(rel < 0.15, "Q4_1: {rel:e}");
     assert!(4 * agree >= 3 * n, "Q4_1: argmax agrees on {agree}/{n}");
+    // The same file kept quantized (`model.keep_quantized`): the same bound against
+    // quantized_llama, and lorasft's import to f32 reproduced bit for bit.
+    let (_, kept) =
+        lorasft::model::gguf_import::load_quantized(&lorasft::gguf::Gguf::read(&gguf).unwrap())
+            .unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let kept = kept
+        .forward(&x, None, &mut Mode::Eval)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let rel = rel_diff(&theirs, &kept);
+    let (agree, n) = argmax_agreement(&theirs, &kept);
+    println!(
+        "quantized_llama on Q4_1 vs lorasft kept quantized: {rel:.2e} relative, argmax {agree}/{n}"
+    );
+    assert!(rel < 0.15, "Q4_1 kept quantized: {rel:e}");
+    assert!(
+        4 * agree >= 3 * n,
+        "Q4_1 kept quantized: argmax agrees on {agree}/{n}"
+    );
+    assert_eq!(
+        common::bits(&kept),
+        common::bits(&ours),
+        "kept quantized vs import"
+    );
     // The same weights re-exported by lorasft as f32: candle then multiplies exactly, so the
     // two forwards must agree to f32 rounding.
     let f32_gguf = tmp.path().join("smollm2-f32.gguf");

@@ -303,6 +303,67 @@ fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() 
     assert_eq!((row.batch, row.seq, row.threads), (4, 128, 1));
 }
 
+/// `bench --memory` on the tiny shape: four children (f32 and kept quantized, activations
+/// kept and recomputed), each row with its load and step-peak RSS, and the ratios against the
+/// f32 row of the same setting; the Q4_K_M file is written where `--memory-gguf` says.
+#[test]
+fn bench_memory_measures_both_bases_under_both_activation_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, json) = (dir.path().join("tiny.gguf"), dir.path().join("rows.jsonl"));
+    let out = common::stdout_ok(
+        lorasft()
+            .args([
+                "bench",
+                "--memory",
+                "--memory-shape",
+                "tiny",
+                "--threads",
+                "1",
+            ])
+            .args(["--steps", "1", "--memory-gguf"])
+            .arg(&gguf)
+            .arg("--json")
+            .arg(&json),
+    );
+    assert!(gguf.exists(), "no GGUF written");
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(rows.len(), 5, "header + 4 rows:\n{out}");
+    for (row, start) in rows[1..].iter().zip([
+        "| f32 | kept | 1 |",
+        "| q4_k_m kept quantized | kept | 1 |",
+        "| f32 | recomputed | 1 |",
+        "| q4_k_m kept quantized | recomputed | 1 |",
+    ]) {
+        assert!(row.starts_with(start), "{row} (want {start}):\n{out}");
+    }
+    let written: Vec<lorasft::bench::memory::MemoryRow> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(written.len(), 4);
+    for r in &written {
+        assert_eq!((r.shape.as_str(), r.threads), ("tiny", 1));
+        assert!(
+            r.rss_loaded_mib > 0.0 && r.step_peak_mib > 0.0 && r.step_ms > 0.0,
+            "{r:?}"
+        );
+    }
+    // The ratio columns are the quantized row's figures over the f32 row's above it.
+    let cell =
+        |row: &str, i: usize| -> f64 { row.split('|').nth(i).unwrap().trim().parse().unwrap() };
+    for (f, q) in [(&written[0], rows[2]), (&written[2], rows[4])] {
+        let want = written
+            .iter()
+            .find(|r| r.base != "f32" && r.recompute == f.recompute)
+            .unwrap();
+        assert!(
+            (cell(q, 7) - want.step_peak_mib / f.step_peak_mib).abs() < 0.0006,
+            "{q}"
+        );
+    }
+}
+
 #[test]
 fn bench_against_a_command_pairs_rows_round_by_round() {
     // The other implementation's command: prints one row (the appended arguments are
