@@ -54,12 +54,13 @@ fn loss(c: &mut Criterion) {
     let h = Var::from_vec(randn(n * d), (n, d), &Device::Cpu).unwrap();
     let w = (Tensor::from_vec(randn(v * d), (v, d), &Device::Cpu).unwrap() * 0.0625).unwrap();
     let ids: Vec<u32> = (0..n).map(|i| (i * 7919 % v) as u32).collect();
+    let frozen = lorasft::model::frozen::Frozen::Dense(w.clone());
     let idx = Tensor::from_vec(ids.clone(), (n, 1), &Device::Cpu).unwrap();
     let mut group = c.benchmark_group("loss_backward_512x32000");
     group.sample_size(10);
     group.bench_function("fused", |b| {
         b.iter(|| {
-            linear_cross_entropy_sum(h.as_tensor(), &w, &ids)
+            linear_cross_entropy_sum(h.as_tensor(), &frozen, &ids)
                 .unwrap()
                 .backward()
                 .unwrap()

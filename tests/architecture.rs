@@ -36,9 +36,9 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// Sub-layers inside `model`, lowest first.
 const MODEL_LAYERS: &[&[&str]] = &[
-    &["autograd", "cpu", "config", "visibility"],
+    &["autograd", "cpu", "config", "visibility", "frozen"],
     &["ops", "loss"],
-    &["lora"],
+    &["lora", "recompute"],
     &["llama"],
     &["load", "fixture", "gguf_import", "source"],
 ];

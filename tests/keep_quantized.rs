@@ -219,8 +219,9 @@ fn train_with_keep_quantized_learns_and_matches_the_f32_import_step_for_step() {
             .unwrap_or_else(|| panic!("no base format line in\n{report}"));
         if keep {
             assert!(
-                line.contains("projections kept quantized (Q4_K × ")
-                    && line.contains("embeddings, norms and lm_head F32"),
+                line.contains("kept quantized (projections Q4_K × ")
+                    && line.contains("; embedding Q4_K; lm_head Q6_K)")
+                    && line.contains("the rest F32"),
                 "{line}"
             );
         } else {

@@ -7,6 +7,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use common::{max_abs_diff, rel_diff};
 use lorasft::model::cpu::linear_ce::{exp_f32, linear_cross_entropy_sum};
 use lorasft::model::cpu::ops as host_ops;
+use lorasft::model::frozen::Frozen;
 use lorasft::model::ops;
 use lorasft::rng::Rng;
 
@@ -214,6 +215,11 @@ fn composed_ce(h: &Tensor, w: &Tensor, ids: &[u32]) -> Tensor {
         .unwrap()
 }
 
+/// The fused loss against a dense weight.
+fn ce(h: &Tensor, w: &Tensor, ids: &[u32]) -> lorasft::error::Result<Tensor> {
+    linear_cross_entropy_sum(h, &Frozen::Dense(w.clone()), ids)
+}
+
 fn targets(n: usize, v: usize, seed: u64) -> Vec<u32> {
     let mut r = Rng::new(seed);
     (0..n).map(|_| r.below(v as u64) as u32).collect()
@@ -225,7 +231,7 @@ fn linear_cross_entropy_backward_matches_composed_form_and_finite_differences() 
     let ids = targets(6, 11, 14);
     check(
         "linear-cross-entropy",
-        &|h| linear_cross_entropy_sum(h, &w, &ids).unwrap(),
+        &|h| ce(h, &w, &ids).unwrap(),
         &|h| composed_ce(h, &w, &ids),
         &h,
     );
@@ -244,7 +250,7 @@ fn linear_cross_entropy_f32_over_several_chunks_matches_f64() {
     let grad = |h: &Tensor, w: &Tensor, fused: bool| {
         let var = Var::from_tensor(h).unwrap();
         let loss = if fused {
-            linear_cross_entropy_sum(var.as_tensor(), w, &ids).unwrap()
+            ce(var.as_tensor(), w, &ids).unwrap()
         } else {
             composed_ce(var.as_tensor(), w, &ids)
         };
@@ -283,8 +289,7 @@ fn linear_cross_entropy_half_precision_uses_the_composed_path_within_tolerance()
     // bf16 keeps 8 mantissa bits, f16 11: each gets its own bound.
     for (dtype, bound) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
         let var = Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap();
-        let loss =
-            linear_cross_entropy_sum(var.as_tensor(), &w.to_dtype(dtype).unwrap(), &ids).unwrap();
+        let loss = ce(var.as_tensor(), &w.to_dtype(dtype).unwrap(), &ids).unwrap();
         assert_eq!(loss.dtype(), DType::F32, "the loss is kept in f32");
         let got = f64::from(loss.to_scalar::<f32>().unwrap());
         println!(
@@ -306,10 +311,10 @@ fn linear_cross_entropy_half_precision_uses_the_composed_path_within_tolerance()
 #[test]
 fn linear_cross_entropy_refuses_bad_targets_and_gives_no_weight_gradient() {
     let (h, w) = (randn(&[2, 3], 21), randn(&[4, 3], 22));
-    assert!(linear_cross_entropy_sum(&h, &w, &[0, 4]).is_err());
-    assert!(linear_cross_entropy_sum(&h, &w, &[0]).is_err());
+    assert!(ce(&h, &w, &[0, 4]).is_err());
+    assert!(ce(&h, &w, &[0]).is_err());
     let var = Var::from_tensor(&h).unwrap();
-    let grads = linear_cross_entropy_sum(var.as_tensor(), &w, &[1, 3])
+    let grads = ce(var.as_tensor(), &w, &[1, 3])
         .unwrap()
         .backward()
         .unwrap();

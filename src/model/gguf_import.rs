@@ -321,8 +321,8 @@ fn permuted_heads(name: &str, shape: &ModelShape) -> Option<usize> {
 }
 
 /// Loads a GGUF Llama for training with `model.keep_quantized` on the CPU in f32: the seven
-/// projections of every layer stay `QTensor`s in the file's types (Q and K rows un-permuted
-/// as raw blocks), and the embeddings, norms and lm_head are dequantized to f32 once.
+/// projections of every layer, the embedding and lm_head stay `QTensor`s in the file's types
+/// (Q and K rows un-permuted as raw blocks), and only the norms are dequantized to f32.
 /// Tensors are read one at a time, so the file is never held twice.
 pub fn load_quantized(g: &Gguf) -> Result<(LlamaConfig, Llama)> {
     load_quantized_on(g, &Device::Cpu, DType::F32)
@@ -343,7 +343,7 @@ pub fn load_quantized_on(g: &Gguf, dev: &Device, dtype: DType) -> Result<(LlamaC
     let model = Llama::from_frozen(shape.clone(), |name, _| {
         let (hf, t) = dir.next().expect("the directory follows tensor_specs");
         debug_assert_eq!(hf, name);
-        if !name.ends_with("_proj.weight") {
+        if name.ends_with("norm.weight") {
             return Ok(Frozen::Dense(
                 reader.f32(t)?.to_device(dev)?.to_dtype(dtype)?,
             ));

@@ -15,7 +15,7 @@ use crate::model::config::{ModelShape, Projection};
 use crate::model::cpu::attention::Mask;
 use crate::model::lora::{Frozen, Linear, LoraAdapter, LoraConfig, Mode};
 use crate::model::loss::{LossSum, lm_head_loss_sum};
-use crate::model::ops::{attention, frozen_linear, rms_norm, swiglu, to_heads};
+use crate::model::ops::{attention, frozen_product, rms_norm, swiglu, to_heads};
 use crate::model::recompute::recompute;
 use crate::model::visibility::KeyRanges;
 use crate::rng::Rng;
@@ -48,10 +48,12 @@ impl Layer {
 #[derive(Debug, Clone)]
 pub struct Llama {
     shape: ModelShape,
-    embed: Tensor,
+    /// The token embedding (v, h), dense or kept quantized.
+    embed: Frozen,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Option<Tensor>,
+    /// The output projection (v, h) when untied, dense or kept quantized.
+    lm_head: Option<Frozen>,
     /// RoPE tables for every position up to `max_positions`, (max_pos, d).
     cos: Tensor,
     sin: Tensor,
@@ -155,8 +157,8 @@ impl Llama {
         Self::from_frozen(shape, |name, dims| get(name, dims).map(Frozen::Dense))
     }
 
-    /// [`Llama::from_tensors`] with the seven projections' weights given as [`Frozen`], dense
-    /// or kept quantized; every other tensor (embeddings, norms, lm_head) must be dense.
+    /// [`Llama::from_tensors`] with the weights given as [`Frozen`]: the seven projections,
+    /// the embedding and lm_head may be kept quantized; the norms must be dense.
     pub fn from_frozen(
         shape: ModelShape,
         mut get: impl FnMut(&str, &[usize]) -> Result<Frozen>,
@@ -169,11 +171,9 @@ impl Llama {
         };
         let dense = |f: Frozen| match f {
             Frozen::Dense(t) => Ok(t),
-            Frozen::Quant(q) => Err(Error::Invalid(format!(
-                "only the projections may stay quantized, got {q:?} for a dense tensor"
-            ))),
+            Frozen::Quant(q) => Err(Error::Invalid(format!("norms must be dense, got {q:?}"))),
         };
-        let embed = next_frozen().and_then(dense)?;
+        let embed = next_frozen()?;
         let mut layers = Vec::with_capacity(shape.layers);
         for _ in 0..shape.layers {
             let input_norm = next_frozen().and_then(dense)?;
@@ -191,9 +191,9 @@ impl Llama {
         let lm_head = if shape.tied {
             None
         } else {
-            Some(next_frozen().and_then(dense)?)
+            Some(next_frozen()?)
         };
-        let (cos, sin) = rope_tables(&shape, embed.dtype(), embed.device())?;
+        let (cos, sin) = rope_tables(&shape, norm.dtype(), norm.device())?;
         Ok(Self {
             shape,
             embed,
@@ -217,23 +217,35 @@ impl Llama {
     /// How the frozen base is held in memory, for manifests and reports: the dtype of its
     /// dense tensors and, with `model.keep_quantized`, the GGUF types of the projections.
     pub fn base_format(&self) -> String {
-        let mut quant = std::collections::BTreeMap::<&str, usize>::new();
+        let dtype = format!("{:?}", self.dtype()).to_uppercase();
+        let name = |w: &Frozen| match w {
+            Frozen::Quant(q) => Some(crate::gguf::tensor::ggml_name(q.dtype())),
+            Frozen::Dense(_) => None,
+        };
+        let mut proj = std::collections::BTreeMap::<&str, usize>::new();
         for p in self.layers.iter().flat_map(|l| &l.proj) {
-            if let Frozen::Quant(q) = p.weight() {
-                *quant
-                    .entry(crate::gguf::tensor::ggml_name(q.dtype()))
-                    .or_default() += 1;
+            if let Some(t) = name(p.weight()) {
+                *proj.entry(t).or_default() += 1;
             }
         }
-        let dtype = format!("{:?}", self.dtype()).to_uppercase();
-        if quant.is_empty() {
+        let mut kept = Vec::new();
+        if !proj.is_empty() {
+            let types: Vec<String> = proj.iter().map(|(t, n)| format!("{t} × {n}")).collect();
+            kept.push(format!("projections {}", types.join(", ")));
+        }
+        kept.extend(name(&self.embed).map(|t| format!("embedding {t}")));
+        kept.extend(
+            self.lm_head
+                .as_ref()
+                .and_then(name)
+                .map(|t| format!("lm_head {t}")),
+        );
+        if kept.is_empty() {
             return format!("{dtype}, every tensor dense");
         }
-        let types: Vec<String> = quant.iter().map(|(t, n)| format!("{t} × {n}")).collect();
         format!(
-            "projections kept quantized ({}), dequantized block by block inside each product; \
-             embeddings, norms and lm_head {dtype}",
-            types.join(", ")
+            "kept quantized ({}), dequantized block by block inside each product; the rest {dtype}",
+            kept.join("; ")
         )
     }
 
@@ -244,12 +256,12 @@ impl Llama {
 
     /// The dtype of the base weights and activations.
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.norm.dtype()
     }
 
     /// The device the model lives on.
     pub fn device(&self) -> &Device {
-        self.embed.device()
+        self.norm.device()
     }
 
     /// The LoRA config in use, if adapters are attached.
@@ -260,14 +272,14 @@ impl Llama {
     /// Every base tensor with its checkpoint name, in checkpoint order.
     pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
         let names = self.shape.tensor_specs();
-        let mut tensors = vec![self.embed.clone()];
+        let mut tensors = vec![self.embed.stored()];
         for l in &self.layers {
             tensors.push(l.input_norm.clone());
             tensors.extend(l.proj.iter().map(|p| p.weight().stored()));
             tensors.push(l.post_norm.clone());
         }
         tensors.push(self.norm.clone());
-        tensors.extend(self.lm_head.clone());
+        tensors.extend(self.lm_head.as_ref().map(Frozen::stored));
         names.into_iter().map(|(n, _)| n).zip(tensors).collect()
     }
 
@@ -275,7 +287,7 @@ impl Llama {
     /// linears), under checkpoint names: what `lorasft merge` exports.
     pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let names = self.shape.tensor_specs();
-        let mut tensors = vec![self.embed.clone()];
+        let mut tensors = vec![self.embed.dense()?];
         for l in &self.layers {
             tensors.push(l.input_norm.clone());
             for p in &l.proj {
@@ -284,7 +296,7 @@ impl Llama {
             tensors.push(l.post_norm.clone());
         }
         tensors.push(self.norm.clone());
-        tensors.extend(self.lm_head.clone());
+        tensors.extend(self.lm_head.as_ref().map(Frozen::dense).transpose()?);
         Ok(names.into_iter().map(|(n, _)| n).zip(tensors).collect())
     }
 
@@ -384,11 +396,11 @@ impl Llama {
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, mode)?;
-        Ok(frozen_linear(&hidden, self.lm_head())?)
+        Ok(frozen_product(&hidden, self.lm_head())?)
     }
 
     /// The output projection (v, h): lm_head, or the embedding when they are tied.
-    pub fn lm_head(&self) -> &Tensor {
+    pub fn lm_head(&self) -> &Frozen {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -426,7 +438,7 @@ impl Llama {
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states_packed(input_ids, segments, mode)?;
-        Ok(frozen_linear(&hidden, self.lm_head())?)
+        Ok(frozen_product(&hidden, self.lm_head())?)
     }
 
     /// The final normed hidden states (b, s, h), before lm_head.
@@ -529,10 +541,10 @@ impl Llama {
             }
         };
         let ids = input_ids.to_dtype(DType::U32)?;
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, s, self.shape.hidden))?; // (b, s, h)
+        let mut x = self
+            .embed
+            .rows(&ids.flatten_all()?, self.dtype(), self.device())?
+            .reshape((b, s, self.shape.hidden))?; // (b, s, h)
         let ctx = AttnInputs { mask, cos, sin };
         for layer in &self.layers {
             x = if self.recompute && mode.is_training() {
@@ -570,10 +582,10 @@ impl Llama {
             .to_dtype(master_dtype(self.dtype()))?;
         let cos = self.cos.narrow(0, past, n)?;
         let sin = self.sin.narrow(0, past, n)?;
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((1, n, self.shape.hidden))?;
+        let mut x = self
+            .embed
+            .rows(&ids.flatten_all()?, self.dtype(), self.device())?
+            .reshape((1, n, self.shape.hidden))?;
         let ctx = AttnInputs {
             mask: Mask::Bias(bias),
             cos,
@@ -584,7 +596,7 @@ impl Llama {
         }
         cache.len += n;
         let last = rms_norm(&x.narrow(1, n - 1, 1)?, &self.norm, self.shape.rms_norm_eps)?;
-        Ok(frozen_linear(&last, self.lm_head())?.reshape((1, self.shape.vocab))?)
+        Ok(frozen_product(&last, self.lm_head())?.reshape((1, self.shape.vocab))?)
     }
 }
 

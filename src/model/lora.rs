@@ -6,15 +6,14 @@
 //! The adapters' A and B are the model's only `Var`s.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::config::Projection;
-use crate::model::cpu::quant::QuantWeight;
-use crate::model::ops::{frozen_linear, frozen_linear_quant};
+pub use crate::model::frozen::Frozen;
+use crate::model::ops::{frozen_linear, frozen_product};
 use crate::rng::Rng;
 
 /// LoRA hyper-parameters; `Default` is the reference run (r 8, alpha 16, dropout 0.05, q+v).
@@ -195,34 +194,6 @@ impl Mode<'_> {
     }
 }
 
-/// A frozen base weight (out, in): a dense tensor, or kept quantized (`model.keep_quantized`).
-#[derive(Debug, Clone)]
-pub enum Frozen {
-    /// A tensor in the model's dtype.
-    Dense(Tensor),
-    /// A `QTensor` in the GGUF file's type, dequantized block by block as products need it.
-    Quant(Arc<QuantWeight>),
-}
-
-impl Frozen {
-    /// The weight as a dense tensor: itself, or (quantized) all of it dequantized where the
-    /// model computes, for merge and export only.
-    pub fn dense(&self) -> Result<Tensor> {
-        match self {
-            Self::Dense(t) => Ok(t.clone()),
-            Self::Quant(q) => q.dense_for_product(),
-        }
-    }
-
-    /// What fingerprints and gradient checks see: the dense tensor, or the raw block bytes.
-    pub fn stored(&self) -> Tensor {
-        match self {
-            Self::Dense(t) => t.clone(),
-            Self::Quant(q) => q.bytes_tensor(),
-        }
-    }
-}
-
 /// A linear layer with a frozen weight and an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -309,10 +280,7 @@ impl Linear {
         if let Some(m) = &self.merged {
             return Ok(frozen_linear(x, m)?);
         }
-        let base = match &self.weight {
-            Frozen::Dense(w) => frozen_linear(x, w)?,
-            Frozen::Quant(q) => frozen_linear_quant(x, q)?,
-        };
+        let base = frozen_product(x, &self.weight)?;
         let Some(lora) = &self.lora else {
             return Ok(base);
         };

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::cpu::linear_ce::linear_cross_entropy_sum;
+use crate::model::frozen::Frozen;
 use crate::model::ops::log_softmax;
 
 pub use crate::data::encode::IGNORE_INDEX;
@@ -92,13 +93,14 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
     })
 }
 
-/// Sum of next-token NLL for final hidden states (b, s, h), the frozen lm_head weight (v, h)
+/// Sum of next-token NLL for final hidden states (b, s, h), the frozen lm_head weight (v, h),
+/// dense or kept quantized,
 /// and labels (b, s): [`causal_lm_loss_sum`] of `hidden @ w^T` without materialising the
 /// logits (the fused, chunked [`linear_cross_entropy_sum`]). The sum is f32 (f64 for f64).
-pub fn lm_head_loss_sum(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<LossSum> {
+pub fn lm_head_loss_sum(hidden: &Tensor, w: &Frozen, labels: &Tensor) -> Result<LossSum> {
     let (b, s, h) = hidden.dims3()?;
     check_labels(labels, b, s, "hidden states")?;
-    let (rows, ids) = target_rows(labels, w.dim(0)?)?;
+    let (rows, ids) = target_rows(labels, w.dims()?.0)?;
     let n = rows.len();
     if n == 0 {
         let dtype = if hidden.dtype() == DType::F64 {

@@ -1,6 +1,6 @@
 //! The Llama model for training: config, weights, forward, loss, LoRA adapters and custom ops.
 //!
-//! Inside, the imports run one way: `autograd` and `cpu` (the fast path) at the bottom, then
+//! Inside, the imports run one way: `autograd`, `cpu` (the fast path) and `frozen` at the bottom, then
 //! `ops` and `loss`, then `lora`, `recompute` and `llama`, then what builds models (`load`, `fixture`,
 //! `gguf_import`, `source`).
 
@@ -8,6 +8,7 @@ pub mod autograd;
 pub mod config;
 pub mod cpu;
 pub mod fixture;
+pub mod frozen;
 pub mod gguf_import;
 pub mod llama;
 pub mod load;

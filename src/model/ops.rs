@@ -14,6 +14,7 @@ use crate::model::cpu::ops::{
     self as cpu_ops, FrozenLinear, QuantLinear, RmsNorm, RopeHeads, SwiGlu,
 };
 use crate::model::cpu::quant::QuantWeight;
+use crate::model::frozen::Frozen;
 use crate::model::visibility::mask_value;
 use candle_core::{D, DType, Result, Tensor};
 
@@ -48,6 +49,14 @@ pub fn frozen_linear_quant(x: &Tensor, w: &std::sync::Arc<QuantWeight>) -> Resul
             .and_then(|d| Ok(d.to_dtype(dtype)?))
             .map_err(candle_core::Error::wrap)
     })
+}
+
+/// `x @ w^T` for a frozen weight, dense or kept quantized.
+pub fn frozen_product(x: &Tensor, w: &Frozen) -> Result<Tensor> {
+    match w {
+        Frozen::Dense(w) => frozen_linear(x, w),
+        Frozen::Quant(q) => frozen_linear_quant(x, q),
+    }
 }
 
 /// Refuses an input whose last dim is not the weight's `in_f`.

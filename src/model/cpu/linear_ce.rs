@@ -13,19 +13,21 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::autograd::attach_backward;
 use crate::model::cpu::matmul::{cpu_f32, gemm_rows_f32};
+use crate::model::cpu::quant::gemm_rows_quant;
 use crate::model::cpu::simd;
 pub use crate::model::cpu::simd::exp_f32;
+use crate::model::frozen::Frozen;
 
 /// Logit elements per chunk (16 MiB of f32): bounds peak memory and keeps a chunk in cache
 /// range for the row kernel.
 const CHUNK_ELEMS: usize = 1 << 22;
 
-/// Sum over rows `i` of `-log softmax(h_i W^T)[targets_i]`, for `h` (n, d), `w` (v, d).
-/// The result is a scalar in f32 (f64 when `h` is f64); when `h` tracks gradients, its
-/// backward returns `dL/dh` and `w` gets none (it is frozen by contract).
-pub fn linear_cross_entropy_sum(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+/// Sum over rows `i` of `-log softmax(h_i W^T)[targets_i]`, for `h` (n, d), `w` (v, d) dense
+/// or kept quantized. The result is a scalar in f32 (f64 when `h` is f64); when `h` tracks
+/// gradients, its backward returns `dL/dh` and `w` gets none (it is frozen by contract).
+pub fn linear_cross_entropy_sum(h: &Tensor, w: &Frozen, targets: &[u32]) -> Result<Tensor> {
     let (n, d) = h.dims2()?;
-    let (v, wd) = w.dims2()?;
+    let (v, wd) = w.dims()?;
     if wd != d || targets.len() != n {
         return Err(Error::Invalid(format!(
             "linear cross-entropy: hidden ({n}, {d}), weight ({v}, {wd}), {} targets",
@@ -44,9 +46,26 @@ pub fn linear_cross_entropy_sum(h: &Tensor, w: &Tensor, targets: &[u32]) -> Resu
     };
     let need_grad = h.track_op();
     let hd = h.detach();
-    let (total, dh) = match (h.device(), h.dtype(), w.dtype()) {
-        (Device::Cpu, DType::F32, DType::F32) => host_f32(&hd, w, targets, need_grad)?,
-        _ => chunked(&hd, w, targets, need_grad)?,
+    let host = h.device().is_cpu() && h.dtype() == DType::F32;
+    let (total, dh) = match w {
+        Frozen::Dense(w) if host && w.dtype() == DType::F32 => {
+            let w = w.contiguous()?;
+            let (store, layout) = w.storage_and_layout();
+            let ws = cpu_f32(&store, layout)?;
+            host_f32(&hd, v, targets, need_grad, |dst, x, m, transpose| {
+                let (n, k) = if transpose { (v, d) } else { (d, v) };
+                gemm_rows_f32(dst, x, ws, m, n, k, transpose);
+            })?
+        }
+        Frozen::Quant(q) if host => host_f32(&hd, v, targets, need_grad, |dst, x, m, t| {
+            gemm_rows_quant(dst, x, q, m, t)
+        })?,
+        other => chunked(
+            &hd,
+            &other.dense()?.to_dtype(h.dtype())?,
+            targets,
+            need_grad,
+        )?,
     };
     let value = Tensor::new(total, &Device::Cpu)?
         .to_dtype(loss_dtype)?
@@ -93,20 +112,20 @@ fn chunked(
 }
 
 /// The f32 CPU path: one reused logits buffer, the products by `gemm` straight into it, the row
-/// kernel in place. No per-chunk allocation, no copy of the logits.
+/// kernel in place. No per-chunk allocation, no copy of the logits. `product(dst, x, m,
+/// transpose)` is `x (m, d) @ W^T` into (m, v) when `transpose`, else `x (m, v) @ W` into
+/// (m, d): the dense weight's `gemm`, or the quantized one's, which is bit-identical to it.
 fn host_f32(
     h: &Tensor,
-    w: &Tensor,
+    v: usize,
     targets: &[u32],
     need_grad: bool,
+    product: impl Fn(&mut [f32], &[f32], usize, bool),
 ) -> Result<(f64, Option<Tensor>)> {
     let (n, d) = h.dims2()?;
-    let v = w.dim(0)?;
-    let (h, w) = (h.contiguous()?, w.contiguous()?);
+    let h = h.contiguous()?;
     let (h_store, h_layout) = h.storage_and_layout();
-    let (w_store, w_layout) = w.storage_and_layout();
     let hs = cpu_f32(&h_store, h_layout)?;
-    let ws = cpu_f32(&w_store, w_layout)?;
     let rows = rows_per_chunk(n, v);
     let mut buf = vec![0f32; rows * v];
     let mut dh = vec![0f32; if need_grad { n * d } else { 0 }];
@@ -115,31 +134,15 @@ fn host_f32(
         let len = rows.min(n - start);
         let logits = &mut buf[..len * v];
         // logits (len, v) = h_chunk (len, d) @ W^T
-        gemm_rows_f32(
-            logits,
-            &hs[start * d..(start + len) * d],
-            ws,
-            len,
-            v,
-            d,
-            true,
-        );
+        product(logits, &hs[start * d..(start + len) * d], len, true);
         let ids = &targets[start..start + len];
         total += rows_kernel(logits, v, ids, need_grad, F32_OPS);
         if need_grad {
             // dh_chunk (len, d) = (softmax - onehot) (len, v) @ W (v, d)
-            gemm_rows_f32(
-                &mut dh[start * d..(start + len) * d],
-                logits,
-                ws,
-                len,
-                d,
-                v,
-                false,
-            );
+            product(&mut dh[start * d..(start + len) * d], logits, len, false);
         }
     }
-    drop((h_store, w_store));
+    drop(h_store);
     let dh = need_grad
         .then(|| Tensor::from_vec(dh, (n, d), &Device::Cpu))
         .transpose()?;
