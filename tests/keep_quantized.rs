@@ -276,3 +276,40 @@ fn composed_quantized_product_equals_the_dense_one_and_cpu_needs_f32() {
             .to_string();
     assert!(err.contains("f32 only"), "{err}");
 }
+
+/// Products whose inner dimension forces several column slices per block (as `g @ lm_head`
+/// does at a real vocabulary) equal the dense product bit for bit, both ways round.
+#[test]
+fn sliced_quantized_products_equal_the_dense_gemm_bit_for_bit() {
+    use lorasft::model::cpu::matmul::{SLICE_VALUES, gemm_rows_f32};
+    use lorasft::model::cpu::quant::gemm_rows_quant;
+    let mut r = Rng::new(4);
+    // (out, in, transpose): k = 20224 or 20000 makes 256-column slices; n = 768 or 512 of them.
+    for (out_f, in_f, transpose) in [(768, 20224, true), (20000, 512, false)] {
+        let (n, k) = if transpose {
+            (out_f, in_f)
+        } else {
+            (in_f, out_f)
+        };
+        assert!(
+            n * k > 2 * SLICE_VALUES,
+            "the product must take several slices"
+        );
+        let w = Tensor::randn(0f32, 0.1, (out_f, in_f), &Device::Cpu).unwrap();
+        let q = QuantWeight::new(QTensor::quantize(&w, GgmlDType::Q6K).unwrap()).unwrap();
+        let dense = q
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let m = 9;
+        let x: Vec<f32> = (0..m * k).map(|_| r.normal() as f32).collect();
+        let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
+        gemm_rows_f32(&mut want, &x, &dense, m, n, k, transpose);
+        gemm_rows_quant(&mut got, &x, &q, m, transpose);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&got) == bits(&want), "transpose {transpose}");
+    }
+}

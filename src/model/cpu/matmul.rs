@@ -84,21 +84,36 @@ pub fn gemm_rows_f32(
         // disjoint across calls; `lhs` and `rhs` are read-only and sized as asserted above.
         unsafe { gemm_cols(out, lhs, (rhs_ptr, rhs_cs, rhs_rs), (m, n, k), j0..j1) }
     };
-    for_col_blocks(n, run);
+    for_col_slices(n, k, run);
 }
 
-/// The column blocks of an (m, n) product as [`gemm_rows_f32`] splits it: one block per
-/// thread (candle's count), of at least 32 columns, in multiples of 16 (the kernel's width).
-/// Runs `run(j0, j1)` for each, in parallel when there are several.
-pub(crate) fn for_col_blocks(n: usize, run: impl Fn(usize, usize) + Sync) {
+/// The most values of the right-hand side one `gemm` call covers (4M, 16 MiB of f32), unless
+/// 256 columns need more. It bounds what a quantized product dequantizes per worker (at
+/// TinyLlama's vocabulary, `g @ lm_head` would otherwise hold 131 MiB per worker). The dense
+/// product is sliced the same way because `gemm`'s rounding depends on the width of the call:
+/// only the same slices give the same bits.
+pub const SLICE_VALUES: usize = 1 << 22;
+
+/// The column slices of an (m, n) product with inner dimension `k` as [`gemm_rows_f32`]
+/// splits it: one block per thread (candle's count), of at least 32 columns, in multiples of
+/// 16 (the kernel's width); each block cut into slices of at most
+/// `max(256, SLICE_VALUES / k)` columns (multiples of 16). Runs `run(j0, j1)` for each slice:
+/// the blocks in parallel when there are several, a block's slices in order.
+pub(crate) fn for_col_slices(n: usize, k: usize, run: impl Fn(usize, usize) + Sync) {
     let threads = candle_core::utils::get_num_threads().max(1);
     let block = n.div_ceil(threads).max(32).next_multiple_of(16);
+    let slice = (SLICE_VALUES / k.max(1)).max(256) / 16 * 16;
+    let sliced = |j0: usize, j1: usize| {
+        for c0 in (j0..j1).step_by(slice) {
+            run(c0, (c0 + slice).min(j1));
+        }
+    };
     if threads == 1 || block >= n {
-        run(0, n);
+        sliced(0, n);
     } else {
         (0..n.div_ceil(block))
             .into_par_iter()
-            .for_each(|b| run(b * block, (b * block + block).min(n)));
+            .for_each(|b| sliced(b * block, (b * block + block).min(n)));
     }
 }
 

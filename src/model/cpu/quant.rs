@@ -240,13 +240,14 @@ thread_local! {
 }
 
 /// `dst (m, out) = x (m, in) @ w^T` when `transpose_w`, else `dst (m, in) = x (m, out) @ w`,
-/// with the column blocks of [`gemm_rows_f32`](super::matmul::gemm_rows_f32): each block's
-/// slice of `w` (rows of `w` for `x w^T`, columns for `x w`) is dequantized into the worker's
-/// reused scratch and multiplied by the same `gemm` call the f32 path makes for that block,
-/// so the result is bit-identical to the f32 weight's. At most one block per worker is ever
-/// dequantized at a time.
+/// with the column slices of [`gemm_rows_f32`](super::matmul::gemm_rows_f32): each slice of
+/// `w` (rows of `w` for `x w^T`, columns for `x w`) is dequantized into the worker's reused
+/// scratch and multiplied by the same `gemm` call the f32 path makes for that slice, so the
+/// result is bit-identical to the f32 weight's. A slice holds at most
+/// [`SLICE_VALUES`](super::matmul::SLICE_VALUES) values unless 256 columns need more, so a
+/// worker never holds more than one slice of the weight dense.
 pub fn gemm_rows_quant(dst: &mut [f32], x: &[f32], w: &QuantWeight, m: usize, transpose_w: bool) {
-    use super::matmul::{SendPtr, for_col_blocks, gemm_cols};
+    use super::matmul::{SendPtr, for_col_slices, gemm_cols};
     let (out_f, in_f) = w.dims();
     let (n, k) = if transpose_w {
         (out_f, in_f)
@@ -258,7 +259,7 @@ pub fn gemm_rows_quant(dst: &mut [f32], x: &[f32], w: &QuantWeight, m: usize, tr
         return;
     }
     let out = SendPtr(dst.as_mut_ptr());
-    for_col_blocks(n, |j0, j1| {
+    for_col_slices(n, k, |j0, j1| {
         let width = j1 - j0;
         SCRATCH.with_borrow_mut(|(tile, tmp)| {
             tile.resize(width * k, 0.0);
@@ -270,8 +271,8 @@ pub fn gemm_rows_quant(dst: &mut [f32], x: &[f32], w: &QuantWeight, m: usize, tr
                 (tile.as_ptr(), 1, width as isize)
             };
             // SAFETY: `dst` holds m*n elements and this call writes only columns j0..j1,
-            // disjoint across blocks; `x` holds m*k elements (asserted) and `tile` the
-            // (k, width) block that `rhs`'s strides describe.
+            // disjoint across slices; `x` holds m*k elements (asserted) and `tile` the
+            // (k, width) slice that `rhs`'s strides describe.
             unsafe { gemm_cols(out, x, rhs, (m, n, k), j0..j1) }
         });
     });
