@@ -5,8 +5,11 @@
 //! The composed form costs eight graph nodes per layer, two of them over the (b, heads, s, t)
 //! scores, and each node's gradient is a zero-filled buffer plus an add. Here each (batch row,
 //! head) runs its products with `gemm` on strided views and the softmax in place; the output
-//! is written straight into (b, s, heads * d), so no transpose copy follows. The probabilities
-//! are kept for the backward. Tested against the composed form in `tests/ops.rs`.
+//! is written straight into (b, s, heads * d), so no transpose copy follows. The
+//! probabilities are not kept: the backward recomputes each block's scores and softmax with
+//! the same calls, so it sees the forward's probabilities bit for bit while the graph holds
+//! none of the (b, heads, s, t) of them (32 MiB per layer at TinyLlama's 32 heads, batch 1
+//! × 512). Tested against the composed form in `tests/ops.rs`.
 //!
 //! Which keys a query sees comes either as per-query key ranges ([`KeyRanges`]: causal over
 //! right-padded or packed rows, no dense mask anywhere) or as a dense additive bias (left
@@ -137,10 +140,152 @@ const MASKED: f32 = -1e30;
 
 /// What the forward keeps for the backward.
 struct Saved {
-    /// Probabilities (b, heads, s, t); zero outside each block's key span.
-    probs: Vec<f32>,
     /// Key span `[first, end)` per (mask block, row block).
     limits: Vec<(usize, usize)>,
+}
+
+/// Where one (batch row, head) task reads: its query, key and value blocks, its mask block
+/// and batch row, and the dense bias when the mask is one.
+#[derive(Clone, Copy)]
+struct Task<'a> {
+    qh: *const f32,
+    kh: *const f32,
+    vh: *const f32,
+    bi: usize,
+    bb: usize,
+    bias: Option<&'a [f32]>,
+}
+
+impl Attention {
+    /// Fills `p` with the probabilities of query rows `i0..i1` over keys `k0..k1` for one
+    /// task: row `i` at `p[(i - i0) * t + k0..(i - i0) * t + k1]`. The raw scores come from
+    /// `gemm`, then each row's masked softmax. The forward and the backward both call this,
+    /// so the backward's probabilities are the forward's bit for bit.
+    ///
+    /// # Safety
+    /// `p` must hold `(i1 - i0) * t` writable values; the task's pointers must address the
+    /// blocks `Dims::block` gives, with `i1 <= s` and `k0 <= k1 <= t`.
+    unsafe fn block_probs(
+        &self,
+        n: &Dims,
+        task: Task<'_>,
+        p: *mut f32,
+        (i0, i1): (usize, usize),
+        (k0, k1): (usize, usize),
+    ) {
+        let (rows_b, kw, st) = (i1 - i0, k1 - k0, n.s * n.t);
+        // SAFETY: as the caller guarantees; every view stays inside the blocks.
+        unsafe {
+            // raw scores (rows, kw) = q_h[i0..i1] k_h[k0..k1]^T
+            gemm_view(
+                (rows_b, kw, n.d),
+                (p.add(k0), n.t as isize, 1),
+                rows(task.qh.add(i0 * n.d), n.d),
+                cols(task.kh.add(k0 * n.d), n.d),
+                false,
+            );
+            simd::run(|| {
+                for i in i0..i1 {
+                    let row = std::slice::from_raw_parts_mut(p.add((i - i0) * n.t + k0), kw);
+                    match (&self.mask, task.bias) {
+                        (Mask::Ranges(r), _) => {
+                            let (lo, hi) = r.range(task.bi, i);
+                            softmax_row_range(row, lo - k0, hi - k0, self.scale);
+                        }
+                        (Mask::Bias(_), Some(bias)) => {
+                            let b0 = task.bb * st + i * n.t;
+                            softmax_row(row, &bias[b0 + k0..b0 + k1], self.scale);
+                        }
+                        (Mask::Bias(_), None) => unreachable!("bias is read"),
+                    }
+                }
+            });
+        }
+    }
+
+    /// The backward of one (batch row, head) task: each row block's probabilities recomputed
+    /// by [`Attention::block_probs`], then dq for the task's rows and the task's own dk and
+    /// dv parts. `limits` starts at the task's mask block.
+    ///
+    /// # Safety
+    /// Task `task` alone writes dq's (s, d) block of its (batch row, head) and its own (t, d)
+    /// blocks of dk_h and dv_h; `g` is (b, s, heads * d); every read stays inside q, k, v and
+    /// g (rows < s, first <= keys < end <= t).
+    unsafe fn head_bwd(
+        &self,
+        n: &Dims,
+        t: Task<'_>,
+        g: &[f32],
+        (dq, dkh, dvh): (SendPtr, SendPtr, SendPtr),
+        task: usize,
+        limits: &[(usize, usize)],
+    ) {
+        let (hd, td, h) = (n.heads * n.d, n.t * n.d, task % n.heads);
+        let rows_max = ROW_BLOCK.min(n.s);
+        let mut probs = vec![0f32; rows_max * n.t];
+        let mut dp = vec![0f32; rows_max * n.t];
+        let mut draw = vec![0f32; rows_max * n.t];
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            let g0 = g.as_ptr().add(t.bi * n.s * hd + h * n.d);
+            for (blk, (i0, i1)) in n.row_blocks().enumerate() {
+                let (k0, k1) = limits[blk];
+                let (rows_b, kw) = (i1 - i0, k1 - k0);
+                self.block_probs(n, t, probs.as_mut_ptr(), (i0, i1), (k0, k1));
+                let p = probs.as_ptr();
+                // dO rows: (rows, d) at column h*d of g's (s, heads*d)
+                let go = View {
+                    ptr: g0.add(i0 * hd),
+                    rs: hd as isize,
+                    cs: 1,
+                };
+                // dP (rows, kw) = dO v_h[k0..k1]^T, stride kw
+                gemm_view(
+                    (rows_b, kw, n.d),
+                    (dp.as_mut_ptr(), kw as isize, 1),
+                    go,
+                    cols(t.vh.add(k0 * n.d), n.d),
+                    false,
+                );
+                simd::run(|| {
+                    for r in 0..rows_b {
+                        let pr = std::slice::from_raw_parts(p.add(r * n.t + k0), kw);
+                        let at = r * kw..(r + 1) * kw;
+                        softmax_row_bwd(pr, &dp[at.clone()], self.scale, &mut draw[at]);
+                    }
+                });
+                let dr = rows(draw.as_ptr(), kw);
+                // dq rows (rows, d) = d raw k_h[k0..k1]
+                gemm_view(
+                    (rows_b, n.d, kw),
+                    (
+                        dq.0.add(n.block(t.bi, h, false) + i0 * n.d),
+                        n.d as isize,
+                        1,
+                    ),
+                    dr,
+                    rows(t.kh.add(k0 * n.d), n.d),
+                    false,
+                );
+                // dk_h[k0..k1] += d raw^T q_h[i0..i1]
+                gemm_view(
+                    (kw, n.d, rows_b),
+                    (dkh.0.add(task * td + k0 * n.d), n.d as isize, 1),
+                    cols(draw.as_ptr(), kw),
+                    rows(t.qh.add(i0 * n.d), n.d),
+                    true,
+                );
+                // dv_h[k0..k1] += P[i0..i1, k0..k1]^T dO
+                gemm_view(
+                    (kw, n.d, rows_b),
+                    (dvh.0.add(task * td + k0 * n.d), n.d as isize, 1),
+                    cols(p.add(k0), n.t),
+                    go,
+                    true,
+                );
+            }
+        }
+    }
 }
 
 /// Keys a block of query rows needs: one past the last unmasked key of any row, or all keys
@@ -232,64 +377,41 @@ impl CustomOp3 for Attention {
         let n = Dims::of(lq.dims(), lk.dims(), lv.dims())?;
         let blocks = n.mask_blocks(&self.mask)?;
         let (q, k, v) = (slice(sq, lq)?, slice(sk, lk)?, slice(sv, lv)?);
-        let (st, hd) = (n.s * n.t, n.heads * n.d);
+        let hd = n.heads * n.d;
         let per_block = n.s.div_ceil(ROW_BLOCK);
-        let mut probs = vec![0f32; n.b * n.heads * st];
         let mut out = vec![0f32; n.b * n.s * hd];
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let probs_ptr = SendPtr(probs.as_mut_ptr());
         let limits = key_spans(&self.mask, &n, blocks)?;
         with_bias(&self.mask, |bias| {
             for_heads(n.b * n.heads, |task| {
                 let (bi, h) = (task / n.heads, task % n.heads);
-                let (out_ptr, probs_ptr) = (out_ptr, probs_ptr);
+                let dst = out_ptr;
                 let bb = if blocks > 1 { bi } else { 0 };
-                // SAFETY: task `task` alone writes probs[task*st..][..st] and the columns
-                // h*d..(h+1)*d of batch row bi's (s, heads*d) output block; q, k and v hold
-                // the blocks `Dims::block` addresses (shapes checked in `Dims::of`), and every
-                // view below stays inside them (rows < s, first <= keys < end <= t).
+                let mut probs = vec![0f32; ROW_BLOCK.min(n.s) * n.t];
+                // SAFETY: task `task` alone writes the columns h*d..(h+1)*d of batch row bi's
+                // (s, heads*d) output block; q, k and v hold the blocks `Dims::block`
+                // addresses (shapes checked in `Dims::of`), `probs` holds a row block of t
+                // keys, and every view below stays inside them (rows < s, first <= keys <
+                // end <= t).
                 unsafe {
-                    let p = probs_ptr.0.add(task * st);
-                    let qh = q.as_ptr().add(n.block(bi, h, false));
-                    let kh = k.as_ptr().add(n.block(bi, h, true));
-                    let vh = v.as_ptr().add(n.block(bi, h, true));
+                    let t = Task {
+                        qh: q.as_ptr().add(n.block(bi, h, false)),
+                        kh: k.as_ptr().add(n.block(bi, h, true)),
+                        vh: v.as_ptr().add(n.block(bi, h, true)),
+                        bi,
+                        bb,
+                        bias,
+                    };
                     for (blk, (i0, i1)) in n.row_blocks().enumerate() {
                         let (k0, k1) = limits[bb * per_block + blk];
                         let (rows_b, kw) = (i1 - i0, k1 - k0);
-                        // raw scores (rows, kw) = q_h[i0..i1] k_h[k0..k1]^T
-                        gemm_view(
-                            (rows_b, kw, n.d),
-                            (p.add(i0 * n.t + k0), n.t as isize, 1),
-                            rows(qh.add(i0 * n.d), n.d),
-                            cols(kh.add(k0 * n.d), n.d),
-                            false,
-                        );
-                        simd::run(|| {
-                            for i in i0..i1 {
-                                let row = std::slice::from_raw_parts_mut(p.add(i * n.t + k0), kw);
-                                match (&self.mask, bias) {
-                                    (Mask::Ranges(r), _) => {
-                                        let (lo, hi) = r.range(bi, i);
-                                        softmax_row_range(row, lo - k0, hi - k0, self.scale);
-                                    }
-                                    (Mask::Bias(_), Some(bias)) => {
-                                        let b0 = bb * st + i * n.t;
-                                        softmax_row(row, &bias[b0 + k0..b0 + k1], self.scale);
-                                    }
-                                    (Mask::Bias(_), None) => unreachable!("bias is read"),
-                                }
-                            }
-                        });
+                        self.block_probs(&n, t, probs.as_mut_ptr(), (i0, i1), (k0, k1));
                         // out rows (rows, d) at column h*d of (s, heads*d) = probs v_h[k0..k1]
                         gemm_view(
                             (rows_b, n.d, kw),
-                            (
-                                out_ptr.0.add((bi * n.s + i0) * hd + h * n.d),
-                                hd as isize,
-                                1,
-                            ),
-                            rows(p.add(i0 * n.t + k0), n.t),
-                            rows(vh.add(k0 * n.d), n.d),
+                            (dst.0.add((bi * n.s + i0) * hd + h * n.d), hd as isize, 1),
+                            rows(probs.as_ptr().add(k0), n.t),
+                            rows(t.vh.add(k0 * n.d), n.d),
                             false,
                         );
                     }
@@ -297,7 +419,7 @@ impl CustomOp3 for Attention {
             });
         })?;
         // A second forward of the same op value would be a bug in the caller; keep the first.
-        let _ = self.saved.set(Saved { probs, limits });
+        let _ = self.saved.set(Saved { limits });
         Ok((CpuStorage::F32(out), Shape::from((n.b, n.s, hd))))
     }
 
@@ -311,10 +433,10 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = Dims::of(q.dims(), k.dims(), v.dims())?;
         let blocks = n.mask_blocks(&self.mask)?;
-        let Some(Saved { probs, limits }) = self.saved.get() else {
+        let Some(Saved { limits }) = self.saved.get() else {
             bail!("attention: backward before forward")
         };
-        let (st, hd, td) = (n.s * n.t, n.heads * n.d, n.t * n.d);
+        let td = n.t * n.d;
         let per_block = n.s.div_ceil(ROW_BLOCK);
         let tasks = n.b * n.heads;
         let mut dq = vec![0f32; q.elem_count()];
@@ -330,90 +452,32 @@ impl CustomOp3 for Attention {
             read(k, |k| {
                 read(v, |v| {
                     read(g, |g| {
-                        for_heads(tasks, |task| {
-                            let (bi, h) = (task / n.heads, task % n.heads);
-                            let (dq, dkh, dvh) = ptrs;
-                            let bb = if blocks > 1 { bi } else { 0 };
-                            let mut dp = vec![0f32; ROW_BLOCK * n.t];
-                            let mut draw = vec![0f32; ROW_BLOCK * n.t];
-                            // SAFETY: task `task` alone writes dq's (s, d) block of (bi, h) and
-                            // its own (t, d) blocks of dk_h and dv_h; the reads stay inside q,
-                            // k, v, g and probs (shapes checked in `Dims::of`; rows < s,
-                            // first <= keys < end <= t).
-                            unsafe {
-                                let p = probs.as_ptr().add(task * st);
-                                let qh = q.as_ptr().add(n.block(bi, h, false));
-                                let kh = k.as_ptr().add(n.block(bi, h, true));
-                                let vh = v.as_ptr().add(n.block(bi, h, true));
-                                let g0 = g.as_ptr().add(bi * n.s * hd + h * n.d);
-                                for (blk, (i0, i1)) in n.row_blocks().enumerate() {
-                                    let (k0, k1) = limits[bb * per_block + blk];
-                                    let (rows_b, kw) = (i1 - i0, k1 - k0);
-                                    // dO rows: (rows, d) at column h*d of g's (s, heads*d)
-                                    let go = View {
-                                        ptr: g0.add(i0 * hd),
-                                        rs: hd as isize,
-                                        cs: 1,
-                                    };
-                                    // dP (rows, kw) = dO v_h[k0..k1]^T, stride kw
-                                    gemm_view(
-                                        (rows_b, kw, n.d),
-                                        (dp.as_mut_ptr(), kw as isize, 1),
-                                        go,
-                                        cols(vh.add(k0 * n.d), n.d),
-                                        false,
-                                    );
-                                    simd::run(|| {
-                                        for r in 0..rows_b {
-                                            let pr = std::slice::from_raw_parts(
-                                                p.add((i0 + r) * n.t + k0),
-                                                kw,
-                                            );
-                                            let at = r * kw..(r + 1) * kw;
-                                            softmax_row_bwd(
-                                                pr,
-                                                &dp[at.clone()],
-                                                self.scale,
-                                                &mut draw[at],
-                                            );
-                                        }
-                                    });
-                                    let dr = rows(draw.as_ptr(), kw);
-                                    // dq rows (rows, d) = d raw k_h[k0..k1]
-                                    gemm_view(
-                                        (rows_b, n.d, kw),
-                                        (
-                                            dq.0.add(n.block(bi, h, false) + i0 * n.d),
-                                            n.d as isize,
-                                            1,
-                                        ),
-                                        dr,
-                                        rows(kh.add(k0 * n.d), n.d),
-                                        false,
-                                    );
-                                    // dk_h[k0..k1] += d raw^T q_h[i0..i1]
-                                    gemm_view(
-                                        (kw, n.d, rows_b),
-                                        (dkh.0.add(task * td + k0 * n.d), n.d as isize, 1),
-                                        cols(draw.as_ptr(), kw),
-                                        rows(qh.add(i0 * n.d), n.d),
-                                        true,
-                                    );
-                                    // dv_h[k0..k1] += P[i0..i1, k0..k1]^T dO
-                                    gemm_view(
-                                        (kw, n.d, rows_b),
-                                        (dvh.0.add(task * td + k0 * n.d), n.d as isize, 1),
-                                        cols(p.add(i0 * n.t + k0), n.t),
-                                        go,
-                                        true,
-                                    );
-                                }
-                            }
+                        with_bias(&self.mask, |bias| {
+                            for_heads(tasks, |task| {
+                                let (bi, h) = (task / n.heads, task % n.heads);
+                                let bb = if blocks > 1 { bi } else { 0 };
+                                // SAFETY: the task's blocks as `Dims::block` addresses them
+                                // (shapes checked in `Dims::of`).
+                                let t = unsafe {
+                                    Task {
+                                        qh: q.as_ptr().add(n.block(bi, h, false)),
+                                        kh: k.as_ptr().add(n.block(bi, h, true)),
+                                        vh: v.as_ptr().add(n.block(bi, h, true)),
+                                        bi,
+                                        bb,
+                                        bias,
+                                    }
+                                };
+                                // SAFETY: as below in `head_bwd`.
+                                unsafe {
+                                    self.head_bwd(&n, t, g, ptrs, task, &limits[bb * per_block..])
+                                };
+                            })
                         })
                     })
                 })
             })
-        })????;
+        })?????;
         // Sum the query heads of each kv head, in head order (deterministic).
         let reduce = |parts: &[f32]| {
             let mut out = vec![0f32; k.elem_count()];
