@@ -303,6 +303,29 @@ fn bench_prints_one_row_per_shape_and_thread_count_and_merges_comparison_rows() 
     assert_eq!((row.batch, row.seq, row.threads), (4, 128, 1));
 }
 
+/// `bench --batching` on the smoke preset: the four variants, the reference padding clamped
+/// to the fixture's 256 positions, and packing carrying more examples per step.
+#[test]
+fn bench_batching_runs_on_the_smoke_preset_with_the_reference_length_clamped() {
+    let out = common::stdout_ok(
+        lorasft()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["bench", "--batching", "--preset", "smoke", "--threads", "1"])
+            .args(["--steps", "1", "--skip", "0"]),
+    );
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(rows.len(), 5, "header + 4 variants:\n{out}");
+    assert!(
+        rows[1].starts_with("| padded, max_length 256 (the reference's padding) | 1 |"),
+        "{out}"
+    );
+    let per_step = |row: &str| -> f64 { row.split('|').nth(3).unwrap().trim().parse().unwrap() };
+    assert!(
+        per_step(rows[4]) > per_step(rows[2]),
+        "packing carries more examples:\n{out}"
+    );
+}
+
 /// `bench --memory` on the tiny shape: four children (f32 and kept quantized, activations
 /// kept and recomputed), each row with its load and step-peak RSS, and the ratios against the
 /// f32 row of the same setting; the Q4_K_M file is written where `--memory-gguf` says.
