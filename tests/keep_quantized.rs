@@ -239,10 +239,12 @@ fn train_with_keep_quantized_learns_and_matches_the_f32_import_step_for_step() {
     }
 }
 
-/// The path an accelerator takes (the one weight dequantized where the model computes, for
-/// the forward and again for the backward), run on the CPU in f64 where it is also taken:
-/// output and input gradient equal `frozen_linear` on the dequantized weight, bit for bit.
-/// On the CPU the device copy is no copy, and the CPU refuses a quantized base outside f32.
+/// The composed path an accelerator takes (the one weight dequantized for the forward and
+/// again for the backward, then `composed_linear`), run on the CPU in f64, where it is also
+/// taken: output and input gradient equal `frozen_linear` on the dequantized weight, bit for
+/// bit. This pins the composition, not the device's dequantization kernel, which only a GPU
+/// runs. On the CPU the device copy is no copy, and the CPU refuses a quantized base outside
+/// f32.
 #[test]
 fn composed_quantized_product_equals_the_dense_one_and_cpu_needs_f32() {
     use lorasft::model::ops::{frozen_linear, frozen_linear_quant};
@@ -309,6 +311,26 @@ fn sliced_quantized_products_equal_the_dense_gemm_bit_for_bit() {
         let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
         gemm_rows_f32(&mut want, &x, &dense, m, n, k, transpose);
         gemm_rows_quant(&mut got, &x, &q, m, transpose);
+        // Both share the slicing, so check every column against a plain f64 product too.
+        let at = |r: usize, c: usize| {
+            if transpose {
+                dense[c * k + r]
+            } else {
+                dense[r * n + c]
+            }
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|l| f64::from(x[i * k + l]) * f64::from(at(l, j)))
+                    .sum();
+                let got = f64::from(want[i * n + j]);
+                assert!(
+                    (got - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                    "({i}, {j}): {got} vs {exact}"
+                );
+            }
+        }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert!(bits(&got) == bits(&want), "transpose {transpose}");
     }

@@ -351,8 +351,13 @@ pub fn load_quantized_on(g: &Gguf, dev: &Device, dtype: DType) -> Result<(LlamaC
         let q = reader.qtensor(t)?;
         let order =
             permuted_heads(name, &shape).map(|h| unpermuted_row_sources(q.shape().dims()[0], h));
+        // An untied embedding is only looked up, on the host: no device copy.
+        let lookup_only = name == "model.embed_tokens.weight" && !shape.tied;
         let w = QuantWeight::from_rows(q, order.as_deref())
-            .and_then(|w| w.with_device_copy(dev, dtype))
+            .and_then(|w| match lookup_only {
+                true => Ok(w),
+                false => w.with_device_copy(dev, dtype),
+            })
             .map_err(|e| Error::Invalid(format!("{}: `{}`: {e}", g.path.display(), t.name)))?;
         Ok(Frozen::Quant(Arc::new(w)))
     })?;
