@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::error::Result;
+use crate::model::frozen::Frozen;
 use crate::model::llama::Llama;
 
 /// Formats an integer with thousands separators, as Python's `{:,}` does.
@@ -75,12 +76,19 @@ pub fn tensor_sha256(t: &Tensor) -> Result<String> {
 pub struct Fingerprint(pub BTreeMap<String, String>);
 
 impl Fingerprint {
-    /// Hashes every base tensor of `model`.
+    /// Hashes every base tensor of `model`: a dense tensor's bytes in its dtype, a
+    /// kept-quantized weight's raw blocks where they lie (no copy).
     pub fn of(model: &Llama) -> Result<Self> {
         model
-            .base_tensors()
+            .base_weights()
             .into_iter()
-            .map(|(n, t)| Ok((n, tensor_sha256(&t)?)))
+            .map(|(n, w)| {
+                let hash = match &w {
+                    Frozen::Dense(t) => tensor_sha256(t)?,
+                    Frozen::Quant(q) => format!("{:x}", Sha256::digest(q.raw_bytes())),
+                };
+                Ok((n, hash))
+            })
             .collect::<Result<_>>()
             .map(Fingerprint)
     }
@@ -132,10 +140,11 @@ pub fn adapter_grad_norms(model: &Llama, grads: &GradStore) -> Result<Vec<(Strin
 /// Names of base tensors that appear in a gradient store (should be none: the base is frozen
 /// and its linears compute dX only).
 pub fn base_tensors_with_grad(model: &Llama, grads: &GradStore) -> Vec<String> {
+    // A weight kept quantized is no tensor, so it cannot be in a gradient store.
     model
-        .base_tensors()
+        .base_weights()
         .into_iter()
-        .filter(|(_, t)| grads.get(t).is_some())
+        .filter(|(_, w)| matches!(w, Frozen::Dense(t) if grads.get(t).is_some()))
         .map(|(n, _)| n)
         .collect()
 }
@@ -150,8 +159,8 @@ pub fn weight_shaped_gradients(model: &Llama, grads: &GradStore) -> Vec<Vec<usiz
         .map(|(_, v)| v.as_tensor().id())
         .collect();
     let mut shapes: std::collections::HashSet<Vec<usize>> = std::collections::HashSet::new();
-    for (_, t) in model.base_tensors() {
-        let d = t.dims().to_vec();
+    for (_, w) in model.base_weights() {
+        let d = w.shape();
         shapes.insert(d.iter().rev().copied().collect());
         shapes.insert(d);
     }

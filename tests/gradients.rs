@@ -151,6 +151,7 @@ fn gradient_store_holds_no_base_tensor() {
     // Negative control: a plain matmul against a base weight is caught.
     let (name, w) = model
         .base_tensors()
+        .unwrap()
         .into_iter()
         .find(|(n, _)| n.ends_with("q_proj.weight"))
         .unwrap();

@@ -335,3 +335,35 @@ fn sliced_quantized_products_equal_the_dense_gemm_bit_for_bit() {
         assert!(bits(&got) == bits(&want), "transpose {transpose}");
     }
 }
+
+/// The gradient checks see a kept-quantized weight by its logical shape: a weight gradient
+/// computed against a dequantized q_proj is caught. Its fingerprint is the SHA-256 of its raw
+/// blocks, read where they lie.
+#[test]
+fn gradient_checks_and_fingerprints_see_kept_quantized_weights() {
+    use lorasft::verify::{Fingerprint, weight_shaped_gradients};
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = exported(tmp.path(), "q4_k_m");
+    let (_, quant) = gguf_import::load_quantized(&Gguf::read(&file).unwrap()).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let Frozen::Quant(q) = quant.linear(0, Projection::QProj).unwrap().weight() else {
+        panic!("q_proj is dense");
+    };
+    let fp = Fingerprint::of(&quant).unwrap();
+    assert_eq!(
+        fp.0[name],
+        format!("{:x}", sha2::Sha256::digest(q.raw_bytes()))
+    );
+    let w = candle_core::Var::from_tensor(&q.dequantize().unwrap()).unwrap();
+    let x = Tensor::ones((3, q.dims().1), DType::F32, &Device::Cpu).unwrap();
+    let grads = x
+        .matmul(&w.as_tensor().t().unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (out_f, in_f) = q.dims();
+    assert!(weight_shaped_gradients(&quant, &grads).contains(&vec![out_f, in_f]));
+}

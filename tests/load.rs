@@ -91,7 +91,7 @@ fn bf16_and_f16_files_are_upcast_to_f32() {
         .unwrap();
         assert_eq!(model.dtype(), DType::F32);
         assert_eq!(report.file_dtypes.len(), 1, "{:?}", report.file_dtypes);
-        let (name, t) = &model.base_tensors()[1];
+        let (name, t) = &model.base_tensors().unwrap()[1];
         let stored = spec
             .tensors(5)
             .unwrap()

@@ -27,11 +27,11 @@ impl Frozen {
         }
     }
 
-    /// What fingerprints and gradient checks see: the dense tensor, or the raw block bytes.
-    pub fn stored(&self) -> Tensor {
+    /// The weight's logical shape (a quantized weight's values, not its bytes).
+    pub fn shape(&self) -> Vec<usize> {
         match self {
-            Self::Dense(t) => t.clone(),
-            Self::Quant(q) => q.bytes_tensor(),
+            Self::Dense(t) => t.dims().to_vec(),
+            Self::Quant(q) => vec![q.dims().0, q.dims().1],
         }
     }
 

@@ -269,35 +269,46 @@ impl Llama {
         self.lora.as_ref()
     }
 
-    /// Every base tensor with its checkpoint name, in checkpoint order.
-    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
-        let names = self.shape.tensor_specs();
-        let mut tensors = vec![self.embed.stored()];
-        for l in &self.layers {
-            tensors.push(l.input_norm.clone());
-            tensors.extend(l.proj.iter().map(|p| p.weight().stored()));
-            tensors.push(l.post_norm.clone());
-        }
-        tensors.push(self.norm.clone());
-        tensors.extend(self.lm_head.as_ref().map(Frozen::stored));
-        names.into_iter().map(|(n, _)| n).zip(tensors).collect()
+    /// Every frozen base weight as it is held (dense, or kept quantized) with its checkpoint
+    /// name, in checkpoint order: what fingerprints hash and gradient checks look for.
+    pub fn base_weights(&self) -> Vec<(String, Frozen)> {
+        self.named(|f| Ok(f.clone()), |p| Ok(p.weight().clone()))
+            .expect("cloning cannot fail")
+    }
+
+    /// Every base tensor dense (kept-quantized weights dequantized) with its checkpoint name.
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named(Frozen::dense, |p| p.weight().dense())
     }
 
     /// Every weight as the forward sees it, with adapters folded in (`W + B A s` for adapted
     /// linears), under checkpoint names: what `lorasft merge` exports.
     pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let names = self.shape.tensor_specs();
-        let mut tensors = vec![self.embed.dense()?];
+        self.named(Frozen::dense, Linear::effective_weight)
+    }
+
+    /// The base walked in checkpoint order: `frozen` maps the embedding, norms and lm_head,
+    /// `proj` each layer's seven linears; each result is named as in checkpoints.
+    fn named<T>(
+        &self,
+        frozen: impl Fn(&Frozen) -> Result<T>,
+        proj: impl Fn(&Linear) -> Result<T>,
+    ) -> Result<Vec<(String, T)>> {
+        let dense = |t: &Tensor| frozen(&Frozen::Dense(t.clone()));
+        let mut out = vec![frozen(&self.embed)?];
         for l in &self.layers {
-            tensors.push(l.input_norm.clone());
+            out.push(dense(&l.input_norm)?);
             for p in &l.proj {
-                tensors.push(p.effective_weight()?);
+                out.push(proj(p)?);
             }
-            tensors.push(l.post_norm.clone());
+            out.push(dense(&l.post_norm)?);
         }
-        tensors.push(self.norm.clone());
-        tensors.extend(self.lm_head.as_ref().map(Frozen::dense).transpose()?);
-        Ok(names.into_iter().map(|(n, _)| n).zip(tensors).collect())
+        out.push(dense(&self.norm)?);
+        if let Some(h) = &self.lm_head {
+            out.push(frozen(h)?);
+        }
+        let names = self.shape.tensor_specs().into_iter().map(|(n, _)| n);
+        Ok(names.zip(out).collect())
     }
 
     /// Attaches fresh adapters (PEFT's init, drawn from `seed`) to every target module, in the

@@ -151,11 +151,9 @@ impl QuantWeight {
         self.out_f * self.row_bytes
     }
 
-    /// A copy of the raw block bytes, (out, row_bytes) as a U8 tensor: what fingerprints hash.
-    pub fn bytes_tensor(&self) -> Tensor {
-        let data = self.q.data().expect("CPU storage, checked at construction");
-        Tensor::from_slice(&data, (self.out_f, self.row_bytes), &Device::Cpu)
-            .expect("out * row_bytes bytes, checked at construction")
+    /// The raw block bytes, borrowed from the host storage: what fingerprints hash.
+    pub fn raw_bytes(&self) -> Cow<'_, [u8]> {
+        self.q.data().expect("CPU storage, checked at construction")
     }
 
     /// The whole weight as f32 (merge and export only; training never calls this).
