@@ -17,7 +17,7 @@
 //! first any of its rows may see to the last: the causal upper triangle, and with packed rows
 //! every other example's keys, are skipped.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -44,18 +44,12 @@ pub struct Attention {
     pub mask: Mask,
     /// 1 / sqrt(d).
     pub scale: f32,
-    /// What the forward keeps for the backward.
-    saved: OnceLock<Saved>,
 }
 
 impl Attention {
     /// The op for one layer's call.
     pub fn new(mask: Mask, scale: f32) -> Self {
-        Self {
-            mask,
-            scale,
-            saved: OnceLock::new(),
-        }
+        Self { mask, scale }
     }
 }
 
@@ -138,12 +132,6 @@ const ROW_BLOCK: usize = 64;
 /// A bias entry at or below this is a mask: its probability underflows to exactly 0.
 const MASKED: f32 = -1e30;
 
-/// What the forward keeps for the backward.
-struct Saved {
-    /// Key span `[first, end)` per (mask block, row block).
-    limits: Vec<(usize, usize)>,
-}
-
 /// Where one (batch row, head) task reads: its query, key and value blocks, its mask block
 /// and batch row, and the dense bias when the mask is one.
 #[derive(Clone, Copy)]
@@ -154,6 +142,34 @@ struct Task<'a> {
     bi: usize,
     bb: usize,
     bias: Option<&'a [f32]>,
+}
+
+impl<'a> Task<'a> {
+    /// Task `task`: batch row `task / heads`, head `task % heads`.
+    ///
+    /// # Safety
+    /// `q`, `k` and `v` must hold the blocks [`Dims::block`] addresses (shapes checked in
+    /// `Dims::of`).
+    unsafe fn new(
+        n: &Dims,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        task: usize,
+        blocks: usize,
+        bias: Option<&'a [f32]>,
+    ) -> Self {
+        let (bi, h) = (task / n.heads, task % n.heads);
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            Task {
+                qh: q.as_ptr().add(n.block(bi, h, false)),
+                kh: k.as_ptr().add(n.block(bi, h, true)),
+                vh: v.as_ptr().add(n.block(bi, h, true)),
+                bi,
+                bb: if blocks > 1 { bi } else { 0 },
+                bias,
+            }
+        }
+    }
 }
 
 impl Attention {
@@ -386,7 +402,6 @@ impl CustomOp3 for Attention {
             for_heads(n.b * n.heads, |task| {
                 let (bi, h) = (task / n.heads, task % n.heads);
                 let dst = out_ptr;
-                let bb = if blocks > 1 { bi } else { 0 };
                 let mut probs = vec![0f32; ROW_BLOCK.min(n.s) * n.t];
                 // SAFETY: task `task` alone writes the columns h*d..(h+1)*d of batch row bi's
                 // (s, heads*d) output block; q, k and v hold the blocks `Dims::block`
@@ -394,16 +409,9 @@ impl CustomOp3 for Attention {
                 // keys, and every view below stays inside them (rows < s, first <= keys <
                 // end <= t).
                 unsafe {
-                    let t = Task {
-                        qh: q.as_ptr().add(n.block(bi, h, false)),
-                        kh: k.as_ptr().add(n.block(bi, h, true)),
-                        vh: v.as_ptr().add(n.block(bi, h, true)),
-                        bi,
-                        bb,
-                        bias,
-                    };
+                    let t = Task::new(&n, (q, k, v), task, blocks, bias);
                     for (blk, (i0, i1)) in n.row_blocks().enumerate() {
-                        let (k0, k1) = limits[bb * per_block + blk];
+                        let (k0, k1) = limits[t.bb * per_block + blk];
                         let (rows_b, kw) = (i1 - i0, k1 - k0);
                         self.block_probs(&n, t, probs.as_mut_ptr(), (i0, i1), (k0, k1));
                         // out rows (rows, d) at column h*d of (s, heads*d) = probs v_h[k0..k1]
@@ -418,8 +426,6 @@ impl CustomOp3 for Attention {
                 }
             });
         })?;
-        // A second forward of the same op value would be a bug in the caller; keep the first.
-        let _ = self.saved.set(Saved { limits });
         Ok((CpuStorage::F32(out), Shape::from((n.b, n.s, hd))))
     }
 
@@ -433,9 +439,8 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = Dims::of(q.dims(), k.dims(), v.dims())?;
         let blocks = n.mask_blocks(&self.mask)?;
-        let Some(Saved { limits }) = self.saved.get() else {
-            bail!("attention: backward before forward")
-        };
+        // The key spans are a function of the mask and the sizes: derived again, not kept.
+        let limits = key_spans(&self.mask, &n, blocks)?;
         let td = n.t * n.d;
         let per_block = n.s.div_ceil(ROW_BLOCK);
         let tasks = n.b * n.heads;
@@ -454,23 +459,12 @@ impl CustomOp3 for Attention {
                     read(g, |g| {
                         with_bias(&self.mask, |bias| {
                             for_heads(tasks, |task| {
-                                let (bi, h) = (task / n.heads, task % n.heads);
-                                let bb = if blocks > 1 { bi } else { 0 };
-                                // SAFETY: the task's blocks as `Dims::block` addresses them
-                                // (shapes checked in `Dims::of`).
-                                let t = unsafe {
-                                    Task {
-                                        qh: q.as_ptr().add(n.block(bi, h, false)),
-                                        kh: k.as_ptr().add(n.block(bi, h, true)),
-                                        vh: v.as_ptr().add(n.block(bi, h, true)),
-                                        bi,
-                                        bb,
-                                        bias,
-                                    }
-                                };
-                                // SAFETY: as below in `head_bwd`.
+                                // SAFETY: q, k and v are the shapes `Dims::of` checked; task
+                                // `task` alone writes its parts of dq, dk_h and dv_h.
                                 unsafe {
-                                    self.head_bwd(&n, t, g, ptrs, task, &limits[bb * per_block..])
+                                    let t = Task::new(&n, (q, k, v), task, blocks, bias);
+                                    let limits = &limits[t.bb * per_block..];
+                                    self.head_bwd(&n, t, g, ptrs, task, limits)
                                 };
                             })
                         })
