@@ -160,7 +160,10 @@ fn check_packed_equals_unpacked(
     // A gradient may be exactly zero: when every target sits at an example's first position,
     // each query sees one key, its softmax is constant, and q_proj's adapters get nothing.
     // Then the packed one must be zero too; and some gradient must be live.
-    prop_assert!(ug.iter().any(|g| max_abs(g) > 0.0), "every gradient is zero");
+    prop_assert!(
+        ug.iter().any(|g| max_abs(g) > 0.0),
+        "every gradient is zero"
+    );
     for (i, (a, b)) in pg.iter().zip(&ug).enumerate() {
         let d = max_abs_diff(a, b) / max_abs(b).max(f64::MIN_POSITIVE);
         prop_assert!(d <= tol, "gradient {} differs by {:e} relative", i, d);

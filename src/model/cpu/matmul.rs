@@ -89,7 +89,7 @@ pub fn gemm_rows_f32(
 
 /// The most values of the right-hand side one `gemm` call covers (4M, 16 MiB of f32), unless
 /// 256 columns need more. It bounds what a quantized product dequantizes per worker (at
-/// TinyLlama's vocabulary, `g @ lm_head` would otherwise hold 131 MiB per worker). The dense
+/// TinyLlama's vocabulary, `g @ lm_head` would otherwise hold 125 MiB per worker at 2 threads). The dense
 /// product is sliced the same way because `gemm`'s rounding depends on the width of the call:
 /// only the same slices give the same bits.
 pub const SLICE_VALUES: usize = 1 << 22;
