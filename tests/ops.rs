@@ -371,8 +371,10 @@ fn fused_frozen_linear_f32_matches_f64_matmul() {
     check_f32(
         "frozen_linear",
         &move |x| {
-            x.apply_op1(host_ops::FrozenLinear { w: w32.clone() })
-                .unwrap()
+            x.apply_op1(host_ops::FrozenLinear {
+                w: Frozen::Dense(w32.clone()),
+            })
+            .unwrap()
         },
         &move |x| x.broadcast_matmul(&w.t().unwrap()).unwrap(),
         &randn(&[2, 37, 24], 12),

@@ -10,9 +10,7 @@
 use crate::model::autograd::attach_backward;
 use crate::model::cpu::attention::{Attention, Mask};
 use crate::model::cpu::matmul::matmul_frozen;
-use crate::model::cpu::ops::{
-    self as cpu_ops, FrozenLinear, QuantLinear, RmsNorm, RopeHeads, SwiGlu,
-};
+use crate::model::cpu::ops::{self as cpu_ops, FrozenLinear, RmsNorm, RopeHeads, SwiGlu};
 use crate::model::cpu::quant::QuantWeight;
 use crate::model::frozen::Frozen;
 use crate::model::visibility::mask_value;
@@ -21,42 +19,38 @@ use candle_core::{D, DType, Result, Tensor};
 /// `x @ w^T` for a frozen weight `w` (out, in): the backward computes dX only, never dW.
 /// `x` is (..., in); the result is (..., out).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims2()?;
-    check_linear_input(x, out_f, in_f)?;
-    if cpu_ops::on_host_f32(x) && w.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() });
-    }
-    let w = w.clone();
-    composed_linear(x, (out_f, in_f), move || Ok(w.clone()))
+    frozen_product(x, &Frozen::Dense(w.clone()))
 }
 
 /// `x @ w^T` for a frozen weight kept quantized: [`frozen_linear`] on `w`'s dequantized
-/// values, bit for bit, without ever holding all of the base dense. On the CPU in f32 each
-/// product dequantizes tile by tile; elsewhere (an accelerator, or another dtype) the one
-/// weight is dequantized where the model computes, for the forward and again for the
-/// backward, and dropped after each.
+/// values, bit for bit, without ever holding all of the base dense.
 pub fn frozen_linear_quant(x: &Tensor, w: &std::sync::Arc<QuantWeight>) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims();
-    check_linear_input(x, out_f, in_f)?;
-    if cpu_ops::on_host_f32(x) {
-        return x.contiguous()?.apply_op1(QuantLinear {
-            w: std::sync::Arc::clone(w),
-        });
-    }
-    let (w, dtype) = (std::sync::Arc::clone(w), x.dtype());
-    composed_linear(x, (out_f, in_f), move || {
-        w.dense_for_product()
-            .and_then(|d| Ok(d.to_dtype(dtype)?))
-            .map_err(candle_core::Error::wrap)
-    })
+    frozen_product(x, &Frozen::Quant(std::sync::Arc::clone(w)))
 }
 
-/// `x @ w^T` for a frozen weight, dense or kept quantized.
+/// `x @ w^T` for a frozen weight, dense or kept quantized. On the CPU in f32 it is one fused
+/// op (a quantized weight dequantized slice by slice inside the `gemm` calls); elsewhere (an
+/// accelerator, or another dtype) the weight is taken dense where the model computes, for
+/// the forward and again for the backward: a quantized one is dequantized each time and
+/// dropped after.
 pub fn frozen_product(x: &Tensor, w: &Frozen) -> Result<Tensor> {
-    match w {
-        Frozen::Dense(w) => frozen_linear(x, w),
-        Frozen::Quant(q) => frozen_linear_quant(x, q),
+    let (out_f, in_f) = w.dims().map_err(candle_core::Error::wrap)?;
+    check_linear_input(x, out_f, in_f)?;
+    let fused = match w {
+        Frozen::Dense(t) => t.dtype() == DType::F32,
+        Frozen::Quant(_) => true,
+    };
+    if fused && cpu_ops::on_host_f32(x) {
+        return x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() });
     }
+    let (w, dtype) = (w.clone(), x.dtype());
+    composed_linear(x, (out_f, in_f), move || match &w {
+        Frozen::Dense(t) => Ok(t.clone()),
+        Frozen::Quant(q) => q
+            .dense_for_product()
+            .and_then(|d| Ok(d.to_dtype(dtype)?))
+            .map_err(candle_core::Error::wrap),
+    })
 }
 
 /// Refuses an input whose last dim is not the weight's `in_f`.

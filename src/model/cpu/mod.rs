@@ -8,8 +8,8 @@
 //!
 //! | fused op | equals (composed form) | pinned by |
 //! |---|---|---|
-//! | [`ops::FrozenLinear`] (gemm on storage, [`matmul::gemm_rows_f32`]) | `x.matmul(w.t())`, dX only | `fused_frozen_linear_f32_matches_f64_matmul`, `frozen_linear_backward_matches_matmul_and_finite_differences` |
-//! | [`ops::QuantLinear`] (a [`quant::QuantWeight`] dequantized per column block of [`matmul::gemm_rows_f32`], [`quant::gemm_rows_quant`]) | [`ops::FrozenLinear`] on the dequantized weight, bit for bit | `tests/keep_quantized.rs` |
+//! | [`ops::FrozenLinear`], dense (gemm on storage, [`matmul::gemm_rows_f32`]) | `x.matmul(w.t())`, dX only | `fused_frozen_linear_f32_matches_f64_matmul`, `frozen_linear_backward_matches_matmul_and_finite_differences` |
+//! | [`ops::FrozenLinear`], kept quantized (a [`quant::QuantWeight`] dequantized per column slice of [`matmul::gemm_rows_f32`], [`quant::gemm_rows_quant`]) | the dense op on the dequantized weight, bit for bit | `tests/keep_quantized.rs` |
 //! | [`ops::RmsNorm`] | `x * rsqrt(mean(x²) + eps) * w` | `fused_rms_norm_f32_matches_f64_composed` |
 //! | [`ops::RopeHeads`] | `to_heads` + `x cos + rotate_half(x) sin` | `fused_rope_heads_f32_matches_f64_composed_for_shared_and_per_row_tables` |
 //! | [`ops::SwiGlu`] | `silu(gate) * up` | `fused_swiglu_f32_matches_f64_composed_in_both_inputs` |

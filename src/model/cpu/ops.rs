@@ -15,7 +15,8 @@ use crate::model::cpu::kernels::{
     self, HeadsLayout, Rotation, rms_norm_bwd, rms_norm_fwd, swiglu_bwd, swiglu_fwd,
 };
 use crate::model::cpu::matmul::gemm_rows_f32;
-use crate::model::cpu::quant::{QuantWeight, gemm_rows_quant};
+use crate::model::cpu::quant::gemm_rows_quant;
+use crate::model::frozen::Frozen;
 
 /// Whether `t` can take the fused host path: an f32 tensor on the CPU.
 pub fn on_host_f32(t: &Tensor) -> bool {
@@ -46,10 +47,39 @@ pub(crate) fn host(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }
 
-/// `x @ w^T` with a frozen `w` (out, in); the backward is dX = g w only.
+/// `x @ w^T` with a frozen `w` (out, in), dense f32 or kept quantized; the backward is
+/// dX = g w only. A quantized weight is dequantized one column slice at a time
+/// ([`gemm_rows_quant`]), bit-identical to the dense product on its f32 values.
 pub struct FrozenLinear {
     /// The frozen weight, (out, in).
-    pub w: Tensor,
+    pub w: Frozen,
+}
+
+impl FrozenLinear {
+    /// `dst (rows, out) = x (rows, in) @ w^T` when `transpose`, else
+    /// `dst (rows, in) = x (rows, out) @ w`.
+    fn product(&self, dst: &mut [f32], x: &[f32], rows: usize, transpose: bool) -> Result<()> {
+        match &self.w {
+            Frozen::Dense(w) => {
+                let (out_f, in_f) = w.dims2()?;
+                let (n, k) = if transpose {
+                    (out_f, in_f)
+                } else {
+                    (in_f, out_f)
+                };
+                read(w, |w| gemm_rows_f32(dst, x, w, rows, n, k, transpose))
+            }
+            Frozen::Quant(q) => {
+                gemm_rows_quant(dst, x, q, rows, transpose);
+                Ok(())
+            }
+        }
+    }
+
+    /// (out, in).
+    fn dims(&self) -> Result<(usize, usize)> {
+        self.w.dims().map_err(candle_core::Error::wrap)
+    }
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -58,65 +88,27 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (out_f, in_f) = self.w.dims2()?;
-        let x = slice(s, l)?;
-        let rows = x.len() / in_f;
-        let mut y = vec![0f32; rows * out_f];
-        read(&self.w, |w| {
-            gemm_rows_f32(&mut y, x, w, rows, out_f, in_f, true)
-        })?;
-        let mut dims = l.shape().dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let (out_f, in_f) = self.w.dims2()?;
-        let rows = g.elem_count() / out_f;
-        let mut dx = vec![0f32; rows * in_f];
-        read(g, |g| {
-            read(&self.w, |w| {
-                gemm_rows_f32(&mut dx, g, w, rows, in_f, out_f, false)
-            })
-        })??;
-        Ok(Some(host(dx, x.shape())?))
-    }
-}
-
-/// [`FrozenLinear`] with the weight kept quantized: both products dequantize it one column
-/// block at a time ([`gemm_rows_quant`]), bit-identical to [`FrozenLinear`] on its f32 values.
-pub struct QuantLinear {
-    /// The frozen quantized weight, (out, in).
-    pub w: std::sync::Arc<QuantWeight>,
-}
-
-impl CustomOp1 for QuantLinear {
-    fn name(&self) -> &'static str {
-        "quant-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (out_f, in_f) = self.w.dims();
+        let (out_f, in_f) = self.dims()?;
         let x = slice(s, l)?;
         if x.len() % in_f != 0 {
             bail!(
-                "quant-linear: input {:?} against a weight ({out_f}, {in_f})",
+                "frozen-linear: input {:?} against a weight ({out_f}, {in_f})",
                 l.dims()
             );
         }
         let rows = x.len() / in_f;
         let mut y = vec![0f32; rows * out_f];
-        gemm_rows_quant(&mut y, x, &self.w, rows, true);
+        self.product(&mut y, x, rows, true)?;
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = out_f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let (out_f, in_f) = self.w.dims();
+        let (out_f, in_f) = self.dims()?;
         let rows = g.elem_count() / out_f;
         let mut dx = vec![0f32; rows * in_f];
-        read(g, |g| gemm_rows_quant(&mut dx, g, &self.w, rows, false))?;
+        read(g, |g| self.product(&mut dx, g, rows, false))??;
         Ok(Some(host(dx, x.shape())?))
     }
 }
