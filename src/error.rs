@@ -110,8 +110,8 @@ pub enum Error {
         line: usize,
         /// 0-based record index.
         record: usize,
-        /// The field at fault, when one is.
-        field: Option<&'static str>,
+        /// The field at fault, when one is (a path such as `messages[2].role`).
+        field: Option<String>,
         /// What was wrong.
         msg: String,
     },
@@ -172,8 +172,11 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn field_suffix(field: &Option<&'static str>) -> String {
-    field.map(|f| format!(", field `{f}`")).unwrap_or_default()
+fn field_suffix(field: &Option<String>) -> String {
+    field
+        .as_deref()
+        .map(|f| format!(", field `{f}`"))
+        .unwrap_or_default()
 }
 
 fn file_hint(path: &std::path::Path) -> &'static str {

@@ -159,11 +159,23 @@ pub fn generate(
     eos: &[u32],
     cfg: &GenerateConfig,
 ) -> Result<Generation> {
-    cfg.validate()?;
     let enc = tokenizer
         .encode(prompt, true)
         .map_err(|e| Error::Invalid(format!("tokenizer failed: {e}")))?;
-    let ids = enc.get_ids().to_vec();
+    generate_ids(model, tokenizer, prompt, enc.get_ids().to_vec(), eos, cfg)
+}
+
+/// Generates a continuation of a prompt already tokenized (`ids`; a chat prompt is tokenized
+/// with its template's special tokens read as such); `prompt` is recorded as given.
+pub fn generate_ids(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    ids: Vec<u32>,
+    eos: &[u32],
+    cfg: &GenerateConfig,
+) -> Result<Generation> {
+    cfg.validate()?;
     if ids.is_empty() {
         return Err(Error::Invalid("the prompt encodes to no tokens".into()));
     }

@@ -6,7 +6,7 @@
 //! every module):
 //!
 //! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`thread_tuning`], [`alloc_tuning`]
-//! 2. data: [`data`], [`tokenizer`], [`gguf`]
+//! 2. data: [`data`], [`chat`], [`tokenizer`], [`gguf`]
 //! 3. model: [`model`], [`adapter`], [`verify`], [`generate`], [`inspect`], [`export`]
 //! 4. run records: [`records`] (the typed files of a run directory)
 //! 5. training: [`train`]
@@ -20,6 +20,7 @@ pub mod rng;
 pub mod sys;
 pub mod thread_tuning;
 
+pub mod chat;
 pub mod data;
 pub mod gguf;
 pub mod tokenizer;

@@ -259,6 +259,34 @@ pub struct DataRecord {
     pub pad: String,
     /// The first training record as the model sees it (prompt + response).
     pub example: String,
+    /// The records' format (`alpaca`, `messages`, `sharegpt`, `prompt_completion`).
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Where the template came from: the chat template's source, or the Alpaca prompt.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// SHA-256 of the chat template's text, when one is used.
+    #[serde(default)]
+    pub template_sha256: Option<String>,
+    /// How assistant spans were found, when a chat template is used.
+    #[serde(default)]
+    pub span_method: Option<String>,
+    /// The first training example with its trained tokens in `[[ ]]`.
+    #[serde(default)]
+    pub marked_example: Option<String>,
+    /// Validation conversations skipped for having no trained turn.
+    #[serde(default)]
+    pub val_skipped: usize,
+}
+
+/// Runs recorded before formats existed read Alpaca records.
+fn default_format() -> String {
+    "alpaca".into()
+}
+
+/// ... with the reference prompt.
+fn default_template() -> String {
+    "alpaca (the reference prompt)".into()
 }
 
 /// Every record of a finished run directory, as the report reads them.

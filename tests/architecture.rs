@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "alloc_tuning",
         ],
     ),
-    ("data", &["data", "tokenizer", "gguf"]),
+    ("data", &["data", "chat", "tokenizer", "gguf"]),
     (
         "model",
         &[

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use lorasft::data::dataset::{Format, SplitSpec, load, split};
+use lorasft::data::dataset::{FileFormat, SplitSpec, load, split};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
@@ -26,29 +26,31 @@ fn fixture_dataset_loads_with_all_its_edge_cases() {
         "/fixtures/instructions.json"
     )))
     .unwrap();
-    assert_eq!(ds.format, Format::JsonArray);
+    assert_eq!(ds.file_format, FileFormat::JsonArray);
     assert!(ds.records.len() >= 40);
+    let records: Vec<_> = ds.records.iter().filter_map(|s| s.as_instruction()).collect();
+    assert_eq!(records.len(), ds.records.len(), "every fixture record is Alpaca");
     assert!(
-        ds.records.iter().any(|r| r.input.is_none()),
+        records.iter().any(|r| r.input.is_none()),
         "a record without input"
     );
     assert!(
-        ds.records.iter().any(|r| r
+        records.iter().any(|r| r
             .input
             .as_deref()
             .is_some_and(|s| !s.is_empty() && s.trim().is_empty())),
         "whitespace-only input"
     );
     assert!(
-        ds.records.iter().any(|r| r.output.is_empty()),
+        records.iter().any(|r| r.output.is_empty()),
         "an empty output"
     );
     assert!(
-        ds.records.iter().any(|r| !r.instruction.is_ascii()),
+        records.iter().any(|r| !r.instruction.is_ascii()),
         "unicode"
     );
     assert!(
-        ds.records.iter().any(|r| r.output.len() > 5000),
+        records.iter().any(|r| r.output.len() > 5000),
         "an output far beyond 512 tokens"
     );
     assert_eq!(ds.lines[0], 2);
@@ -62,7 +64,7 @@ fn jsonl_and_json_array_give_the_same_records() {
     let b = write(dir.path(), "b.jsonl", b"{\"instruction\": \"x\", \"output\": \"y\"}\n\n{\"instruction\": \"p\", \"input\": \"q\", \"output\": \"r\"}\n");
     let (a, b) = (load(&a).unwrap(), load(&b).unwrap());
     assert_eq!(a.records, b.records);
-    assert_eq!(b.format, Format::JsonLines);
+    assert_eq!(b.file_format, FileFormat::JsonLines);
     assert_eq!(b.lines, vec![1, 3]);
 }
 

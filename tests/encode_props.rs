@@ -64,6 +64,7 @@ fn config() -> impl Strategy<Value = EncodeConfig> {
                 labels,
                 eos,
                 batching: Default::default(),
+                ..Default::default()
             },
         )
 }
@@ -98,7 +99,7 @@ proptest! {
     #[test]
     fn prop_rows_have_equal_lengths_and_max_length_is_exact(recs in prop::collection::vec(record(), 1..4), cfg in config()) {
         let enc = encoder(cfg.clone());
-        let ex: Vec<_> = recs.iter().map(|r| enc.encode(r).unwrap()).collect();
+        let ex: Vec<_> = recs.iter().map(|r| enc.encode_record(r).unwrap()).collect();
         let rows = enc.collate(&ex.iter().collect::<Vec<_>>());
         for row in &rows {
             prop_assert_eq!(row.input_ids.len(), row.attention_mask.len());
@@ -121,7 +122,7 @@ proptest! {
         let enc = encoder(cfg.clone());
         let mut full = enc.tokenize(&prompt::format(&rec).text).unwrap().get_ids().to_vec();
         if cfg.eos == EosPolicy::Append { full.push(enc.special_ids().eos); }
-        let ex = enc.encode(&rec).unwrap();
+        let ex = enc.encode_record(&rec).unwrap();
         let row = enc.row(&ex, enc.padded_len(&[&ex]));
         let real: Vec<u32> = row.input_ids.iter().zip(&row.attention_mask).filter(|(_, m)| **m == 1).map(|(i, _)| *i).collect();
         prop_assert_eq!(real.len(), full.len().min(cfg.max_len));
@@ -132,7 +133,7 @@ proptest! {
     #[test]
     fn prop_attention_mask_is_one_exactly_on_real_tokens(rec in record(), cfg in config()) {
         let enc = encoder(cfg.clone());
-        let ex = enc.encode(&rec).unwrap();
+        let ex = enc.encode_record(&rec).unwrap();
         let row = enc.row(&ex, enc.padded_len(&[&ex]));
         let n = ex.ids.len();
         let pad = row.input_ids.len() - n;
@@ -150,7 +151,7 @@ proptest! {
     fn prop_labels_follow_the_policy_by_position_not_by_id(rec in record(), cfg in config()) {
         let enc = encoder(cfg.clone());
         prop_assert_eq!(enc.special_ids().pad, enc.special_ids().eos, "fixture tokenizer pads with EOS, like TinyLlama");
-        let ex = enc.encode(&rec).unwrap();
+        let ex = enc.encode_record(&rec).unwrap();
         let row = enc.row(&ex, enc.padded_len(&[&ex]));
         let offset = match cfg.padding_side { PaddingSide::Left => row.input_ids.len() - ex.ids.len(), PaddingSide::Right => 0 };
         for (pos, ((id, m), label)) in row.input_ids.iter().zip(&row.attention_mask).zip(&row.labels).enumerate() {
@@ -161,6 +162,7 @@ proptest! {
                 LabelPolicy::MaskPadding => i64::from(*id),
                 LabelPolicy::CompletionOnly if *m == 0 || real_index == 0 || real_index < ex.prompt_tokens => IGNORE_INDEX,
                 LabelPolicy::CompletionOnly => i64::from(*id),
+                LabelPolicy::AssistantOnly | LabelPolicy::LastAssistant => unreachable!("not an Alpaca policy"),
             };
             prop_assert_eq!(*label, expected, "position {}", pos);
         }
@@ -173,9 +175,9 @@ proptest! {
 
     #[test]
     fn prop_masked_padding_never_changes_the_loss(rec in record(), side in prop_oneof![Just(PaddingSide::Right), Just(PaddingSide::Left)], labels in prop_oneof![Just(LabelPolicy::MaskPadding), Just(LabelPolicy::CompletionOnly)], extra in 1usize..12) {
-        let base = EncodeConfig { max_len: 40, padding: Padding::Longest { multiple_of: None }, padding_side: side, labels, eos: EosPolicy::Append, batching: Default::default() };
+        let base = EncodeConfig { max_len: 40, padding: Padding::Longest { multiple_of: None }, padding_side: side, labels, eos: EosPolicy::Append, batching: Default::default(), ..Default::default() };
         let dynamic = encoder(base.clone());
-        let ex = dynamic.encode(&rec).unwrap();
+        let ex = dynamic.encode_record(&rec).unwrap();
         let tight = Batch::from_rows(&[dynamic.row(&ex, ex.ids.len())], &Device::Cpu).unwrap();
         let padded = Batch::from_rows(&[dynamic.row(&ex, ex.ids.len() + extra)], &Device::Cpu).unwrap();
         let loss = |b: &Batch| {
@@ -193,12 +195,12 @@ proptest! {
     fn prop_record_with_all_labels_masked_is_counted_and_loss_stays_finite(rec in record(), long in 60usize..120) {
         // A prompt longer than max_len: CompletionOnly leaves no target at all.
         let rec = Record { instruction: "word ".repeat(long), ..rec };
-        let cfg = EncodeConfig { max_len: 32, padding: Padding::MaxLength, padding_side: PaddingSide::Right, labels: LabelPolicy::CompletionOnly, eos: EosPolicy::Append, batching: Default::default() };
+        let cfg = EncodeConfig { max_len: 32, padding: Padding::MaxLength, padding_side: PaddingSide::Right, labels: LabelPolicy::CompletionOnly, eos: EosPolicy::Append, batching: Default::default(), ..Default::default() };
         let enc = encoder(cfg);
-        let ex = enc.encode(&rec).unwrap();
+        let ex = enc.encode_record(&rec).unwrap();
         let row = enc.row(&ex, 32);
         prop_assert_eq!(row.targets(), 0);
-        let (stats, _) = lorasft::data::stats::compute(std::slice::from_ref(&rec), &enc, 1).unwrap();
+        let (stats, _) = lorasft::data::stats::compute(&[lorasft::data::formats::Sample::Instruction(rec.clone())], &enc, 1).unwrap();
         prop_assert_eq!(stats.no_trainable_label, 1);
         prop_assert_eq!(stats.response_truncated_away, 1);
         let b = Batch::from_rows(&[row], &Device::Cpu).unwrap();

@@ -252,6 +252,7 @@ fn encode_alpaca(assets: &Path, path: &Path) -> Vec<Vec<u32>> {
         .records;
     records
         .iter()
+        .filter_map(|s| s.as_instruction())
         .map(|r| {
             let input = r.input.as_deref().unwrap_or_default();
             let text = format!("{}\n{input}\n{}", r.instruction, r.output);

@@ -422,7 +422,7 @@ fn an_encoder_refuses_a_huge_pad_multiple_instead_of_panicking_in_collate() {
         };
         let result = no_panic("multiple_of", || {
             let enc = Encoder::from_file(&common::fixture_tokenizer(), cfg)?;
-            let ex = enc.encode(&records[0])?;
+            let ex = enc.encode_record(&records[0])?;
             Ok(enc.collate(&[&ex]).len())
         });
         let err = result.expect_err("refused").to_string();

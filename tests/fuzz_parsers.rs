@@ -483,7 +483,7 @@ fn fuzz_tokenizer_json() {
         let _ = lorasft::tokenizer::load(&path);
         let cfg = lorasft::data::EncodeConfig::default();
         if let Ok(enc) = lorasft::data::Encoder::from_file(&path, cfg) {
-            let _ = enc.encode(&record);
+            let _ = enc.encode_record(&record);
         }
     });
     assert_eq!(n, cases());

@@ -17,7 +17,7 @@ fn records() -> Vec<Record> {
 }
 
 fn render(enc: &Encoder, recs: &[Record]) -> String {
-    let ex: Vec<_> = recs.iter().map(|r| enc.encode(r).unwrap()).collect();
+    let ex: Vec<_> = recs.iter().map(|r| enc.encode_record(r).unwrap()).collect();
     let rows = enc.collate(&ex.iter().collect::<Vec<_>>());
     let mut out = String::new();
     let c = enc.config();
@@ -89,6 +89,7 @@ fn configs() -> Vec<(String, EncodeConfig)> {
                     labels,
                     eos,
                     batching: Default::default(),
+                    ..Default::default()
                 },
             ));
         }

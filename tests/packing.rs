@@ -35,6 +35,7 @@ fn encoder(labels: LabelPolicy, max_len: usize, batching: Batching) -> Encoder {
         labels,
         eos: EosPolicy::Omit,
         batching,
+        ..Default::default()
     };
     Encoder::new(tok, cfg, SpecialIds { eos: 2, pad: 0 }).unwrap()
 }
@@ -48,6 +49,8 @@ fn examples(lengths: &[usize], seed: u64) -> Vec<Example> {
             ids: (0..n).map(|_| 3 + r.below(509) as u32).collect(),
             prompt_tokens: r.below(n as u64 + 1) as usize,
             full_len: n,
+            trained: None,
+            turns_cut: 0,
         })
         .collect()
 }
@@ -223,7 +226,7 @@ fn the_training_step_on_packed_fixture_records_equals_padded() {
             ..EncodeConfig::default()
         };
         let enc = Encoder::from_file(&tok, cfg).unwrap();
-        let exs: Vec<Example> = records.iter().map(|r| enc.encode(r).unwrap()).collect();
+        let exs: Vec<Example> = records.iter().map(|r| enc.encode_record(r).unwrap()).collect();
         let lengths = exs.iter().map(|e| e.ids.len()).collect();
         let plan = Planner::new(batching, lengths, 96, 2, 5, true).epoch(0);
         let micro: Vec<Batch> = plan

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use crate::bench::batching::BatchingBench;
 use crate::bench::suite::Suite;
 use crate::data::batching::Batching;
-use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide};
+use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide, PromptTemplate};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
 use crate::model::fixture::{BenchShape, FixtureDtype, FixtureSpec};
@@ -205,6 +205,12 @@ pub struct EncodeArgs {
     /// How examples become rows: padded (one per row), group-by-length, or packed.
     #[arg(long, value_enum, default_value_t = Batching::Padded)]
     pub batching: Batching,
+    /// How Alpaca records become text: the reference prompt, or the model's chat template.
+    #[arg(long, value_enum, default_value_t = PromptTemplate::Alpaca)]
+    pub template: PromptTemplate,
+    /// A chat template overriding the model's (.jinja, tokenizer_config.json, model dir, GGUF).
+    #[arg(long)]
+    pub chat_template: Option<std::path::PathBuf>,
 }
 
 impl EncodeArgs {
@@ -228,6 +234,9 @@ impl EncodeArgs {
             labels: self.labels,
             eos: self.eos,
             batching: self.batching,
+            template: self.template,
+            chat_template: self.chat_template.clone(),
+            chat_template_name: None,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -246,7 +246,12 @@ pub fn stats(a: &StatsArgs) -> Result<(DataStats, Encoder, f64)> {
 /// Trains the fixture tokenizer on a dataset's formatted text and writes it; its size.
 pub fn train_fixture_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<usize> {
     let ds = dataset::load(data)?;
-    let texts: Vec<String> = ds.records.iter().map(|r| prompt::format(r).text).collect();
+    let texts: Vec<String> = ds
+        .records
+        .iter()
+        .filter_map(|r| r.as_instruction())
+        .map(|r| prompt::format(r).text)
+        .collect();
     let spm = crate::tokenizer::train::train_spm_bpe(&texts, vocab)?;
     let json =
         serde_json::to_string_pretty(&spm.to_json()?).map_err(|e| Error::Invalid(e.to_string()))?;

@@ -1,4 +1,6 @@
-//! Instruction datasets: a JSON array or JSON Lines of `{instruction, input?, output}`.
+//! Datasets: a JSON array or JSON Lines of records in one [`DataFormat`] (Alpaca
+//! `{instruction, input?, output}`, `messages`, `sharegpt` or `prompt_completion`; see
+//! [`formats`](crate::data::formats)), detected from the first record or given.
 //!
 //! Every problem is an error naming the file, the line, the record and the field; nothing is
 //! skipped silently. The train/validation split is seeded and deterministic.
@@ -8,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data::formats::{self, Columns, DataFormat, Locator, Sample};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -29,9 +32,9 @@ impl Record {
     }
 }
 
-/// The file format a dataset was read from.
+/// The file format a dataset was read from (its record format is a [`DataFormat`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Format {
+pub enum FileFormat {
     /// A JSON array of objects.
     JsonArray,
     /// One JSON object per line.
@@ -43,23 +46,14 @@ pub enum Format {
 pub struct Dataset {
     /// The file read.
     pub path: PathBuf,
-    /// Its format.
-    pub format: Format,
+    /// JSON array or JSON Lines.
+    pub file_format: FileFormat,
+    /// The records' format: given, or detected from the first record.
+    pub format: DataFormat,
     /// Records in file order.
-    pub records: Vec<Record>,
+    pub records: Vec<Sample>,
     /// 1-based line on which each record starts.
     pub lines: Vec<usize>,
-}
-
-fn type_name(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("boolean {b}"),
-        Value::Number(n) => format!("number {n}"),
-        Value::String(_) => "string".into(),
-        Value::Array(_) => "array".into(),
-        Value::Object(_) => "object".into(),
-    }
 }
 
 /// 1-based line of a byte offset.
@@ -108,56 +102,92 @@ fn element_lines(text: &str) -> Vec<usize> {
     lines
 }
 
-fn field<'a>(
-    obj: &'a serde_json::Map<String, Value>,
-    name: &'static str,
-    at: &dyn Fn(Option<&'static str>, String) -> Error,
-) -> Result<Option<&'a str>> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(at(
-            Some(name),
-            format!("expected a string, found {}", type_name(other)),
-        )),
+/// Validates one JSON value as an Alpaca record; `line` and `index` locate it in errors.
+pub fn parse_record(v: &Value, path: &Path, line: usize, index: usize) -> Result<Record> {
+    let at = Locator {
+        path,
+        line,
+        record: index,
+    };
+    formats::parse_alpaca(v, &Columns::new(), &at)
+}
+
+/// Turns record values into samples: settles the format at the first record, then holds
+/// every record to it.
+struct Parser<'a> {
+    path: &'a Path,
+    format: Option<DataFormat>,
+    /// Whether the format was detected (for the mixed-format hint).
+    detected: bool,
+    columns: &'a Columns,
+}
+
+impl Parser<'_> {
+    fn sample(&mut self, v: &Value, line: usize, record: usize) -> Result<Sample> {
+        let at = Locator {
+            path: self.path,
+            line,
+            record,
+        };
+        let format = match self.format {
+            Some(f) => f,
+            None => {
+                let f = formats::detect(v, self.columns)
+                    .ok_or_else(|| at.error(None, formats::detect_failure(v, self.columns)))?;
+                self.format = Some(f);
+                self.detected = true;
+                f
+            }
+        };
+        formats::parse_sample(v, format, self.columns, &at).map_err(|e| {
+            // A record of another format (a mixed file) gets said so, not only its first
+            // missing field.
+            let other = formats::detect(v, &Columns::new())
+                .or_else(|| formats::detect(v, self.columns))
+                .filter(|&o| o != format);
+            match (e, other) {
+                (
+                    Error::Record {
+                        path,
+                        line,
+                        record,
+                        field,
+                        msg,
+                    },
+                    Some(o),
+                ) => Error::Record {
+                    path,
+                    line,
+                    record,
+                    field,
+                    msg: if self.detected {
+                        format!(
+                            "{msg}; this record looks like {o} data, but the dataset is \
+                             {format}, as detected from record 0 (a file holds one format)"
+                        )
+                    } else {
+                        format!("{msg}; this record looks like {o} data, but the format given is {format}")
+                    },
+                },
+                (e, _) => e,
+            }
+        })
     }
 }
 
-/// Validates one JSON value as a record; `line` and `index` locate it in errors.
-pub fn parse_record(v: &Value, path: &Path, line: usize, index: usize) -> Result<Record> {
-    let at = |field: Option<&'static str>, msg: String| Error::Record {
-        path: path.to_path_buf(),
-        line,
-        record: index,
-        field,
-        msg,
-    };
-    let Value::Object(obj) = v else {
-        return Err(at(
-            None,
-            format!(
-                "expected an object with `instruction` and `output`, found {}",
-                type_name(v)
-            ),
-        ));
-    };
-    let required = |name: &'static str| -> Result<String> {
-        match obj.get(name) {
-            None => Err(at(Some(name), "missing (expected a string)".into())),
-            Some(_) => field(obj, name, &at)?
-                .map(str::to_string)
-                .ok_or_else(|| at(Some(name), "expected a string, found null".into())),
-        }
-    };
-    Ok(Record {
-        instruction: required("instruction")?,
-        input: field(obj, "input", &at)?.map(str::to_string),
-        output: required("output")?,
-    })
+/// Loads a dataset, detecting JSON array vs JSON Lines from the first non-blank character
+/// and the record format from the first record.
+pub fn load(path: &Path) -> Result<Dataset> {
+    load_with(path, None, &Columns::new())
 }
 
-/// Loads a dataset, detecting JSON array vs JSON Lines from the first non-blank character.
-pub fn load(path: &Path) -> Result<Dataset> {
+/// Loads a dataset in `format` (detected from the first record when `None`), with field
+/// names remapped by `columns` (canonical name -> name in the file).
+pub fn load_with(path: &Path, format: Option<DataFormat>, columns: &Columns) -> Result<Dataset> {
+    match format {
+        Some(f) => formats::validate_columns(f, columns)?,
+        None => formats::validate_columns_any(columns)?,
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| Error::NotUtf8 {
         path: path.to_path_buf(),
@@ -176,7 +206,13 @@ pub fn load(path: &Path) -> Result<Dataset> {
                 .map_or(m.clone(), |i| m[..i].to_string())
         },
     };
-    let (format, records, lines) = match text.trim_start().chars().next() {
+    let mut parser = Parser {
+        path,
+        format,
+        detected: false,
+        columns,
+    };
+    let (file_format, records, lines) = match text.trim_start().chars().next() {
         None => {
             return Err(Error::EmptyDataset {
                 path: path.to_path_buf(),
@@ -188,9 +224,9 @@ pub fn load(path: &Path) -> Result<Dataset> {
             let records = values
                 .iter()
                 .enumerate()
-                .map(|(i, v)| parse_record(v, path, lines.get(i).copied().unwrap_or(1), i))
+                .map(|(i, v)| parser.sample(v, lines.get(i).copied().unwrap_or(1), i))
                 .collect::<Result<Vec<_>>>()?;
-            (Format::JsonArray, records, lines)
+            (FileFormat::JsonArray, records, lines)
         }
         Some('{') => {
             let mut records = Vec::new();
@@ -200,10 +236,10 @@ pub fn load(path: &Path) -> Result<Dataset> {
                     continue;
                 }
                 let v: Value = serde_json::from_str(l).map_err(|e| syntax(e, i))?;
-                records.push(parse_record(&v, path, i + 1, records.len())?);
+                records.push(parser.sample(&v, i + 1, records.len())?);
                 lines.push(i + 1);
             }
-            (Format::JsonLines, records, lines)
+            (FileFormat::JsonLines, records, lines)
         }
         Some(c) => {
             return Err(Error::Syntax {
@@ -214,13 +250,14 @@ pub fn load(path: &Path) -> Result<Dataset> {
             });
         }
     };
-    if records.is_empty() {
+    let Some(format) = parser.format.filter(|_| !records.is_empty()) else {
         return Err(Error::EmptyDataset {
             path: path.to_path_buf(),
         });
-    }
+    };
     Ok(Dataset {
         path: path.to_path_buf(),
+        file_format,
         format,
         records,
         lines,

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::data::batching::Batching;
+use crate::data::chat_encode::ChatEncoding;
 use crate::data::dataset::Record;
+use crate::data::formats::Sample;
 use crate::data::prompt;
 use crate::error::{Error, Result};
 
@@ -33,8 +35,32 @@ pub enum LabelPolicy {
     InputIds,
     /// Padding positions are -100 (and the first real token, which nothing real precedes).
     MaskPadding,
-    /// Padding and prompt positions are -100: only the response (and EOS) is learned.
+    /// Padding and prompt positions are -100: only the response (and EOS) is learned
+    /// (Alpaca prompts; for conversations use `AssistantOnly`).
     CompletionOnly,
+    /// Conversations: only the assistant turns' content and end-of-turn tokens are learned;
+    /// role headers, system, user and tool turns are -100.
+    AssistantOnly,
+    /// Conversations: only the last assistant turn is learned.
+    LastAssistant,
+}
+
+impl LabelPolicy {
+    /// Whether the policy trains on assistant turns only (and so needs a chat template).
+    pub fn is_assistant(self) -> bool {
+        matches!(self, LabelPolicy::AssistantOnly | LabelPolicy::LastAssistant)
+    }
+}
+
+/// How an Alpaca record becomes text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptTemplate {
+    /// The reference's `### Instruction:` / `### Response:` prompt.
+    #[default]
+    Alpaca,
+    /// A user turn and an assistant turn in the model's own chat template.
+    Chat,
 }
 
 /// How rows of a batch are padded.
@@ -88,6 +114,16 @@ pub struct EncodeConfig {
     /// How examples are grouped into rows and micro-batches (`padded` is the reference).
     #[serde(default)]
     pub batching: Batching,
+    /// How Alpaca records become text (conversations always use the chat template).
+    #[serde(default)]
+    pub template: PromptTemplate,
+    /// A chat template overriding the model's: a `.jinja` file, a `tokenizer_config.json`,
+    /// a model directory or a GGUF.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<std::path::PathBuf>,
+    /// Which of several named templates to use (`tokenizer_config.json` lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_name: Option<String>,
 }
 
 /// The longest `encode.max_len` accepted (1 Mi tokens): past any model's positions, and small
@@ -147,6 +183,9 @@ impl Default for EncodeConfig {
             labels: LabelPolicy::InputIds,
             eos: EosPolicy::Omit,
             batching: Batching::Padded,
+            template: PromptTemplate::Alpaca,
+            chat_template: None,
+            chat_template_name: None,
         }
     }
 }
@@ -160,12 +199,24 @@ pub struct Example {
     pub prompt_tokens: usize,
     /// Length before truncation.
     pub full_len: usize,
+    /// Conversations: the token ranges of the turns the label policy trains (after
+    /// truncation); `None` for Alpaca prompts.
+    pub trained: Option<Vec<std::ops::Range<usize>>>,
+    /// Conversations: whole trailing messages cut to fit `max_len`.
+    pub turns_cut: usize,
 }
 
 impl Example {
     /// Whether truncation cut tokens off.
     pub fn truncated(&self) -> bool {
         self.full_len > self.ids.len()
+    }
+
+    /// Whether token `i` lies in a trained turn (conversations; Alpaca examples: never).
+    pub fn is_trained(&self, i: usize) -> bool {
+        self.trained
+            .as_ref()
+            .is_some_and(|r| r.iter().any(|r| r.contains(&i)))
     }
 }
 
@@ -221,6 +272,7 @@ pub struct Encoder {
     tokenizer: Tokenizer,
     cfg: EncodeConfig,
     ids: SpecialIds,
+    chat: Option<ChatEncoding>,
 }
 
 fn token_name(v: &serde_json::Value) -> Option<String> {
@@ -232,6 +284,21 @@ fn token_name(v: &serde_json::Value) -> Option<String> {
             .map(str::to_string),
         _ => None,
     }
+}
+
+/// The BOS and EOS texts `tokenizer_config.json` beside the tokenizer names (empty when it
+/// names none): what a chat template is given as `bos_token` and `eos_token`.
+pub fn special_texts(tokenizer_path: &Path) -> Result<(String, String)> {
+    let cfg_path = tokenizer_path.with_file_name("tokenizer_config.json");
+    let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
+            path: cfg_path.clone(),
+            msg: e.to_string(),
+        })?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let text = |key: &str| cfg.get(key).and_then(token_name).unwrap_or_default();
+    Ok((text("bos_token"), text("eos_token")))
 }
 
 /// EOS and pad ids: from `tokenizer_config.json` beside the tokenizer when present, else the
@@ -294,14 +361,58 @@ impl Encoder {
             tokenizer,
             cfg,
             ids,
+            chat: None,
         })
     }
 
-    /// Loads `tokenizer.json` (and `tokenizer_config.json` beside it, if any).
+    /// Loads `tokenizer.json` (and `tokenizer_config.json` beside it, if any) with the chat
+    /// template the config names or the tokenizer config carries.
     pub fn from_file(path: &Path, cfg: EncodeConfig) -> Result<Self> {
         let tokenizer = crate::tokenizer::load(path)?;
         let ids = special_ids(&tokenizer, path)?;
-        Self::new(tokenizer, cfg, ids)
+        let template = crate::chat::locate::for_tokenizer(
+            cfg.chat_template.as_deref(),
+            path,
+            cfg.chat_template_name.as_deref(),
+        )?;
+        let texts = special_texts(path)?;
+        let mut enc = Self::new(tokenizer, cfg, ids)?;
+        if let Some(t) = template {
+            enc = enc.with_chat_template(t, texts.0, texts.1)?;
+        }
+        Ok(enc)
+    }
+
+    /// The same encoder rendering conversations with `template`; `bos` and `eos` are the
+    /// tokenizer's special-token texts the template is given.
+    pub fn with_chat_template(
+        mut self,
+        template: crate::chat::ChatTemplate,
+        bos: String,
+        eos: String,
+    ) -> Result<Self> {
+        self.chat = Some(ChatEncoding::new(&self.tokenizer, template, bos, eos)?);
+        Ok(self)
+    }
+
+    /// The chat encoding, when a template was found.
+    pub fn chat(&self) -> Option<&ChatEncoding> {
+        self.chat.as_ref()
+    }
+
+    /// The chat encoding, or an error saying where the template was looked for.
+    pub fn require_chat(&self) -> Result<&ChatEncoding> {
+        self.chat.as_ref().ok_or_else(|| {
+            Error::Invalid(
+                "no chat template: the tokenizer_config.json beside the tokenizer has no                  `chat_template`; set encode.chat_template (--chat-template) to a .jinja file,                  a tokenizer_config.json, a model directory or a GGUF"
+                    .into(),
+            )
+        })
+    }
+
+    /// Whether a sample is rendered with the chat template.
+    pub fn uses_chat(&self, sample: &Sample) -> bool {
+        sample.as_chat().is_some() || self.cfg.template == PromptTemplate::Chat
     }
 
     /// The settings.
@@ -326,8 +437,49 @@ impl Encoder {
             .map_err(|e| Error::Invalid(format!("tokenizer failed: {e}")))
     }
 
-    /// Encodes one record: BOS + prompt + response (+ EOS), truncated to `max_len`.
-    pub fn encode(&self, record: &Record) -> Result<Example> {
+    /// Encodes one sample: an Alpaca record with the reference prompt, or a conversation (or
+    /// an Alpaca record in chat form) with the chat template.
+    pub fn encode(&self, sample: &Sample) -> Result<Example> {
+        match sample {
+            Sample::Instruction(r) if self.cfg.template == PromptTemplate::Alpaca => {
+                if self.cfg.labels.is_assistant() {
+                    return Err(Error::Invalid(format!(
+                        "encode.labels = {:?} trains assistant turns: it needs conversation data                          or encode.template = \"chat\"; for Alpaca prompts use \"completion_only\"",
+                        self.cfg.labels
+                    )));
+                }
+                self.encode_record(r)
+            }
+            _ => {
+                if self.cfg.labels == LabelPolicy::CompletionOnly {
+                    return Err(Error::Invalid(
+                        "encode.labels = \"completion_only\" is for Alpaca prompts; for \
+                         conversations use \"assistant_only\" (or \"last_assistant\")"
+                            .into(),
+                    ));
+                }
+                self.require_chat()?
+                    .encode(&sample.to_conversation(), &self.cfg)
+            }
+        }
+    }
+
+    /// The text a sample is trained on: the reference prompt and response, or the rendered
+    /// conversation.
+    pub fn text(&self, sample: &Sample) -> Result<String> {
+        match sample {
+            Sample::Instruction(r) if self.cfg.template == PromptTemplate::Alpaca => {
+                Ok(prompt::format(r).text)
+            }
+            _ => Ok(self
+                .require_chat()?
+                .render(&sample.to_conversation())?
+                .text),
+        }
+    }
+
+    /// Encodes one Alpaca record: BOS + prompt + response (+ EOS), truncated to `max_len`.
+    pub fn encode_record(&self, record: &Record) -> Result<Example> {
         let f = prompt::format(record);
         let enc = self.tokenize(&f.text)?;
         let mut ids = enc.get_ids().to_vec();
@@ -349,6 +501,8 @@ impl Encoder {
             ids,
             prompt_tokens,
             full_len,
+            trained: None,
+            turns_cut: 0,
         })
     }
 
@@ -426,6 +580,11 @@ impl Encoder {
             LabelPolicy::InputIds => i64::from(id),
             LabelPolicy::MaskPadding if i == 0 => IGNORE_INDEX,
             LabelPolicy::CompletionOnly if i == 0 || i < ex.prompt_tokens => IGNORE_INDEX,
+            LabelPolicy::AssistantOnly | LabelPolicy::LastAssistant
+                if i == 0 || !ex.is_trained(i) =>
+            {
+                IGNORE_INDEX
+            }
             _ => i64::from(id),
         }
     }

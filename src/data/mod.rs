@@ -2,9 +2,12 @@
 
 pub mod batch;
 pub mod batching;
+pub mod chat_encode;
 pub mod dataset;
 pub mod encode;
+pub mod formats;
 pub mod prompt;
+pub mod show;
 pub mod stats;
 
 pub use batching::Batching;

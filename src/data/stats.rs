@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::batching::{Batching, PlanTokens, Planner};
-use crate::data::dataset::Record;
+use crate::data::formats::Sample;
 use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 
@@ -59,6 +59,13 @@ pub struct DataStats {
     pub records: usize,
     /// Records with a non-blank input.
     pub with_input: usize,
+    /// Conversations skipped because the label policy trains none of their turns (counted
+    /// here and in the report, never dropped silently).
+    #[serde(default)]
+    pub skipped_no_trained_turn: usize,
+    /// Trailing messages cut from conversations to fit `max_len`, over all conversations.
+    #[serde(default)]
+    pub turns_cut: usize,
     /// Records without one.
     pub without_input: usize,
     /// Records whose output is empty.
@@ -154,26 +161,61 @@ impl DataStats {
     }
 }
 
-/// Encodes every record and collates batches of `batch_size` in file order.
+/// Whether a sample's answer is empty: an Alpaca output, or every assistant message's text.
+fn empty_output(s: &Sample) -> bool {
+    match s {
+        Sample::Instruction(r) => r.output.is_empty(),
+        Sample::Chat(c) => c
+            .messages
+            .iter()
+            .filter(|m| m.role == crate::chat::Role::Assistant)
+            .all(|m| m.content_str().is_empty() && m.tool_calls.is_none()),
+    }
+}
+
+/// Whether an example has no trained turn under an assistant policy (a conversation the
+/// run skips and counts).
+pub fn has_no_trained_turn(e: &Example) -> bool {
+    e.trained.as_ref().is_some_and(|t| t.is_empty())
+}
+
+/// Encodes every record and collates batches of `batch_size` in file order. Conversations
+/// with no trained turn are left out of the returned examples and counted.
 pub fn compute(
-    records: &[Record],
+    records: &[Sample],
     encoder: &Encoder,
     batch_size: usize,
 ) -> Result<(DataStats, Vec<Example>)> {
-    let examples = records
+    compute_with(records, encoder, batch_size, |_, e| e)
+}
+
+/// [`compute`] with a function that places an encoding error (record index, error).
+pub fn compute_with(
+    records: &[Sample],
+    encoder: &Encoder,
+    batch_size: usize,
+    locate: impl Fn(usize, crate::error::Error) -> crate::error::Error,
+) -> Result<(DataStats, Vec<Example>)> {
+    let mut examples = records
         .iter()
-        .map(|r| encoder.encode(r))
+        .enumerate()
+        .map(|(i, r)| encoder.encode(r).map_err(|e| locate(i, e)))
         .collect::<Result<Vec<_>>>()?;
+    let skipped = examples.iter().filter(|e| has_no_trained_turn(e)).count();
+    let turns_cut = examples.iter().map(|e| e.turns_cut).sum();
+    examples.retain(|e| !has_no_trained_turn(e));
     let chars: Vec<usize> = records
         .iter()
-        .map(|r| crate::data::prompt::format(r).text.chars().count())
-        .collect();
+        .map(|r| encoder.text(r).map(|t| t.chars().count()))
+        .collect::<Result<Vec<_>>>()?;
     let max_len = encoder.config().max_len;
     let mut s = DataStats {
         records: records.len(),
         with_input: records.iter().filter(|r| r.has_input()).count(),
+        skipped_no_trained_turn: skipped,
+        turns_cut,
         without_input: records.iter().filter(|r| !r.has_input()).count(),
-        empty_output: records.iter().filter(|r| r.output.is_empty()).count(),
+        empty_output: records.iter().filter(|r| empty_output(r)).count(),
         chars: Lengths::of(&chars),
         tokens: Lengths::of(&examples.iter().map(|e| e.full_len).collect::<Vec<_>>()),
         truncated: examples.iter().filter(|e| e.truncated()).count(),

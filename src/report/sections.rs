@@ -203,11 +203,15 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         }
         LabelPolicy::MaskPadding => " (padding masked with -100)",
         LabelPolicy::CompletionOnly => " (prompt and padding masked: only the response is learned)",
+        LabelPolicy::AssistantOnly => {
+            " (only the assistant turns' content and end-of-turn tokens are learned)"
+        }
+        LabelPolicy::LastAssistant => " (only the last assistant turn is learned)",
     };
     let _ = writeln!(r, "## Tokenization & Preprocessing\n");
     let _ = writeln!(
         r,
-        "- Tokenizer: `{}` ({} tokens; EOS `{}`, pad `{}`)\n- Max sequence length: {}\n- Truncation: enabled (the head of each example is kept)\n- Padding: {padding}, {:?} side\n- Labels: {:?}{labels}\n- EOS after the response: {:?}\n- Tokens per training record before truncation: p50 {}, p90 {}, p99 {}, max {}\n- Records truncated: {} of {}; records whose response was cut entirely: {}\n- Records with no trainable label: {}\n- Loss targets on padding: {} of {} ({:.2}%)\n{}{RULE}",
+        "- Tokenizer: `{}` ({} tokens; EOS `{}`, pad `{}`)\n- Max sequence length: {}\n- Truncation: enabled (the head of each example is kept)\n- Padding: {padding}, {:?} side\n- Labels: {:?}{labels}\n- EOS after the response: {:?}\n- Tokens per training record before truncation: p50 {}, p90 {}, p99 {}, max {}\n- Records truncated: {} of {}; records whose response was cut entirely: {}\n- Records with no trainable label: {}\n- Loss targets on padding: {} of {} ({:.2}%)\n{}{}{RULE}",
         c.v(c.rec.manifest.tokenizer_path.display().to_string()),
         d.vocab,
         d.eos,
@@ -228,7 +232,36 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         st.label_tokens,
         100.0 * st.padding_label_share(),
         batching_lines(c),
+        format_lines(c),
     );
+}
+
+/// The data format, the template and its hash, skipped and cut conversations, and the first
+/// training example with its trained text in `[[ ]]`.
+fn format_lines(c: &Ctx) -> String {
+    let d = &c.rec.data;
+    let st = &d.train_stats;
+    let mut out = format!("\n- Data format: {}\n- Template: {}", d.format, d.template);
+    if let Some(h) = &d.template_sha256 {
+        out.push_str(&format!(" (SHA-256 `{}`)", &h[..16.min(h.len())]));
+    }
+    out.push('\n');
+    if let Some(m) = &d.span_method {
+        out.push_str(&format!("- Assistant spans found by: {m}\n"));
+    }
+    if d.format != "alpaca" || d.span_method.is_some() {
+        out.push_str(&format!(
+            "- Conversations skipped with no trained turn: {} training, {} validation\n- Trailing messages cut to fit the max length: {}\n",
+            st.skipped_no_trained_turn, d.val_skipped, st.turns_cut
+        ));
+    }
+    if let Some(m) = &d.marked_example {
+        out.push_str(&format!(
+            "\nThe first training example as the model reads it, trained tokens in `[[ ]]`:\n\n```text\n{}\n```\n",
+            m.replace("```", "`\u{200b}``")
+        ));
+    }
+    out
 }
 
 /// The batching mode, the padding share the run measured, and each mode's share on the

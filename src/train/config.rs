@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::batching::Batching;
 use crate::data::dataset::SplitSpec;
+use crate::data::formats::{Columns, DataFormat};
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
@@ -57,7 +58,7 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// JSON array or JSONL of `{instruction, input?, output}`.
+    /// JSON array or JSONL of Alpaca records or conversations (see `format`).
     pub path: PathBuf,
     /// Validation share or count.
     pub validation: SplitSpec,
@@ -65,6 +66,13 @@ pub struct DataConfig {
     pub shuffle: bool,
     /// Use only the first N records (after nothing else): for quick runs.
     pub max_records: Option<usize>,
+    /// The records' format; detected from the first record when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DataFormat>,
+    /// Field names of the user's file for the format's canonical ones
+    /// (`{instruction = "question", output = "answer"}`, `{messages = "dialog"}`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub columns: Columns,
 }
 
 /// Optimiser and schedule.
@@ -156,6 +164,8 @@ impl Default for TrainConfig {
                 validation: SplitSpec::Fraction(0.1),
                 shuffle: true,
                 max_records: None,
+                format: None,
+                columns: Columns::new(),
             },
             encode: EncodeConfig::default(),
             lora: LoraConfig::default(),
@@ -213,6 +223,8 @@ impl TrainConfig {
             validation: SplitSpec::Count(4),
             shuffle: true,
             max_records: None,
+            format: None,
+            columns: Columns::new(),
         };
         c.encode = EncodeConfig {
             max_len: 128,
@@ -268,6 +280,8 @@ impl TrainConfig {
             validation: SplitSpec::Count(24),
             shuffle: true,
             max_records: None,
+            format: None,
+            columns: Columns::new(),
         };
         c.encode = EncodeConfig {
             max_len: 256,

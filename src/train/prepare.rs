@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 
 use crate::adapter;
 use crate::data::dataset::{self, Dataset, Split};
-use crate::data::encode::{Encoder, Example};
+use crate::chat::{Conversation, Message, Role};
+use crate::data::encode::{Encoder, Example, PromptTemplate};
 use crate::data::prompt;
 use crate::data::stats::{self, DataStats};
 use crate::device;
@@ -44,6 +45,8 @@ pub struct Prepared {
     pub eos_ids: Vec<u32>,
     /// What was adopted from the starting adapter: (the config's LoRA, the adapter's).
     pub adopted_lora: Option<(crate::model::LoraConfig, crate::model::LoraConfig)>,
+    /// Validation conversations skipped for having no trained turn.
+    pub val_skipped: usize,
 }
 
 /// Loads model, tokenizer and data; encodes and splits.
@@ -64,7 +67,7 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
     let tokenizer_path = base.tokenizer_path(cfg.model.tokenizer.as_deref())?;
     let encoder = Encoder::from_file(&tokenizer_path, cfg.encode.clone())?;
     check_fits(&cfg, &base.model, &encoder, &tokenizer_path)?;
-    let mut dataset = dataset::load(&cfg.data.path)?;
+    let mut dataset = dataset::load_with(&cfg.data.path, cfg.data.format, &cfg.data.columns)?;
     if let Some(n) = cfg.data.max_records {
         dataset.records.truncate(n);
         dataset.lines.truncate(n);
@@ -77,12 +80,32 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
             .collect::<Vec<_>>()
     };
     let (train_records, val_records) = (pick(&split.train), pick(&split.validation));
-    let (train_stats, train) = stats::compute(&train_records, &encoder, cfg.train.batch_size)?;
+    let locate = |idx: &[usize]| {
+        let (ds, idx) = (&dataset, idx.to_vec());
+        move |i: usize, e: Error| record_error(ds, idx[i], e)
+    };
+    let (train_stats, train) = stats::compute_with(
+        &train_records,
+        &encoder,
+        cfg.train.batch_size,
+        locate(&split.train),
+    )?;
+    let val_locate = locate(&split.validation);
     let val = val_records
         .iter()
-        .map(|r| encoder.encode(r))
+        .enumerate()
+        .map(|(i, r)| encoder.encode(r).map_err(|e| val_locate(i, e)))
         .collect::<Result<Vec<_>>>()?;
-    let eos_ids = base.eos_ids(encoder.special_ids().eos);
+    // A validation conversation with no trained turn adds nothing to the loss: skip it too.
+    let val_skipped = val.iter().filter(|e| stats::has_no_trained_turn(e)).count();
+    let val: Vec<Example> = val
+        .into_iter()
+        .filter(|e| !stats::has_no_trained_turn(e))
+        .collect();
+    let mut eos_ids = base.eos_ids(encoder.special_ids().eos);
+    if let Some(chat) = encoder.chat() {
+        eos_ids.extend(chat.stop_ids().iter().filter(|id| !eos_ids.contains(id)).copied().collect::<Vec<_>>());
+    }
     Ok(Prepared {
         cfg,
         base,
@@ -95,7 +118,22 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
         train_stats,
         eos_ids,
         adopted_lora,
+        val_skipped,
     })
+}
+
+/// An encoding error placed at its record: file, line and record index.
+fn record_error(ds: &Dataset, index: usize, e: Error) -> Error {
+    match e {
+        Error::Record { .. } => e,
+        other => Error::Record {
+            path: ds.path.clone(),
+            line: ds.lines.get(index).copied().unwrap_or(0),
+            record: index,
+            field: None,
+            msg: other.to_string(),
+        },
+    }
 }
 
 /// With `model.init_adapter`, the run trains the adapter it starts from: its r, alpha,
@@ -142,19 +180,40 @@ fn check_fits(cfg: &TrainConfig, model: &Llama, encoder: &Encoder, tokenizer: &P
 }
 
 impl Prepared {
-    /// Generates an answer for each instruction prompt (the reference template, no input).
+    /// Whether the run's examples are chat-rendered (conversation data or `template = chat`).
+    pub fn uses_chat(&self) -> bool {
+        self.dataset.format != crate::data::formats::DataFormat::Alpaca
+            || self.cfg.encode.template == PromptTemplate::Chat
+    }
+
+    /// Generates an answer for each instruction prompt, in the form the run trains on: a user
+    /// turn in the chat template, or the reference template with no input.
     pub fn generate_all(&self, model: &Llama) -> Result<Vec<Generation>> {
         self.cfg
             .prompts
             .iter()
             .map(|instr| {
-                generate::generate(
-                    model,
-                    self.encoder.tokenizer(),
-                    &prompt::prompt(instr, None),
-                    &self.eos_ids,
-                    &self.cfg.generate,
-                )
+                if self.uses_chat() {
+                    let chat = self.encoder.require_chat()?;
+                    let conv = Conversation::new(vec![Message::text(Role::User, instr.clone())]);
+                    let (text, ids) = chat.prompt(&conv)?;
+                    generate::generate_ids(
+                        model,
+                        chat.tokenizer(),
+                        &text,
+                        ids,
+                        &self.eos_ids,
+                        &self.cfg.generate,
+                    )
+                } else {
+                    generate::generate(
+                        model,
+                        self.encoder.tokenizer(),
+                        &prompt::prompt(instr, None),
+                        &self.eos_ids,
+                        &self.cfg.generate,
+                    )
+                }
             })
             .collect()
     }
@@ -205,12 +264,15 @@ impl Prepared {
     pub fn data_record(&self) -> DataRecord {
         let tok = self.encoder.tokenizer();
         let ids = self.encoder.special_ids();
-        let first = self
-            .split
-            .train
-            .first()
-            .map(|&i| prompt::format(&self.dataset.records[i]).text)
+        let first_sample = self.split.train.first().map(|&i| &self.dataset.records[i]);
+        let first = first_sample
+            .and_then(|s| self.encoder.text(s).ok())
             .unwrap_or_default();
+        let marked = first_sample.and_then(|s| {
+            let ex = self.encoder.encode(s).ok()?;
+            Some(crate::data::show::marked(&self.encoder, s, &ex, crate::data::show::Style::Brackets).ok()?)
+        });
+        let chat = self.encoder.chat().filter(|_| self.uses_chat());
         DataRecord {
             path: self.cfg.data.path.clone(),
             records: self.dataset.records.len(),
@@ -227,6 +289,22 @@ impl Prepared {
             eos: tok.id_to_token(ids.eos).unwrap_or_default(),
             pad: tok.id_to_token(ids.pad).unwrap_or_default(),
             example: first,
+            format: self.dataset.format.to_string(),
+            template: match chat {
+                Some(c) => c.template().source().to_string(),
+                None => "alpaca (the reference prompt)".into(),
+            },
+            template_sha256: chat.map(|c| c.template().sha256().to_string()),
+            span_method: chat.map(|c| {
+                if c.template().has_generation_blocks() {
+                    crate::chat::spans::SpanMethod::GenerationBlocks
+                } else {
+                    crate::chat::spans::SpanMethod::PrefixDifference
+                }
+                .to_string()
+            }),
+            marked_example: marked,
+            val_skipped: self.val_skipped,
         }
     }
 

@@ -293,7 +293,12 @@ pub fn fixture_tokenizer() -> std::path::PathBuf {
 /// The committed fixture dataset.
 pub fn fixture_records() -> Vec<lorasft::data::Record> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/instructions.json");
-    lorasft::data::dataset::load(&p).unwrap().records
+    lorasft::data::dataset::load(&p)
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|s| s.as_instruction().cloned().expect("fixture records are Alpaca"))
+        .collect()
 }
 
 /// Sets every adapter tensor to N(0, 0.05²) values from `seed`, so that every gradient

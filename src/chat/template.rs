@@ -1,0 +1,637 @@
+//! A model's chat template, rendered as transformers' `apply_chat_template` renders it.
+//!
+//! transformers compiles templates in a Jinja2 sandbox with `trim_blocks`, `lstrip_blocks` and
+//! loop controls, and hands them `messages`, `tools`, `documents`, `add_generation_prompt`, the
+//! special tokens, `raise_exception` and `strftime_now`; its `tojson` is Python's
+//! `json.dumps` without HTML escaping. This module sets minijinja up the same way (Python's
+//! string and dict methods come from minijinja-contrib's pycompat; values print as Python
+//! prints them) so that a rendered conversation equals transformers' character for character
+//! (`tests/chat_reference.rs` checks it on every template of llama.cpp's collection).
+//!
+//! `{% generation %}` blocks, transformers' marks of the assistant's trainable text, are not a
+//! tag minijinja knows: they are rewritten into no-op blocks that print private-use marker
+//! characters, and the markers are cut out of the output and returned as byte ranges.
+//!
+//! A template is a program from a file the user did not write: every render runs under a fuel
+//! bound ([`FUEL`]) and an output cap ([`OUTPUT_CAP`]), and every error names the template's
+//! source and line.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use minijinja::value::{Kwargs, Serde, Value as JValue};
+use minijinja::{Environment, ErrorKind, State};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::chat::message::Conversation;
+use crate::chat::pyjson;
+use crate::error::{Error, Result};
+
+/// Instructions one render may run (minijinja's fuel): far above any real template on a long
+/// conversation, low enough that a template looping forever stops in about a second.
+pub const FUEL: u64 = 50_000_000;
+
+/// The most bytes one render may write (64 MiB).
+pub const OUTPUT_CAP: usize = 64 << 20;
+
+/// Marks the start of a `{% generation %}` block in raw output.
+const GEN_START: char = '\u{10FFFD}';
+/// Marks its end.
+const GEN_END: char = '\u{10FFFC}';
+
+/// What a render is given besides the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// End with the header of a new assistant turn (for generation).
+    pub add_generation_prompt: bool,
+    /// The tokenizer's BOS text (`bos_token` in the template).
+    pub bos_token: String,
+    /// The tokenizer's EOS text (`eos_token`).
+    pub eos_token: String,
+    /// The time `strftime_now` formats, in seconds since the Unix epoch (UTC); `None` is now.
+    /// Tests fix it so that date-stamping templates render reproducibly.
+    pub now: Option<i64>,
+}
+
+impl RenderOptions {
+    /// Options with the given special tokens, no generation prompt, the real clock.
+    pub fn new(bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
+        Self {
+            add_generation_prompt: false,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+            now: None,
+        }
+    }
+
+    /// The same options with `add_generation_prompt` set to `yes`.
+    pub fn with_generation_prompt(&self, yes: bool) -> Self {
+        Self {
+            add_generation_prompt: yes,
+            ..self.clone()
+        }
+    }
+}
+
+/// A rendered conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The text, markers removed.
+    pub text: String,
+    /// Byte ranges of `text` that `{% generation %}` blocks produced, in order.
+    pub generation: Vec<Range<usize>>,
+}
+
+/// A compiled chat template and where it came from.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    source: String,
+    text: String,
+    sha256: String,
+    has_generation: bool,
+    env: Arc<Environment<'static>>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+/// The name the template is compiled under: errors show the source instead.
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// Compiles `text`; `source` names it in errors and reports (a path, `PATH:chat_template`).
+    pub fn new(source: impl Into<String>, text: impl Into<String>) -> Result<Self> {
+        let source = source.into();
+        let text = text.into();
+        let (rewritten, has_generation) = rewrite_generation_tags(&text);
+        let mut env = environment();
+        env.add_template_owned(NAME, rewritten)
+            .map_err(|e| template_error(&source, &e))?;
+        Ok(Self {
+            sha256: format!("{:x}", Sha256::digest(text.as_bytes())),
+            source,
+            text,
+            has_generation,
+            env: Arc::new(env),
+        })
+    }
+
+    /// Where the template came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The template's text as found.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// SHA-256 of the text, hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Whether the template marks the assistant's text with `{% generation %}` blocks.
+    pub fn has_generation_blocks(&self) -> bool {
+        self.has_generation
+    }
+
+    /// Renders a conversation.
+    pub fn render(&self, conv: &Conversation, opts: &RenderOptions) -> Result<Rendered> {
+        self.render_json(&conv.template_messages(), conv.tools.as_ref(), opts)
+    }
+
+    /// Renders messages given as JSON (as a template sees them) with optional tools.
+    pub fn render_json(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        opts: &RenderOptions,
+    ) -> Result<Rendered> {
+        if has_marker(messages) || tools.is_some_and(has_marker) {
+            return Err(Error::Invalid(format!(
+                "{}: the conversation holds U+10FFFC/U+10FFFD, which the renderer reserves",
+                self.source
+            )));
+        }
+        let ctx = minijinja::context! {
+            messages => JValue::from(Serde(messages)),
+            tools => tools.map_or(JValue::from(()), |t| JValue::from(Serde(t))),
+            documents => JValue::from(()),
+            add_generation_prompt => opts.add_generation_prompt,
+            bos_token => opts.bos_token.clone(),
+            eos_token => opts.eos_token.clone(),
+            __lorasft_now => opts.now,
+        };
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| template_error(&self.source, &e))?;
+        let mut sink = CappedWriter::default();
+        let result = tmpl.render_captured_to(ctx, &mut sink);
+        if sink.overflow {
+            return Err(Error::Invalid(format!(
+                "{}: the rendered conversation passed {} MiB; a template that writes this much \
+                 is refused",
+                self.source,
+                OUTPUT_CAP >> 20
+            )));
+        }
+        result.map_err(|e| template_error(&self.source, &e))?;
+        let raw = String::from_utf8(sink.buf)
+            .map_err(|_| Error::Invalid(format!("{}: rendered text is not UTF-8", self.source)))?;
+        strip_markers(&raw).map_err(|msg| Error::Invalid(format!("{}: {msg}", self.source)))
+    }
+}
+
+/// Whether any string in `v` holds a marker character.
+fn has_marker(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains([GEN_START, GEN_END]),
+        Value::Array(a) => a.iter().any(has_marker),
+        Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| k.contains([GEN_START, GEN_END]) || has_marker(v)),
+        _ => false,
+    }
+}
+
+/// An output sink that stops accepting bytes past [`OUTPUT_CAP`].
+#[derive(Default)]
+struct CappedWriter {
+    buf: Vec<u8>,
+    overflow: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > OUTPUT_CAP {
+            self.overflow = true;
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An error naming the template's source and, when minijinja knows it, the line.
+fn template_error(source: &str, e: &minijinja::Error) -> Error {
+    let line = e.line().map(|l| format!(" line {l}")).unwrap_or_default();
+    let msg = match (e.kind(), e.detail()) {
+        (ErrorKind::InvalidOperation, Some(d)) if d.starts_with("raise_exception: ") => {
+            format!("the template refused the conversation: {}", &d[17..])
+        }
+        (_, Some(d)) => format!("{}: {d}", e.kind()),
+        (_, None) => e.kind().to_string(),
+    };
+    let msg = if e.kind() == ErrorKind::OutOfFuel {
+        format!("{msg} (more than {FUEL} instructions for one conversation)")
+    } else {
+        msg
+    };
+    Error::Invalid(format!("chat template {source}{line}: {msg}"))
+}
+
+/// Rewrites `{% generation %}` / `{% endgeneration %}` (with any whitespace control) into
+/// blocks minijinja renders: the left control stays on a first tag, the right control on a
+/// second one, and a marker is printed between them, so trimming around the block is as
+/// Jinja2 does it. Returns the text and whether any tag was found.
+fn rewrite_generation_tags(text: &str) -> (String, bool) {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut found = false;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        match parse_generation_tag(tag) {
+            Some((len, left, right, end)) => {
+                found = true;
+                if end {
+                    out.push_str(&format!(
+                        "{{%{left} endif %}}{{{{ '{GEN_END}' }}}}{{% endif {right}%}}"
+                    ));
+                } else {
+                    out.push_str(&format!(
+                        "{{%{left} if true %}}{{{{ '{GEN_START}' }}}}{{% if true {right}%}}"
+                    ));
+                }
+                rest = &tag[len..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = &tag[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+/// Parses `{%[-+]? (end)?generation [-+]?%}` at the start of `s`: (length, left control,
+/// right control, is the end tag).
+fn parse_generation_tag(s: &str) -> Option<(usize, &str, &str, bool)> {
+    let body = s.strip_prefix("{%")?;
+    let (left, body) = match body.chars().next() {
+        Some(c @ ('-' | '+')) => (&s[2..3], &body[c.len_utf8()..]),
+        _ => ("", body),
+    };
+    let trimmed = body.trim_start();
+    let (end, after) = if let Some(a) = trimmed.strip_prefix("endgeneration") {
+        (true, a)
+    } else if let Some(a) = trimmed.strip_prefix("generation") {
+        (false, a)
+    } else {
+        return None;
+    };
+    if after.starts_with(|c: char| c.is_alphanumeric() || c == '_') {
+        return None;
+    }
+    let after = after.trim_start();
+    let (right, after) = match after.chars().next() {
+        Some(c @ ('-' | '+')) => (&after[..1], &after[c.len_utf8()..]),
+        _ => ("", after),
+    };
+    let after = after.strip_prefix("%}")?;
+    Some((s.len() - after.len(), left, right, end))
+}
+
+/// Removes the markers, returning the text and the byte ranges they enclosed.
+fn strip_markers(raw: &str) -> std::result::Result<Rendered, String> {
+    let mut text = String::with_capacity(raw.len());
+    let mut generation = Vec::new();
+    let mut open: Option<usize> = None;
+    for c in raw.chars() {
+        match c {
+            GEN_START if open.is_none() => open = Some(text.len()),
+            GEN_END => match open.take() {
+                Some(start) => {
+                    if start < text.len() {
+                        generation.push(start..text.len());
+                    }
+                }
+                None => return Err("`{% endgeneration %}` without a matching start".into()),
+            },
+            GEN_START => return Err("nested `{% generation %}` blocks".into()),
+            c => text.push(c),
+        }
+    }
+    if open.is_some() {
+        return Err("`{% generation %}` block left open".into());
+    }
+    Ok(Rendered { text, generation })
+}
+
+/// The environment transformers compiles templates in, as minijinja.
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("default delimiters"),
+    );
+    env.set_fuel(Some(FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_formatter(|out, _state, value| {
+        let text = match value.as_str() {
+            Some(s) if value.kind() == minijinja::value::ValueKind::String => s.to_string(),
+            _ => python_str(value)?,
+        };
+        out.write_str(&text)
+            .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
+    });
+    env.add_filter("tojson", tojson);
+    env.add_filter("string", |v: JValue| python_str(&v));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<JValue, minijinja::Error> {
+            Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("raise_exception: {msg}"),
+            ))
+        },
+    );
+    env.add_function("strftime_now", strftime_now);
+    env
+}
+
+/// How Python's `str()` prints a template value (`None`, `True`, `{'a': 1}`).
+fn python_str(value: &JValue) -> std::result::Result<String, minijinja::Error> {
+    match value.kind() {
+        minijinja::value::ValueKind::Undefined => Ok(String::new()),
+        minijinja::value::ValueKind::String => Ok(value.as_str().unwrap_or_default().to_string()),
+        minijinja::value::ValueKind::Plain | minijinja::value::ValueKind::Iterable => {
+            Ok(value.to_string())
+        }
+        _ => Ok(pyjson::str_of(&to_json(value)?)),
+    }
+}
+
+/// A template value as JSON (key order kept).
+fn to_json(value: &JValue) -> std::result::Result<Value, minijinja::Error> {
+    serde_json::to_value(value).map_err(|e| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("cannot serialize value: {e}"),
+        )
+    })
+}
+
+/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)`.
+fn tojson(
+    value: JValue,
+    indent: Option<JValue>,
+    kwargs: Kwargs,
+) -> std::result::Result<JValue, minijinja::Error> {
+    let indent = match kwargs.get::<Option<JValue>>("indent")?.or(indent) {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(match v.as_str() {
+            Some(s) => s.to_string(),
+            None => " ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0)),
+        }),
+    };
+    let mut opts = pyjson::DumpOptions::python(indent);
+    if let Some(seps) = kwargs.get::<Option<JValue>>("separators")?
+        && !seps.is_none()
+    {
+        let parts: Vec<String> = seps
+            .try_iter()?
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect();
+        if let [item, key] = parts.as_slice() {
+            opts.item_sep = item.clone();
+            opts.key_sep = key.clone();
+        }
+    }
+    opts.sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    opts.ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    if value.is_undefined() {
+        return Err(minijinja::Error::new(
+            ErrorKind::UndefinedError,
+            "tojson of an undefined value",
+        ));
+    }
+    Ok(JValue::from(pyjson::dumps(&to_json(&value)?, &opts)))
+}
+
+/// transformers' `strftime_now(format)`: the current time (or the render's fixed time) in a
+/// Python `strftime` format.
+fn strftime_now(state: &State, format: String) -> std::result::Result<String, minijinja::Error> {
+    let now = state
+        .lookup("__lorasft_now")
+        .and_then(|v| v.as_i64())
+        .unwrap_or_else(|| crate::sys::unix_time() as i64);
+    Ok(strftime(now, &format))
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+
+/// Formats Unix time `t` (UTC) with the `strftime` directives templates use.
+pub fn strftime(t: i64, format: &str) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let yday = days - days_from_civil(y, 1, 1) + 1;
+    let (hh, mm, ss) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('e') => out.push_str(&format!("{d:>2}")),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('B') => out.push_str(MONTHS[m as usize - 1]),
+            Some('b') | Some('h') => out.push_str(&MONTHS[m as usize - 1][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('H') => out.push_str(&format!("{hh:02}")),
+            Some('I') => out.push_str(&format!("{:02}", (hh + 11) % 12 + 1)),
+            Some('p') => out.push_str(if hh < 12 { "AM" } else { "PM" }),
+            Some('M') => out.push_str(&format!("{mm:02}")),
+            Some('S') => out.push_str(&format!("{ss:02}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Days since 1970-01-01 of a civil date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::message::{Message, Role};
+
+    fn conv() -> Conversation {
+        Conversation::new(vec![
+            Message::text(Role::User, "Hi"),
+            Message::text(Role::Assistant, "Hello!"),
+        ])
+    }
+
+    #[test]
+    fn chatml_renders_with_trim_blocks_and_generation_prompt() {
+        let t = ChatTemplate::new(
+            "test",
+            "{% for m in messages %}\n<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        )
+        .unwrap();
+        let r = t
+            .render(
+                &conv(),
+                &RenderOptions::new("", "").with_generation_prompt(true),
+            )
+            .unwrap();
+        assert_eq!(
+            r.text,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert!(r.generation.is_empty() && !t.has_generation_blocks());
+    }
+
+    #[test]
+    fn generation_blocks_become_ranges_with_jinja_whitespace_control() {
+        let t = ChatTemplate::new(
+            "gen",
+            "{% for m in messages %}{{ m.role }}: \n  {%- if m.role == 'assistant' -%}\n  {%- generation -%}\n  {{ m.content }}<end>\n  {%- endgeneration -%}\n  {%- else %}{{ m.content }}{% endif %}\n|{% endfor %}",
+        )
+        .unwrap();
+        assert!(t.has_generation_blocks());
+        let r = t.render(&conv(), &RenderOptions::new("", "")).unwrap();
+        assert_eq!(r.text, "user:Hi|assistant:Hello!<end>|");
+        assert_eq!(r.generation.len(), 1);
+        assert_eq!(&r.text[r.generation[0].clone()], "Hello!<end>");
+    }
+
+    #[test]
+    fn python_printing_tojson_and_raise_exception() {
+        let t = ChatTemplate::new(
+            "py",
+            "{{ messages[0].content.strip().upper() }} {{ x }} {{ true }} {{ none }} {{ {'a': 1}|tojson }} {{ tools }}{% if messages|length > 1 %}{{ raise_exception('too long') }}{% endif %}",
+        )
+        .unwrap();
+        let mut c = conv();
+        c.messages.truncate(1);
+        c.messages[0].content = Some(" hi ".into());
+        c.tools = Some(serde_json::json!([{"b": "<&>", "a": 1.0}]));
+        let r = t.render(&c, &RenderOptions::new("", "")).unwrap();
+        assert_eq!(r.text, r#"HI  True None {"a": 1} [{'b': '<&>', 'a': 1.0}]"#);
+        let err = t.render(&conv(), &RenderOptions::new("", "")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("py") && msg.contains("too long"), "{msg}");
+    }
+
+    #[test]
+    fn hostile_templates_are_bounded_and_errors_name_source_and_line() {
+        let spin = ChatTemplate::new(
+            "spin.jinja",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let err = spin
+            .render(&conv(), &RenderOptions::new("", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spin.jinja") && err.contains("instructions"),
+            "{err}"
+        );
+        let big = ChatTemplate::new(
+            "big.jinja",
+            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+        )
+        .unwrap();
+        let err = big
+            .render(&conv(), &RenderOptions::new("", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("big.jinja"), "{err}");
+        let bad = ChatTemplate::new("bad.jinja", "line one\n{% if %}")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("bad.jinja line 2"), "{bad}");
+    }
+
+    #[test]
+    fn strftime_formats_a_fixed_time() {
+        // 2024-07-26 00:00:00 UTC was a Friday.
+        assert_eq!(
+            strftime(1_721_952_000, "%d %b %Y %A %H:%M %j"),
+            "26 Jul 2024 Friday 00:00 208"
+        );
+        assert_eq!(strftime(0, "%Y-%m-%d %a"), "1970-01-01 Thu");
+    }
+}
