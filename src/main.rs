@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lorasft::cli::args::{
-    BenchArgs, DeviceArgs, EvalArgs, ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs,
-    StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
+    BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs,
+    ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs,
+    TokenizerCommand, TrainArgs,
 };
 use lorasft::cli::commands::{self, TrainOutcome};
+use lorasft::cli::conversation;
+use lorasft::data::show::Style;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +38,9 @@ enum Command {
     /// Inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Chat templates: render a conversation exactly as the model's template does.
+    #[command(subcommand)]
+    Chat(ChatCommand),
     /// Train a LoRA adapter (config file, preset, and `--set key=value` overrides).
     Train(TrainArgs),
     /// Mean loss and perplexity of a model (+ adapter) on a dataset.
@@ -89,6 +95,17 @@ enum FixtureCommand {
 enum DataCommand {
     /// Record counts, token lengths, truncation and label statistics under an encoding.
     Stats(StatsArgs),
+    /// Write each example's text, input_ids and labels (no padding) as JSONL.
+    Encode(DataEncodeArgs),
+    /// Print examples as the model reads them, trained tokens highlighted (colour on a
+    /// terminal unless NO_COLOR is set, `[[ ]]` otherwise).
+    Show(DataShowArgs),
+}
+
+#[derive(Subcommand)]
+enum ChatCommand {
+    /// Print a conversation rendered by a chat template, exactly (no newline added).
+    Render(ChatRenderArgs),
 }
 
 fn main() {
@@ -120,6 +137,28 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} ({n} tokens)", out.display());
         }
         Command::Data(DataCommand::Stats(a)) => print!("{}", commands::stats_text(&a)?),
+        Command::Data(DataCommand::Encode(a)) => {
+            let (n, skipped) = conversation::data_encode(&a)?;
+            eprintln!(
+                "wrote {n} examples to {}{}",
+                a.out.display(),
+                if skipped > 0 {
+                    format!(" ({skipped} conversations with no trained turn skipped)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Command::Data(DataCommand::Show(a)) => {
+            print!("{}", conversation::data_show(&a, Style::for_stdout())?)
+        }
+        Command::Chat(ChatCommand::Render(a)) => {
+            use std::io::Write;
+            let text = conversation::chat_render(&a)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
         Command::Train(a) => train_cmd(&a)?,
         Command::Eval(a) => {
             let e = commands::eval(&a)?;

@@ -5,7 +5,9 @@
 //! in insertion order. serde_json's writers differ in separators and float spelling, and
 //! minijinja's own `tojson` escapes HTML, so both are written here to the Python rules. Values
 //! printed without a filter (`{{ message.tool_calls }}`) take Python's `repr` (`{'a': True}`),
-//! which is the other half of this module.
+//! which is the other half of this module. Two string functions of Jinja2's Python side end it:
+//! MarkupSafe's `escape` ([`escape_html`]) and the `indent` filter ([`indent`]), whose spellings
+//! and line handling differ from minijinja's.
 
 use serde_json::Value;
 
@@ -247,6 +249,72 @@ fn string_repr(out: &mut String, s: &str) {
     out.push(quote);
 }
 
+/// MarkupSafe's `escape`: `&`, `<`, `>`, `"` and `'` as `&amp;`, `&lt;`, `&gt;`, `&#34;`,
+/// `&#39;` (minijinja spells them `&quot;`, `&#x27;` and escapes `/` too).
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&#34;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Python's `str.splitlines()`: splits at `\n`, `\r\n`, `\r`, `\v`, `\f`, `\x1c`-`\x1e`,
+/// `\x85`, U+2028 and U+2029; a final line break ends the last line rather than starting an
+/// empty one.
+pub fn splitlines(s: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let end = match c {
+            '\r' if matches!(chars.peek(), Some((_, '\n'))) => {
+                chars.next();
+                i + 2
+            }
+            '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}'
+            | '\u{2028}' | '\u{2029}' => i + c.len_utf8(),
+            _ => continue,
+        };
+        lines.push(&s[start..i]);
+        start = end;
+    }
+    if start < s.len() {
+        lines.push(&s[start..]);
+    }
+    lines
+}
+
+/// Jinja2's `indent(s, width, first, blank)` filter with `indention` as the indent: every line
+/// after the first is indented, blank lines only when `blank`, the first only when `first`;
+/// lines are split as Python splits them and joined with `\n`, and a trailing line break is
+/// kept (followed by the indent when `blank`).
+pub fn indent(s: &str, indention: &str, first: bool, blank: bool) -> String {
+    let s = format!("{s}\n");
+    let lines = splitlines(&s);
+    let mut rv = String::with_capacity(s.len());
+    if first {
+        rv.push_str(indention);
+    }
+    for (i, line) in lines.iter().enumerate() {
+        if i > 0 {
+            rv.push('\n');
+            if blank || !line.is_empty() {
+                rv.push_str(indention);
+            }
+        }
+        rv.push_str(line);
+    }
+    rv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +364,19 @@ mod tests {
             repr(&json!({"a": true, "b": null, "c": "it's", "d": [1, "x"]})),
             r#"{'a': True, 'b': None, 'c': "it's", 'd': [1, 'x']}"#
         );
+    }
+
+    #[test]
+    fn escape_and_indent_are_jinja2s() {
+        assert_eq!(
+            escape_html(r#"<a href="x">'&'/</a>"#),
+            "&lt;a href=&#34;x&#34;&gt;&#39;&amp;&#39;/&lt;/a&gt;"
+        );
+        assert_eq!(splitlines("a\r\nb\rc\u{2028}d\n\ne\n"), ["a", "b", "c", "d", "", "e"]);
+        assert!(splitlines("").is_empty());
+        assert_eq!(indent("{\n", "    ", true, false), "    {\n");
+        assert_eq!(indent("a\n\nb", "  ", false, false), "a\n\n  b");
+        assert_eq!(indent("a\n\nb\n", "  ", false, true), "a\n  \n  b\n  ");
+        assert_eq!(indent("", "--", true, false), "--");
     }
 }

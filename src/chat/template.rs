@@ -19,7 +19,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use minijinja::value::{Kwargs, Serde, Value as JValue};
+use minijinja::value::{
+    Enumerator, Kwargs, Object, ObjectRepr, Rest, Serde, Value as JValue, ValueKind, ValueOrKwargs,
+};
 use minijinja::{Environment, ErrorKind, State};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -161,10 +163,28 @@ impl ChatTemplate {
                 self.source
             )));
         }
+        // transformers drops every null-valued key of a message before rendering (a tool-call
+        // message has no `content` at all, rather than `content = None`).
+        let messages = match messages {
+            Value::Array(list) => Value::Array(
+                list.iter()
+                    .map(|m| match m {
+                        Value::Object(o) => Value::Object(
+                            o.iter()
+                                .filter(|(_, v)| !v.is_null())
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                        ),
+                        other => other.clone(),
+                    })
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
         let ctx = minijinja::context! {
-            messages => JValue::from(Serde(messages)),
-            tools => tools.map_or(JValue::from(()), |t| JValue::from(Serde(t))),
-            documents => JValue::from(()),
+            messages => JValue::from(Serde(&messages)),
+            tools => tools.map_or_else(py_none, |t| JValue::from(Serde(t))),
+            documents => py_none(),
             add_generation_prompt => opts.add_generation_prompt,
             bos_token => opts.bos_token.clone(),
             eos_token => opts.eos_token.clone(),
@@ -346,7 +366,7 @@ fn environment() -> Environment<'static> {
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_formatter(|out, _state, value| {
         let text = match value.as_str() {
-            Some(s) if value.kind() == minijinja::value::ValueKind::String => s.to_string(),
+            Some(s) if value.kind() == ValueKind::String => s.to_string(),
             _ => python_str(value)?,
         };
         out.write_str(&text)
@@ -354,6 +374,47 @@ fn environment() -> Environment<'static> {
     });
     env.add_filter("tojson", tojson);
     env.add_filter("string", |v: JValue| python_str(&v));
+    env.add_filter("escape", escape);
+    env.add_filter("e", escape);
+    env.add_filter("forceescape", |v: JValue| {
+        python_str(&v).map(|s| JValue::from_safe_string(pyjson::escape_html(&s)))
+    });
+    env.add_filter("indent", indent);
+    // Jinja2's `map`, `select`, `reject`, `selectattr`, `rejectattr`, `unique`, `batch` and
+    // `slice` return generators, and its `reverse` an iterator: wrap minijinja's lists so.
+    for (name, builtin, skips_falsy) in [
+        ("map", JValue::from_function(minijinja::filters::map), true),
+        ("select", JValue::from_function(minijinja::filters::select), true),
+        ("reject", JValue::from_function(minijinja::filters::reject), true),
+        ("selectattr", JValue::from_function(minijinja::filters::selectattr), true),
+        ("rejectattr", JValue::from_function(minijinja::filters::rejectattr), true),
+        ("unique", JValue::from_function(minijinja::filters::unique), false),
+        ("batch", JValue::from_function(minijinja::filters::batch), false),
+        ("slice", JValue::from_function(minijinja::filters::slice), false),
+    ] {
+        env.add_filter(
+            name,
+            move |state: &mut State, args: Rest<ValueOrKwargs>| {
+                let args = args.into_values();
+                // `if value:` guards Jinja2's map and select loops: none maps to nothing.
+                if skips_falsy && args.first().is_some_and(|v| !v.is_true()) {
+                    return Ok(Generator::value("generator", Vec::new()));
+                }
+                let list = builtin.call(state, &args)?;
+                Ok(Generator::value("generator", list.try_iter()?.collect()))
+            },
+        );
+    }
+    env.add_filter("reverse", |v: JValue| {
+        let reversed = minijinja::filters::reverse(&v)?;
+        Ok(match v.kind() {
+            ValueKind::Seq => Generator::value("list_reverseiterator", reversed.try_iter()?.collect()),
+            ValueKind::Map => Generator::value("dict_reversekeyiterator", reversed.try_iter()?.collect()),
+            _ => reversed,
+        })
+    });
+    env.add_test("none", |v: &JValue| v.is_none() || is_py_none(v));
+    env.add_test("iterable", |v: &JValue| !v.is_none() && v.try_iter().is_ok());
     env.add_function(
         "raise_exception",
         |msg: String| -> std::result::Result<JValue, minijinja::Error> {
@@ -370,22 +431,203 @@ fn environment() -> Environment<'static> {
 /// How Python's `str()` prints a template value (`None`, `True`, `{'a': 1}`).
 fn python_str(value: &JValue) -> std::result::Result<String, minijinja::Error> {
     match value.kind() {
-        minijinja::value::ValueKind::Undefined => Ok(String::new()),
-        minijinja::value::ValueKind::String => Ok(value.as_str().unwrap_or_default().to_string()),
-        minijinja::value::ValueKind::Plain | minijinja::value::ValueKind::Iterable => {
-            Ok(value.to_string())
-        }
-        _ => Ok(pyjson::str_of(&to_json(value)?)),
+        ValueKind::Undefined => Ok(String::new()),
+        ValueKind::String => Ok(value.as_str().unwrap_or_default().to_string()),
+        ValueKind::Plain | ValueKind::Iterable => Ok(value.to_string()),
+        _ => Ok(pyjson::str_of(&to_json(value, false)?)),
     }
 }
 
-/// A template value as JSON (key order kept).
-fn to_json(value: &JValue) -> std::result::Result<Value, minijinja::Error> {
-    serde_json::to_value(value).map_err(|e| {
+/// A template value as JSON (key order kept). `strict` is `json.dumps`: undefined values,
+/// generators and other objects Python cannot serialize are errors, and keys become strings
+/// as Python makes them; otherwise (for printing) they are written as null.
+fn to_json(value: &JValue, strict: bool) -> std::result::Result<Value, minijinja::Error> {
+    let refuse = |type_name: &str| {
         minijinja::Error::new(
             ErrorKind::InvalidOperation,
-            format!("cannot serialize value: {e}"),
+            format!("Object of type {type_name} is not JSON serializable"),
         )
+    };
+    match value.kind() {
+        ValueKind::None => Ok(Value::Null),
+        ValueKind::Undefined if strict => Err(refuse("Undefined")),
+        ValueKind::Bool => Ok(Value::Bool(value.is_true())),
+        ValueKind::String => Ok(Value::String(value.as_str().unwrap_or_default().into())),
+        ValueKind::Seq | ValueKind::Iterable => {
+            if let Some(g) = value.downcast_object_ref::<Generator>() {
+                return if strict {
+                    Err(refuse(g.type_name))
+                } else {
+                    Ok(Value::Null)
+                };
+            }
+            value
+                .try_iter()?
+                .map(|v| to_json(&v, strict))
+                .collect::<std::result::Result<_, _>>()
+                .map(Value::Array)
+        }
+        ValueKind::Map => {
+            let mut map = serde_json::Map::new();
+            for key in value.try_iter()? {
+                let item = value.get_item(&key)?;
+                let key = match key.as_str() {
+                    Some(k) if key.kind() == ValueKind::String => k.to_string(),
+                    _ => match to_json(&key, strict)? {
+                        Value::String(k) => k,
+                        Value::Null | Value::Bool(_) | Value::Number(_) if strict => {
+                            pyjson::dumps(&to_json(&key, strict)?, &pyjson::DumpOptions::python(None))
+                        }
+                        other if strict => {
+                            return Err(minijinja::Error::new(
+                                ErrorKind::InvalidOperation,
+                                format!("keys must be str, int, float, bool or None, not {other}"),
+                            ));
+                        }
+                        other => pyjson::str_of(&other),
+                    },
+                };
+                map.insert(key, to_json(&item, strict)?);
+            }
+            Ok(Value::Object(map))
+        }
+        ValueKind::Plain if is_py_none(value) => Ok(Value::Null),
+        ValueKind::Plain | ValueKind::Invalid if strict => Err(refuse("object")),
+        ValueKind::Undefined | ValueKind::Plain | ValueKind::Invalid => Ok(Value::Null),
+        _ => serde_json::to_value(value).map_err(|e| {
+            minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("cannot serialize value: {e}"),
+            )
+        }),
+    }
+}
+
+/// Python's `None` as transformers passes it for absent `tools` and `documents`: false, printed
+/// `None`, `is none`, null in JSON, but, unlike minijinja's none, neither iterable nor sized,
+/// so that `{% for tool in tools %}` and `tools|length` fail as in Jinja2. (It does not equal
+/// minijinja's `none` under `==`; templates test it with `is none`.)
+#[derive(Debug)]
+struct PyNone;
+
+impl Object for PyNone {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        false
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("None")
+    }
+}
+
+fn py_none() -> JValue {
+    JValue::from_object(PyNone)
+}
+
+fn is_py_none(v: &JValue) -> bool {
+    v.downcast_object_ref::<PyNone>().is_some()
+}
+
+/// A Python generator or iterator (what Jinja2's `map`, `select`, `reverse`... return): items
+/// come out once, it has no length, is always true, and `json.dumps` refuses it.
+#[derive(Debug)]
+struct Generator {
+    type_name: &'static str,
+    rest: std::sync::Mutex<std::vec::IntoIter<JValue>>,
+}
+
+impl Generator {
+    fn value(type_name: &'static str, items: Vec<JValue>) -> JValue {
+        JValue::from_object(Generator {
+            type_name,
+            rest: std::sync::Mutex::new(items.into_iter()),
+        })
+    }
+}
+
+impl Object for Generator {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Iterable
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let this = Arc::clone(self);
+        Enumerator::Iter(Box::new(std::iter::from_fn(move || {
+            this.rest.lock().ok().and_then(|mut rest| rest.next())
+        })))
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        None
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        true
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} object>", self.type_name)
+    }
+}
+
+/// MarkupSafe's `escape` (Jinja2's `escape`/`e`): the value's `str()` with `&<>"'` escaped,
+/// as a safe string; safe strings pass unchanged.
+fn escape(v: JValue) -> std::result::Result<JValue, minijinja::Error> {
+    if v.is_safe() {
+        return Ok(v);
+    }
+    Ok(JValue::from_safe_string(pyjson::escape_html(&python_str(&v)?)))
+}
+
+/// Jinja2's `indent(s, width=4, first=False, blank=False)`; `width` may be a string. Like
+/// Jinja2's, it takes strings only, and a safe string stays safe.
+fn indent(
+    s: JValue,
+    width: Option<JValue>,
+    first: Option<JValue>,
+    blank: Option<JValue>,
+    kwargs: Kwargs,
+) -> std::result::Result<JValue, minijinja::Error> {
+    let width = kwargs.get::<Option<JValue>>("width")?.or(width);
+    let first = kwargs.get::<Option<JValue>>("first")?.or(first);
+    let blank = kwargs.get::<Option<JValue>>("blank")?.or(blank);
+    kwargs.assert_all_used()?;
+    let text = match s.as_str() {
+        Some(t) if s.kind() == ValueKind::String => t,
+        _ => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("indent takes a string, not {}", s.kind()),
+            ));
+        }
+    };
+    let indention = match &width {
+        None => "    ".to_string(),
+        Some(w) if w.kind() == ValueKind::String => w.as_str().unwrap_or_default().to_string(),
+        Some(w) => match w.as_i64() {
+            Some(n) => " ".repeat(usize::try_from(n).unwrap_or(0)),
+            None => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("indent width must be an integer or a string, not {}", w.kind()),
+                ));
+            }
+        },
+    };
+    let rv = pyjson::indent(
+        text,
+        &indention,
+        first.is_some_and(|v| v.is_true()),
+        blank.is_some_and(|v| v.is_true()),
+    );
+    Ok(if s.is_safe() {
+        JValue::from_safe_string(rv)
+    } else {
+        JValue::from(rv)
     })
 }
 
@@ -426,7 +668,7 @@ fn tojson(
             "tojson of an undefined value",
         ));
     }
-    Ok(JValue::from(pyjson::dumps(&to_json(&value)?, &opts)))
+    Ok(JValue::from(pyjson::dumps(&to_json(&value, true)?, &opts)))
 }
 
 /// transformers' `strftime_now(format)`: the current time (or the render's fixed time) in a

@@ -293,6 +293,106 @@ pub struct GenerateArgs {
     /// With --adapter, also answer with the base model, side by side.
     #[arg(long)]
     pub compare: bool,
+    /// Prompt in the model's chat template: each --instruction is a user turn (or give
+    /// --messages); generation stops at the template's end-of-turn token or EOS.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a conversation to continue (JSON: messages, or {messages, tools}).
+    #[arg(long, requires = "chat", conflicts_with = "instruction")]
+    pub messages: Option<PathBuf>,
+    /// With --chat: a template overriding the model's.
+    #[arg(long, requires = "chat")]
+    pub chat_template: Option<PathBuf>,
+}
+
+/// `lorasft chat render`.
+#[derive(Args)]
+pub struct ChatRenderArgs {
+    /// The template: a .jinja file, a tokenizer_config.json, a model directory or a GGUF.
+    #[arg(long)]
+    pub template: PathBuf,
+    /// Which of several named templates (a tokenizer_config.json list, a GGUF's named ones).
+    #[arg(long)]
+    pub template_name: Option<String>,
+    /// JSON: an array of messages, or an object with `messages` (and `tools`).
+    #[arg(long)]
+    pub messages: PathBuf,
+    /// End with the header of a new assistant turn, as for generation.
+    #[arg(long)]
+    pub add_generation_prompt: bool,
+    /// `bos_token` (default: the tokenizer config's, when the template comes from one).
+    #[arg(long)]
+    pub bos_token: Option<String>,
+    /// `eos_token` (default: as for --bos-token).
+    #[arg(long)]
+    pub eos_token: Option<String>,
+}
+
+/// A dataset and the tokenizer it is encoded with, for the data commands.
+#[derive(Args)]
+pub struct DataSourceArgs {
+    /// Dataset: JSON array or JSONL of Alpaca records, `messages`, ShareGPT `conversations`,
+    /// or `prompt`/`completion`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The records' format (detected from the first record when absent).
+    #[arg(long, value_enum)]
+    pub format: Option<crate::data::formats::DataFormat>,
+    /// Field name mapping, CANONICAL=NAME (repeatable): `--column messages=dialog`.
+    #[arg(long = "column", value_name = "CANONICAL=NAME")]
+    pub columns: Vec<String>,
+    /// Model whose tokenizer (and chat template) to use: a directory, hub id or `gguf:PATH`.
+    #[arg(long, required_unless_present = "tokenizer")]
+    pub model: Option<String>,
+    /// tokenizer.json (tokenizer_config.json beside it gives EOS/pad and the chat template).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl DataSourceArgs {
+    /// The `--column` mappings as a map, each checked to be `CANONICAL=NAME`.
+    pub fn columns(&self) -> Result<crate::data::formats::Columns> {
+        self.columns
+            .iter()
+            .map(|c| match c.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(Error::Invalid(format!(
+                    "--column {c:?}: expected CANONICAL=NAME, e.g. messages=dialog"
+                ))),
+            })
+            .collect()
+    }
+}
+
+/// `lorasft data encode`.
+#[derive(Args)]
+pub struct DataEncodeArgs {
+    #[command(flatten)]
+    /// Dataset and tokenizer.
+    pub source: DataSourceArgs,
+    #[command(flatten)]
+    /// Encoding.
+    pub encode: EncodeArgs,
+    /// Output JSONL: one `{"text", "input_ids", "labels"}` line per example.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `lorasft data show`.
+#[derive(Args)]
+pub struct DataShowArgs {
+    #[command(flatten)]
+    /// Dataset and tokenizer.
+    pub source: DataSourceArgs,
+    #[command(flatten)]
+    /// Encoding.
+    pub encode: EncodeArgs,
+    /// How many records to show.
+    #[arg(long, default_value_t = 3, value_parser = count::<1, MAX_BATCH>)]
+    pub records: usize,
+    /// The first record shown (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub start: usize,
 }
 
 /// `lorasft merge`.

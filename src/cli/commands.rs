@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::adapter;
+use crate::chat::{Conversation, Message, Role};
 use crate::bench::{self, suite};
 use crate::cli::args::{
     BenchArgs, DeviceArgs, EvalArgs, ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs,
@@ -125,6 +126,9 @@ pub struct Answer {
 
 /// Generates for each `--prompt`, or each `--instruction` in the reference template.
 pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
+    if a.chat {
+        return generate_chat(a);
+    }
     let prompts: Vec<String> = if a.instruction.is_empty() {
         a.prompt.clone()
     } else {
@@ -165,6 +169,63 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
                 prompt: p,
                 adapted,
                 base,
+            })
+        })
+        .collect()
+}
+
+/// The sampling settings of `generate`'s flags.
+fn generate_config(a: &GenerateArgs) -> Result<GenerateConfig> {
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: match a.temperature {
+            Some(temperature) => Sampling::TopP {
+                temperature,
+                top_p: a.top_p,
+            },
+            None => Sampling::Greedy,
+        },
+        seed: a.seed,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `generate --chat`: each instruction as a user turn (or the `--messages` conversation) in the
+/// model's chat template with the generation prompt; stops at the end-of-turn token or EOS.
+fn generate_chat(a: &GenerateArgs) -> Result<Vec<Answer>> {
+    let convs: Vec<Conversation> = match &a.messages {
+        Some(path) => vec![crate::cli::conversation::read_conversation(path)?],
+        None => a
+            .instruction
+            .iter()
+            .chain(&a.prompt)
+            .map(|i| Conversation::new(vec![Message::text(Role::User, i.clone())]))
+            .collect(),
+    };
+    if convs.is_empty() {
+        return Err(Error::Invalid(
+            "generate --chat needs --instruction TEXT or --messages FILE".into(),
+        ));
+    }
+    let cfg = generate_config(a)?;
+    let m = load(&a.m)?;
+    let enc = crate::cli::conversation::generation_template(&m.tokenizer, a.chat_template.as_deref())?;
+    let chat = enc.require_chat()?;
+    let mut eos = m.base.eos_ids(enc.special_ids().eos);
+    eos.extend(chat.stop_ids().iter().filter(|id| !eos.contains(id)).copied().collect::<Vec<_>>());
+    let compare = a.compare && a.m.adapter.is_some();
+    convs
+        .iter()
+        .map(|conv| {
+            let (text, ids) = chat.prompt(conv)?;
+            let run = |model: &crate::model::Llama| {
+                generate::generate_ids(model, chat.tokenizer(), &text, ids.clone(), &eos, &cfg)
+            };
+            Ok(Answer {
+                prompt: text.clone(),
+                adapted: run(&m.adapted)?,
+                base: compare.then(|| run(&m.base.model)).transpose()?,
             })
         })
         .collect()
@@ -274,6 +335,19 @@ pub fn startup_line(p: &Prepared) -> String {
         s.no_trainable_label,
         trainable_params_line(trainable, shape.base_params() + trainable)
     );
+    if p.uses_chat() {
+        let d = p.data_record();
+        line.push_str(&format!(
+            "\ndata format {} | template {} ({}) | labels {:?} | conversations skipped with no trained turn: {} train, {} validation | trailing messages cut to fit: {}",
+            d.format,
+            d.template,
+            d.span_method.as_deref().unwrap_or("-"),
+            p.cfg.encode.labels,
+            s.skipped_no_trained_turn,
+            p.val_skipped,
+            s.turns_cut,
+        ));
+    }
     if let Some((was, now)) = &p.adopted_lora {
         line.push_str(&format!(
             "\nLoRA settings adopted from {}: r {}, alpha {}, dropout {}, targets {} (the config said r {}, alpha {}, dropout {}, targets {})",

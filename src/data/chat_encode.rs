@@ -11,6 +11,11 @@
 //! BOS: when the template writes `bos_token` itself, the tokenizer adds none (no double BOS);
 //! otherwise the tokenizer's own post-processor decides, as for Alpaca prompts.
 //!
+//! Tool calls: a template that renders `tool_calls` gets them as given. One that ignores them
+//! (plain ChatML, SmolLM2's) would train an empty turn in their place, so for such a template
+//! (found by rendering a probe call once) each call is written into the message's content as
+//! the JSON `{"name": ..., "arguments": ...}`, the form ShareGPT data carries it in.
+//!
 //! Truncation past `max_len` cuts whole trailing turns first: the conversation is cut after the
 //! last assistant turn that fits, and the number of messages cut is recorded. Only when not even
 //! the first assistant turn fits are tokens cut from the tail, as for Alpaca prompts.
@@ -19,7 +24,8 @@ use std::ops::Range;
 
 use tokenizers::{Encoding, Tokenizer};
 
-use crate::chat::message::{Conversation, Role};
+use crate::chat::message::{Conversation, Message, Role};
+use crate::chat::pyjson;
 use crate::chat::spans::{self, SpannedRender};
 use crate::chat::template::{ChatTemplate, RenderOptions};
 use crate::data::encode::{EncodeConfig, Example, LabelPolicy};
@@ -33,6 +39,7 @@ pub struct ChatEncoding {
     tokenizer: Tokenizer,
     end_of_turn: String,
     stop_ids: Vec<u32>,
+    renders_tool_calls: bool,
 }
 
 impl std::fmt::Debug for ChatEncoding {
@@ -68,13 +75,57 @@ impl ChatEncoding {
                 _ => Vec::new(),
             }
         };
+        let renders_tool_calls = renders_tool_calls(&template, &opts);
         Ok(Self {
             template,
             opts,
             tokenizer,
             end_of_turn,
             stop_ids,
+            renders_tool_calls,
         })
+    }
+
+    /// Whether the template renders `tool_calls` itself (else calls go into the content).
+    pub fn renders_tool_calls(&self) -> bool {
+        self.renders_tool_calls
+    }
+
+    /// The conversation as this template is given it: tool calls written into the content
+    /// when the template would drop them.
+    pub fn adapt(&self, conv: &Conversation) -> Conversation {
+        if self.renders_tool_calls || conv.messages.iter().all(|m| m.tool_calls.is_none()) {
+            return conv.clone();
+        }
+        let mut conv = conv.clone();
+        for m in &mut conv.messages {
+            let Some(calls) = m.tool_calls.take() else {
+                continue;
+            };
+            let text: Vec<String> = calls
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(std::slice::from_ref(&calls))
+                .iter()
+                .map(|c| {
+                    let f = c.get("function").unwrap_or(c);
+                    let mut call = serde_json::Map::new();
+                    for key in ["name", "arguments"] {
+                        if let Some(v) = f.get(key) {
+                            call.insert(key.into(), v.clone());
+                        }
+                    }
+                    pyjson::dumps(&serde_json::Value::Object(call), &pyjson::DumpOptions::python(None))
+                })
+                .collect();
+            let mut content = m.content.take().unwrap_or_default();
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&text.join("\n"));
+            m.content = Some(content);
+        }
+        conv
     }
 
     /// The template.
@@ -104,7 +155,7 @@ impl ChatEncoding {
 
     /// Renders a conversation for training, with its assistant spans.
     pub fn render(&self, conv: &Conversation) -> Result<SpannedRender> {
-        spans::spanned_render(&self.template, conv, &self.opts)
+        spans::spanned_render(&self.template, &self.adapt(conv), &self.opts)
     }
 
     /// Tokenizes rendered text; the tokenizer adds its special tokens (BOS) only when the
@@ -122,7 +173,7 @@ impl ChatEncoding {
     pub fn prompt(&self, conv: &Conversation) -> Result<(String, Vec<u32>)> {
         let text = self
             .template
-            .render(conv, &self.opts.with_generation_prompt(true))?
+            .render(&self.adapt(conv), &self.opts.with_generation_prompt(true))?
             .text;
         let ids = self.tokenize(&text)?.get_ids().to_vec();
         Ok((text, ids))
@@ -190,6 +241,22 @@ impl ChatEncoding {
             turns_cut,
         })
     }
+}
+
+/// Whether `template` renders an assistant's `tool_calls` (a probe call's name appears).
+fn renders_tool_calls(template: &ChatTemplate, opts: &RenderOptions) -> bool {
+    const NAME: &str = "lorasft_probe_tool";
+    let call = Message {
+        content: None,
+        tool_calls: Some(serde_json::json!([
+            {"id": "call00001", "type": "function", "function": {"name": NAME, "arguments": {}}}
+        ])),
+        ..Message::text(Role::Assistant, "")
+    };
+    let conv = Conversation::new(vec![Message::text(Role::User, "probe"), call]);
+    template
+        .render(&conv, opts)
+        .is_ok_and(|r| r.text.contains(NAME))
 }
 
 /// The token range of each assistant span: the tokens whose bytes overlap it (tokens the

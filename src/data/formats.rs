@@ -583,8 +583,8 @@ fn parse_train(obj: &Map<String, Value>, path: &str, at: &Locator) -> Result<Opt
     let from_weight = match obj.get("loss_weight") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(w) if w == 0.0 => Some(false),
-            Some(w) if w == 1.0 => Some(true),
+            Some(0.0) => Some(false),
+            Some(1.0) => Some(true),
             _ => {
                 return Err(at.at(
                     format!("{path}.loss_weight"),

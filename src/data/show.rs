@@ -67,6 +67,7 @@ pub fn marked(encoder: &Encoder, sample: &Sample, ex: &Example, style: Style) ->
     let offsets = enc.get_offsets();
     let mut pieces: Vec<(String, bool)> = Vec::new();
     let mut push = |s: &str, t: bool| match pieces.last_mut() {
+        _ if s.is_empty() => {}
         Some((p, pt)) if *pt == t => p.push_str(s),
         _ => pieces.push((s.to_string(), t)),
     };

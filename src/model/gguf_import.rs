@@ -377,6 +377,34 @@ pub fn write_config_and_tokenizer(g: &Gguf, cfg: &LlamaConfig, out: &Path) -> Re
     Ok(())
 }
 
+/// Brings an earlier import's `tokenizer_config.json` up to date with the GGUF it came from:
+/// an import made before lorasft copied the chat template has none, and reusing it would
+/// silently train Alpaca-style or fail to find the template. Rewrites the tokenizer files (not
+/// the weights) when the GGUF carries a template the config lacks, and says so.
+pub fn refresh_tokenizer_config(g: &Gguf, dir: &Path) -> Result<()> {
+    let Some(want) = g
+        .metadata
+        .get(crate::chat::locate::GGUF_KEY)
+        .and_then(|v| v.as_str())
+    else {
+        return Ok(());
+    };
+    let cfg_path = dir.join("tokenizer_config.json");
+    let have: Option<String> = std::fs::read_to_string(&cfg_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("chat_template")?.as_str().map(str::to_string));
+    if have.as_deref() == Some(want) {
+        return Ok(());
+    }
+    eprintln!(
+        "refreshing {}: the import predates its chat template",
+        cfg_path.display()
+    );
+    crate::tokenizer::from_gguf::convert_parsed(g, &dir.join("tokenizer.json"))?;
+    Ok(())
+}
+
 /// Imports a GGUF Llama into `out`: config.json, model.safetensors (f32), and the converted
 /// tokenizer.json + tokenizer_config.json, so the directory is a complete model.
 ///

@@ -89,6 +89,8 @@ fn imported_gguf(path: &str) -> Result<ModelSource> {
     {
         eprintln!("importing {} into {} ...", gguf.display(), dir.display());
         gguf_import::import(&gguf, &dir)?;
+    } else {
+        gguf_import::refresh_tokenizer_config(&Gguf::read(&gguf)?, &dir)?;
     }
     Ok(ModelSource::Dir(dir))
 }
@@ -107,6 +109,8 @@ fn quantized_gguf(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedMo
     let dir = PathBuf::from(path).with_extension("hf");
     if !dir.join("tokenizer.json").exists() || !dir.join("config.json").exists() {
         gguf_import::write_config_and_tokenizer(&g, &config, &dir)?;
+    } else {
+        gguf_import::refresh_tokenizer_config(&g, &dir)?;
     }
     Ok(ResolvedModel {
         model,

@@ -174,6 +174,8 @@ pub fn tokenizer_config(g: &Gguf) -> Result<Json> {
         "converted_from": g.path.file_name().map(|f| f.to_string_lossy().into_owned()),
         // Kept so that `export-gguf` writes the same `tokenizer.ggml.pre` back.
         "gguf_pre": g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str),
+        // The model's own chat template, where transformers looks for it.
+        "chat_template": g.metadata.get(crate::chat::locate::GGUF_KEY).and_then(Value::as_str),
     }))
 }
 

@@ -239,7 +239,25 @@ pub fn gguf_metadata(path: &Path) -> Result<GgufMeta> {
     }
     put("add_bos_token", GValue::Bool(add_bos_tok.is_some()));
     put("add_eos_token", GValue::Bool(add_eos_tok.is_some()));
+    if let Some(t) = chat_template(path) {
+        meta.push((crate::chat::locate::GGUF_KEY.into(), GValue::String(t)));
+    }
     Ok(meta)
+}
+
+/// The single chat template of the `tokenizer_config.json` beside `tokenizer.json`, written
+/// back as `tokenizer.chat_template` so llama.cpp and an import find the model's own template.
+fn chat_template(tokenizer_json: &Path) -> Option<String> {
+    let cfg = tokenizer_json.with_file_name("tokenizer_config.json");
+    let j = read_json(&cfg).ok()?;
+    match &j["chat_template"] {
+        Json::String(t) => Some(t.clone()),
+        Json::Array(list) => list
+            .iter()
+            .find(|e| e["name"].as_str() == Some("default"))
+            .and_then(|e| e["template"].as_str().map(str::to_string)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::batching::Batching;
 use crate::data::dataset::SplitSpec;
 use crate::data::formats::{Columns, DataFormat};
-use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding};
+use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PromptTemplate};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
 use crate::generate::GenerateConfig;
@@ -199,7 +199,7 @@ impl Default for TrainConfig {
 }
 
 /// The named presets.
-pub const PRESETS: [&str; 3] = ["day2", "smoke", "smollm2-demo"];
+pub const PRESETS: [&str; 4] = ["day2", "smoke", "smollm2-demo", "smollm2-chat"];
 
 impl TrainConfig {
     /// The reference run exactly (see `Default`).
@@ -312,6 +312,35 @@ impl TrainConfig {
             "Give three tips for staying healthy.".into(),
             "What is the capital of France?".into(),
         ];
+        // An instruct model is trained and prompted in its own chat template (from the GGUF):
+        // in the Alpaca prompt it answers and then invents `### Instruction:` blocks.
+        c.encode.template = PromptTemplate::Chat;
+        c.encode.labels = LabelPolicy::AssistantOnly;
+        c
+    }
+
+    /// SmolLM2-135M-Instruct on real conversations: LLaMA-Factory's glaive_toolcall_en_demo
+    /// (300 multi-turn ShareGPT conversations with tool calls and results), in the model's own
+    /// chat template from its GGUF, loss on the assistant turns only; packed rows of up to 512
+    /// tokens, 16 steps of 4 × 2 rows.
+    pub fn smollm2_chat() -> Self {
+        let mut c = Self::smollm2_demo();
+        c.run.name = "smollm2-chat".into();
+        c.data = DataConfig {
+            path: ".cache/assets/data/glaive_toolcall_en_demo.json".into(),
+            validation: SplitSpec::Count(16),
+            shuffle: true,
+            max_records: None,
+            format: Some(DataFormat::Sharegpt),
+            columns: Columns::new(),
+        };
+        c.encode.max_len = 512;
+        c.encode.labels = LabelPolicy::AssistantOnly;
+        c.prompts = vec![
+            "Hi, I have chicken, bell peppers and rice. Can you help me find a recipe?".into(),
+            "What is the capital of France?".into(),
+        ];
+        c.generate.max_new_tokens = 64;
         c
     }
 
@@ -321,6 +350,7 @@ impl TrainConfig {
             "day2" => Ok(Self::day2()),
             "smoke" => Ok(Self::smoke()),
             "smollm2-demo" => Ok(Self::smollm2_demo()),
+            "smollm2-chat" => Ok(Self::smollm2_chat()),
             other => Err(Error::Invalid(format!(
                 "unknown preset {other:?}; presets: {}",
                 PRESETS.join(", ")

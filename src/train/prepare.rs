@@ -218,6 +218,33 @@ impl Prepared {
             .collect()
     }
 
+    /// Writes the tokenizer beside an adapter, as PEFT/TRL users expect: `tokenizer.json`, and
+    /// `tokenizer_config.json` whose `chat_template` is the template the run trained with, so
+    /// inference renders prompts the way training did.
+    pub fn write_tokenizer_files(&self, dir: &Path) -> Result<()> {
+        let write = |name: &str, bytes: &[u8]| {
+            crate::sys::write_atomic(&dir.join(name), bytes).map_err(|(p, e)| Error::io(p, e))
+        };
+        let tok = std::fs::read(&self.tokenizer_path).map_err(|e| Error::io(&self.tokenizer_path, e))?;
+        write("tokenizer.json", &tok)?;
+        let cfg_path = self.tokenizer_path.with_file_name("tokenizer_config.json");
+        let mut cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
+                path: cfg_path.clone(),
+                msg: e.to_string(),
+            })?,
+            Err(_) => serde_json::json!({}),
+        };
+        if let (Some(chat), Some(obj)) = (self.encoder.chat().filter(|_| self.uses_chat()), cfg.as_object_mut()) {
+            obj.insert(
+                "chat_template".into(),
+                serde_json::Value::String(chat.template().text().to_string()),
+            );
+        }
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        write("tokenizer_config.json", (text + "\n").as_bytes())
+    }
+
     /// The manifest of this run, whose base fingerprint is `base`.
     pub fn manifest(&self, base: &Fingerprint) -> Result<Manifest> {
         let sh = self.base.model.shape();

@@ -426,6 +426,7 @@ impl<'o> Run<'o> {
                 &self.p.base.label,
                 &card,
             )?;
+            self.p.write_tokenizer_files(&self.dir.join("best"))?;
         }
         Ok(())
     }
@@ -476,6 +477,7 @@ impl<'o> Run<'o> {
         let adapter_dir = self.dir.join("adapter");
         let card = self.p.card_body(self.state.step, Some(eval_loss));
         adapter::save(&self.model, &adapter_dir, &self.p.base.label, &card)?;
+        self.p.write_tokenizer_files(&adapter_dir)?;
         let after = self.p.generate_all(&self.model)?;
         let generations: Vec<(Generation, Generation)> = std::mem::take(&mut self.before)
             .into_iter()
