@@ -103,6 +103,19 @@ pub struct Generation {
     pub text: String,
     /// Whether generation stopped at EOS (rather than the token limit).
     pub stopped_at_eos: bool,
+    /// The instruction the prompt was built from, when it was (a chat prompt's user turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
+}
+
+impl Generation {
+    /// What the prompt asked: the instruction it was built from, else the second line of an
+    /// Alpaca prompt (the line after `### Instruction:`).
+    pub fn heading(&self) -> &str {
+        self.instruction
+            .as_deref()
+            .unwrap_or_else(|| self.prompt.lines().nth(1).unwrap_or(""))
+    }
 }
 
 /// Picks the next token from logits (v values) under a sampling rule.
@@ -210,5 +223,6 @@ pub fn generate_ids(
         tokens: out,
         text,
         stopped_at_eos,
+        instruction: None,
     })
 }

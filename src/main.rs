@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lorasft::cli::args::{
-    BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs,
-    ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs,
-    TokenizerCommand, TrainArgs,
+    BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs, ExportGgufArgs,
+    GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
 };
 use lorasft::cli::commands::{self, TrainOutcome};
 use lorasft::cli::conversation;
@@ -136,22 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             let n = commands::train_fixture_tokenizer(&data, vocab, &out)?;
             println!("wrote {} ({n} tokens)", out.display());
         }
-        Command::Data(DataCommand::Stats(a)) => print!("{}", commands::stats_text(&a)?),
-        Command::Data(DataCommand::Encode(a)) => {
-            let (n, skipped) = conversation::data_encode(&a)?;
-            eprintln!(
-                "wrote {n} examples to {}{}",
-                a.out.display(),
-                if skipped > 0 {
-                    format!(" ({skipped} conversations with no trained turn skipped)")
-                } else {
-                    String::new()
-                }
-            );
-        }
-        Command::Data(DataCommand::Show(a)) => {
-            print!("{}", conversation::data_show(&a, Style::for_stdout())?)
-        }
+        Command::Data(d) => data_cmd(d)?,
         Command::Chat(ChatCommand::Render(a)) => {
             use std::io::Write;
             let text = conversation::chat_render(&a)?;
@@ -209,6 +193,26 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.vocab_size
             );
         }
+    }
+    Ok(())
+}
+
+fn data_cmd(d: DataCommand) -> Result<()> {
+    match d {
+        DataCommand::Stats(a) => print!("{}", commands::stats_text(&a)?),
+        DataCommand::Encode(a) => {
+            let (n, skipped) = conversation::data_encode(&a)?;
+            eprintln!(
+                "wrote {n} examples to {}{}",
+                a.out.display(),
+                if skipped > 0 {
+                    format!("; skipped, with no trained turn: {skipped}")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        DataCommand::Show(a) => print!("{}", conversation::data_show(&a, Style::for_stdout())?),
     }
     Ok(())
 }

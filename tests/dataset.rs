@@ -28,8 +28,16 @@ fn fixture_dataset_loads_with_all_its_edge_cases() {
     .unwrap();
     assert_eq!(ds.file_format, FileFormat::JsonArray);
     assert!(ds.records.len() >= 40);
-    let records: Vec<_> = ds.records.iter().filter_map(|s| s.as_instruction()).collect();
-    assert_eq!(records.len(), ds.records.len(), "every fixture record is Alpaca");
+    let records: Vec<_> = ds
+        .records
+        .iter()
+        .filter_map(|s| s.as_instruction())
+        .collect();
+    assert_eq!(
+        records.len(),
+        ds.records.len(),
+        "every fixture record is Alpaca"
+    );
     assert!(
         records.iter().any(|r| r.input.is_none()),
         "a record without input"
@@ -45,10 +53,7 @@ fn fixture_dataset_loads_with_all_its_edge_cases() {
         records.iter().any(|r| r.output.is_empty()),
         "an empty output"
     );
-    assert!(
-        records.iter().any(|r| !r.instruction.is_ascii()),
-        "unicode"
-    );
+    assert!(records.iter().any(|r| !r.instruction.is_ascii()), "unicode");
     assert!(
         records.iter().any(|r| r.output.len() > 5000),
         "an output far beyond 512 tokens"

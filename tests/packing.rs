@@ -20,8 +20,9 @@ use lorasft::data::batch::Batch;
 use lorasft::data::batching::{self, Batching, Planner};
 use lorasft::data::encode::{
     EncodeConfig, Encoder, EosPolicy, Example, IGNORE_INDEX, LabelPolicy, Padding, PaddingSide,
-    SpecialIds,
+    PromptTemplate, SpecialIds,
 };
+use lorasft::data::formats::Sample;
 use lorasft::model::{Llama, LoraConfig, Mode, Projection};
 use lorasft::rng::Rng;
 use proptest::prelude::*;
@@ -45,12 +46,20 @@ fn examples(lengths: &[usize], seed: u64) -> Vec<Example> {
     let mut r = Rng::new(seed);
     lengths
         .iter()
-        .map(|&n| Example {
-            ids: (0..n).map(|_| 3 + r.below(509) as u32).collect(),
-            prompt_tokens: r.below(n as u64 + 1) as usize,
-            full_len: n,
-            trained: None,
-            turns_cut: 0,
+        .map(|&n| {
+            let ids = (0..n).map(|_| 3 + r.below(509) as u32).collect();
+            let prompt_tokens = r.below(n as u64 + 1) as usize;
+            // Conversation-style trained turns (read by the assistant policies only): up to
+            // two seeded token ranges, as a multi-turn conversation has.
+            let mut cuts: Vec<usize> = (0..4).map(|_| r.below(n as u64 + 1) as usize).collect();
+            cuts.sort_unstable();
+            Example {
+                ids,
+                prompt_tokens,
+                full_len: n,
+                trained: Some(vec![cuts[0]..cuts[1], cuts[2]..cuts[3]]),
+                turns_cut: 0,
+            }
         })
         .collect()
 }
@@ -89,10 +98,13 @@ fn loss_and_grads(m: &Llama, batches: &[Batch]) -> (f64, usize, Vec<Tensor>) {
         .lora_vars()
         .iter()
         .map(|(name, v)| {
-            grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name} has no gradient"))
-                .clone()
+            // No target at all (a case of only first-position or empty trained turns) leaves
+            // the graph without gradients: zeros, which the caller's checks then see.
+            match grads.get(v.as_tensor()) {
+                Some(g) => g.clone(),
+                None if targets == 0 => v.as_tensor().zeros_like().unwrap(),
+                None => panic!("{name} has no gradient"),
+            }
         })
         .collect();
     (sum, targets, g)
@@ -131,6 +143,8 @@ fn policy() -> impl Strategy<Value = LabelPolicy> {
         Just(LabelPolicy::InputIds),
         Just(LabelPolicy::MaskPadding),
         Just(LabelPolicy::CompletionOnly),
+        Just(LabelPolicy::AssistantOnly),
+        Just(LabelPolicy::LastAssistant),
     ]
 }
 
@@ -226,7 +240,10 @@ fn the_training_step_on_packed_fixture_records_equals_padded() {
             ..EncodeConfig::default()
         };
         let enc = Encoder::from_file(&tok, cfg).unwrap();
-        let exs: Vec<Example> = records.iter().map(|r| enc.encode_record(r).unwrap()).collect();
+        let exs: Vec<Example> = records
+            .iter()
+            .map(|r| enc.encode_record(r).unwrap())
+            .collect();
         let lengths = exs.iter().map(|e| e.ids.len()).collect();
         let plan = Planner::new(batching, lengths, 96, 2, 5, true).epoch(0);
         let micro: Vec<Batch> = plan
@@ -246,6 +263,65 @@ fn the_training_step_on_packed_fixture_records_equals_padded() {
         pmicro < umicro,
         "packing needs fewer micro-batches ({pmicro} vs {umicro})"
     );
+    assert_eq!((pt, pr), (ut, ur), "targets and real tokens");
+    assert!(((pl - ul) / ul).abs() < 1e-5, "loss sum {pl} vs {ul}");
+    for ((name, _), (a, b)) in vars.iter().zip(pg.iter().zip(&ug)) {
+        let d = rel_diff(a, b);
+        assert!(d < 1e-5, "{name}: gradient differs by {d:e} relative");
+    }
+}
+
+/// The same on a conversation dataset: the fixture records in chat form (a ChatML template),
+/// assistant turns only. Packing keeps each example's trained turns and nothing else.
+#[test]
+fn the_training_step_on_packed_conversations_equals_padded() {
+    const CHATML: &str = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let samples: Vec<Sample> = common::fixture_records()
+        .into_iter()
+        .map(Sample::Instruction)
+        .collect();
+    let mut m = tiny(21, DType::F32);
+    let lora = LoraConfig {
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    m.add_lora(&lora, 22).unwrap();
+    randomise_adapters(&m, 23);
+    let vars = m.lora_vars();
+    let run = |batching: Batching| {
+        let cfg = EncodeConfig {
+            max_len: 256,
+            padding: Padding::Longest { multiple_of: None },
+            labels: LabelPolicy::AssistantOnly,
+            batching,
+            template: PromptTemplate::Chat,
+            ..EncodeConfig::default()
+        };
+        let tok = lorasft::tokenizer::load(&common::fixture_tokenizer()).unwrap();
+        let template = lorasft::chat::ChatTemplate::new("chatml", CHATML).unwrap();
+        let enc = Encoder::new(tok, cfg, SpecialIds { eos: 2, pad: 0 })
+            .unwrap()
+            .with_chat_template(template, "<s>".into(), "</s>".into())
+            .unwrap();
+        let exs: Vec<Example> = samples.iter().map(|s| enc.encode(s).unwrap()).collect();
+        assert!(exs.iter().all(|e| e.trained.is_some()));
+        let lengths = exs.iter().map(|e| e.ids.len()).collect();
+        let plan = Planner::new(batching, lengths, 256, 2, 5, true).epoch(0);
+        let micro: Vec<Batch> = plan
+            .iter()
+            .map(|mb| Batch::from_rows(&batching::collate(&enc, mb, &exs), m.device()).unwrap())
+            .collect();
+        let targets = micro.iter().map(|b| b.targets).sum();
+        let mut rng = Rng::new(0);
+        let (loss, grads, real) =
+            lorasft::train::step::forward_backward(&m, &vars, &micro, targets, 1.0, &mut rng)
+                .unwrap();
+        (loss, targets, real, grads, plan.len())
+    };
+    let (pl, pt, pr, pg, pmicro) = run(Batching::Packed);
+    let (ul, ut, ur, ug, umicro) = run(Batching::Padded);
+    assert!(pmicro < umicro, "{pmicro} vs {umicro} micro-batches");
+    assert!(pt > 0);
     assert_eq!((pt, pr), (ut, ur), "targets and real tokens");
     assert!(((pl - ul) / ul).abs() < 1e-5, "loss sum {pl} vs {ul}");
     for ((name, _), (a, b)) in vars.iter().zip(pg.iter().zip(&ug)) {

@@ -372,7 +372,10 @@ mod tests {
             escape_html(r#"<a href="x">'&'/</a>"#),
             "&lt;a href=&#34;x&#34;&gt;&#39;&amp;&#39;/&lt;/a&gt;"
         );
-        assert_eq!(splitlines("a\r\nb\rc\u{2028}d\n\ne\n"), ["a", "b", "c", "d", "", "e"]);
+        assert_eq!(
+            splitlines("a\r\nb\rc\u{2028}d\n\ne\n"),
+            ["a", "b", "c", "d", "", "e"]
+        );
         assert!(splitlines("").is_empty());
         assert_eq!(indent("{\n", "    ", true, false), "    {\n");
         assert_eq!(indent("a\n\nb", "  ", false, false), "a\n\n  b");

@@ -8,6 +8,15 @@
 //! prints them) so that a rendered conversation equals transformers' character for character
 //! (`tests/chat_reference.rs` checks it on every template of llama.cpp's collection).
 //!
+//! Where minijinja's builtins part from Jinja2's, Jinja2 wins: absent `tools` and `documents`
+//! are Python's `None`, which is neither iterable nor sized (`{% for t in tools %}` fails, as
+//! transformers fails it; `none is iterable` is false); `map`, `select`, `reject`,
+//! `selectattr`, `rejectattr`, `unique`, `batch`, `slice` and `reverse` give one-pass
+//! generators, which have no length and which `tojson` refuses; `escape` spells entities as
+//! MarkupSafe does (`&#34;`, `&#39;`), and `indent` keeps a trailing line break as Jinja2's
+//! does. One Jinja2 behaviour is out of reach: a `Markup` (`'x'|safe`) plus a plain string
+//! escapes the string in Python, and minijinja offers no hook on `+`, so we concatenate as is.
+//!
 //! `{% generation %}` blocks, transformers' marks of the assistant's trainable text, are not a
 //! tag minijinja knows: they are rewritten into no-op blocks that print private-use marker
 //! characters, and the markers are cut out of the output and returned as byte ranges.
@@ -384,37 +393,68 @@ fn environment() -> Environment<'static> {
     // `slice` return generators, and its `reverse` an iterator: wrap minijinja's lists so.
     for (name, builtin, skips_falsy) in [
         ("map", JValue::from_function(minijinja::filters::map), true),
-        ("select", JValue::from_function(minijinja::filters::select), true),
-        ("reject", JValue::from_function(minijinja::filters::reject), true),
-        ("selectattr", JValue::from_function(minijinja::filters::selectattr), true),
-        ("rejectattr", JValue::from_function(minijinja::filters::rejectattr), true),
-        ("unique", JValue::from_function(minijinja::filters::unique), false),
-        ("batch", JValue::from_function(minijinja::filters::batch), false),
-        ("slice", JValue::from_function(minijinja::filters::slice), false),
+        (
+            "select",
+            JValue::from_function(minijinja::filters::select),
+            true,
+        ),
+        (
+            "reject",
+            JValue::from_function(minijinja::filters::reject),
+            true,
+        ),
+        (
+            "selectattr",
+            JValue::from_function(minijinja::filters::selectattr),
+            true,
+        ),
+        (
+            "rejectattr",
+            JValue::from_function(minijinja::filters::rejectattr),
+            true,
+        ),
+        (
+            "unique",
+            JValue::from_function(minijinja::filters::unique),
+            false,
+        ),
+        (
+            "batch",
+            JValue::from_function(minijinja::filters::batch),
+            false,
+        ),
+        (
+            "slice",
+            JValue::from_function(minijinja::filters::slice),
+            false,
+        ),
     ] {
-        env.add_filter(
-            name,
-            move |state: &mut State, args: Rest<ValueOrKwargs>| {
-                let args = args.into_values();
-                // `if value:` guards Jinja2's map and select loops: none maps to nothing.
-                if skips_falsy && args.first().is_some_and(|v| !v.is_true()) {
-                    return Ok(Generator::value("generator", Vec::new()));
-                }
-                let list = builtin.call(state, &args)?;
-                Ok(Generator::value("generator", list.try_iter()?.collect()))
-            },
-        );
+        env.add_filter(name, move |state: &mut State, args: Rest<ValueOrKwargs>| {
+            let args = args.into_values();
+            // `if value:` guards Jinja2's map and select loops: none maps to nothing.
+            if skips_falsy && args.first().is_some_and(|v| !v.is_true()) {
+                return Ok(Generator::value("generator", Vec::new()));
+            }
+            let list = builtin.call(state, &args)?;
+            Ok(Generator::value("generator", list.try_iter()?.collect()))
+        });
     }
     env.add_filter("reverse", |v: JValue| {
         let reversed = minijinja::filters::reverse(&v)?;
         Ok(match v.kind() {
-            ValueKind::Seq => Generator::value("list_reverseiterator", reversed.try_iter()?.collect()),
-            ValueKind::Map => Generator::value("dict_reversekeyiterator", reversed.try_iter()?.collect()),
+            ValueKind::Seq => {
+                Generator::value("list_reverseiterator", reversed.try_iter()?.collect())
+            }
+            ValueKind::Map => {
+                Generator::value("dict_reversekeyiterator", reversed.try_iter()?.collect())
+            }
             _ => reversed,
         })
     });
     env.add_test("none", |v: &JValue| v.is_none() || is_py_none(v));
-    env.add_test("iterable", |v: &JValue| !v.is_none() && v.try_iter().is_ok());
+    env.add_test("iterable", |v: &JValue| {
+        !v.is_none() && v.try_iter().is_ok()
+    });
     env.add_function(
         "raise_exception",
         |msg: String| -> std::result::Result<JValue, minijinja::Error> {
@@ -475,8 +515,8 @@ fn to_json(value: &JValue, strict: bool) -> std::result::Result<Value, minijinja
                     Some(k) if key.kind() == ValueKind::String => k.to_string(),
                     _ => match to_json(&key, strict)? {
                         Value::String(k) => k,
-                        Value::Null | Value::Bool(_) | Value::Number(_) if strict => {
-                            pyjson::dumps(&to_json(&key, strict)?, &pyjson::DumpOptions::python(None))
+                        k @ (Value::Null | Value::Bool(_) | Value::Number(_)) if strict => {
+                            pyjson::dumps(&k, &pyjson::DumpOptions::python(None))
                         }
                         other if strict => {
                             return Err(minijinja::Error::new(
@@ -555,14 +595,16 @@ impl Object for Generator {
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        let this = Arc::clone(self);
-        Enumerator::Iter(Box::new(std::iter::from_fn(move || {
-            this.rest.lock().ok().and_then(|mut rest| rest.next())
-        })))
+        Enumerator::Iter(Box::new(Drain(Arc::clone(self))))
     }
 
     fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
         None
+    }
+
+    /// `gen[0]` is undefined, as in Jinja2 (minijinja would walk the items, taking them).
+    fn get_value(self: &Arc<Self>, _key: &JValue) -> Option<JValue> {
+        Some(JValue::UNDEFINED)
     }
 
     fn is_true(self: &Arc<Self>) -> bool {
@@ -574,13 +616,32 @@ impl Object for Generator {
     }
 }
 
+/// An iterator taking a [`Generator`]'s items; its exact size hint gives loops `loop.last` and
+/// `loop.length`, which Jinja2 finds by looking ahead.
+struct Drain(Arc<Generator>);
+
+impl Iterator for Drain {
+    type Item = JValue;
+
+    fn next(&mut self) -> Option<JValue> {
+        self.0.rest.lock().ok()?.next()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.0.rest.lock().map_or(0, |rest| rest.len());
+        (left, Some(left))
+    }
+}
+
 /// MarkupSafe's `escape` (Jinja2's `escape`/`e`): the value's `str()` with `&<>"'` escaped,
 /// as a safe string; safe strings pass unchanged.
 fn escape(v: JValue) -> std::result::Result<JValue, minijinja::Error> {
     if v.is_safe() {
         return Ok(v);
     }
-    Ok(JValue::from_safe_string(pyjson::escape_html(&python_str(&v)?)))
+    Ok(JValue::from_safe_string(pyjson::escape_html(&python_str(
+        &v,
+    )?)))
 }
 
 /// Jinja2's `indent(s, width=4, first=False, blank=False)`; `width` may be a string. Like
@@ -613,7 +674,10 @@ fn indent(
             None => {
                 return Err(minijinja::Error::new(
                     ErrorKind::InvalidOperation,
-                    format!("indent width must be an integer or a string, not {}", w.kind()),
+                    format!(
+                        "indent width must be an integer or a string, not {}",
+                        w.kind()
+                    ),
                 ));
             }
         },
@@ -865,6 +929,80 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(bad.contains("bad.jinja line 2"), "{bad}");
+    }
+
+    fn render_src(src: &str) -> Result<String> {
+        ChatTemplate::new("t", src)?
+            .render_json(&serde_json::json!([]), None, &RenderOptions::new("", ""))
+            .map(|r| r.text)
+    }
+
+    #[test]
+    fn absent_tools_are_pythons_none() {
+        assert_eq!(
+            render_src(
+                "{{ tools }} {{ tools is none }} {{ tools is defined }} {{ tools is iterable }} \
+                 {{ none is iterable }} {{ tools|tojson }} {{ {'t': tools} }} \
+                 {% if tools %}T{% else %}F{% endif %} {{ tools|map('x')|list }}"
+            )
+            .unwrap(),
+            "None True True False False null {'t': None} F []"
+        );
+        // Jinja2: TypeError: 'NoneType' object is not iterable / has no len().
+        assert!(render_src("{% for t in tools %}{% endfor %}").is_err());
+        assert!(render_src("{{ tools|length }}").is_err());
+        assert_eq!(
+            render_src("{% if tools is iterable and tools|length > 0 %}x{% endif %}").unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn filters_that_are_generators_in_jinja2_behave_as_generators() {
+        assert_eq!(
+            render_src(
+                "{% for x in [1, 2]|map('string') %}{{ loop.length }}{{ loop.last }}{% endfor %} \
+                 {% set g = [1, 2, 3]|select('odd') %}{{ g|first }}|{{ g|list }}|{{ g|list }} \
+                 {{ ([1]|map('int'))[0] }}|{{ [1, 2]|reverse|list }} {{ 'abc'|reverse }} \
+                 {{ [{'a': 1}]|map(attribute='a')|list|tojson }}"
+            )
+            .unwrap(),
+            "2False2True 1|[3]|[] |[2, 1] cba [1]"
+        );
+        for src in [
+            "{{ [1]|map('int')|tojson }}",
+            "{{ {'a': [1]|selectattr('x')}|tojson }}",
+            "{{ [1]|reverse|tojson }}",
+            "{{ [1]|map('int')|length }}",
+        ] {
+            let err = render_src(src).unwrap_err().to_string();
+            assert!(
+                err.contains("JSON serializable") || err.contains("length"),
+                "{src}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn escape_and_indent_are_jinja2s() {
+        assert_eq!(
+            render_src("{{ '<\"&\\'>/'|e }} {{ '<'|safe|escape }} {{ none|e }}").unwrap(),
+            "&lt;&#34;&amp;&#39;&gt;/ < None"
+        );
+        assert_eq!(
+            render_src(
+                "{{ '{\n'|indent(4, first=true) }}|{{ 'a\nb'|indent }}|\
+                 {{ 'a\n\nb\n'|indent(width='>', blank=true) }}"
+            )
+            .unwrap(),
+            "    {\n|a\n    b|a\n>\n>b\n>"
+        );
+        assert!(render_src("{{ none|indent }}").is_err());
+        assert_eq!(
+            render_src("{{ {1: 2, none: 3, true: 4, 'k': 1.5}|tojson }}").unwrap(),
+            r#"{"1": 4, "null": 3, "k": 1.5}"#
+        );
+        assert!(render_src("{{ {'a': x}|tojson }}").is_err());
     }
 
     #[test]

@@ -8,7 +8,9 @@ use clap::{Args, Subcommand};
 use crate::bench::batching::BatchingBench;
 use crate::bench::suite::Suite;
 use crate::data::batching::Batching;
-use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide, PromptTemplate};
+use crate::data::encode::{
+    EncodeConfig, EosPolicy, LabelPolicy, Padding, PaddingSide, PromptTemplate,
+};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
 use crate::model::fixture::{BenchShape, FixtureDtype, FixtureSpec};
@@ -355,7 +357,9 @@ impl DataSourceArgs {
         self.columns
             .iter()
             .map(|c| match c.split_once('=') {
-                Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => {
+                    Ok((k.to_string(), v.to_string()))
+                }
                 _ => Err(Error::Invalid(format!(
                     "--column {c:?}: expected CANONICAL=NAME, e.g. messages=dialog"
                 ))),

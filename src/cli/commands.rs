@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::adapter;
-use crate::chat::{Conversation, Message, Role};
 use crate::bench::{self, suite};
+use crate::chat::{Conversation, Message, Role};
 use crate::cli::args::{
     BenchArgs, DeviceArgs, EvalArgs, ExportGgufArgs, GenerateArgs, InspectArgs, MergeArgs,
     ModelArgs, StatsArgs, TrainArgs,
@@ -210,10 +210,17 @@ fn generate_chat(a: &GenerateArgs) -> Result<Vec<Answer>> {
     }
     let cfg = generate_config(a)?;
     let m = load(&a.m)?;
-    let enc = crate::cli::conversation::generation_template(&m.tokenizer, a.chat_template.as_deref())?;
+    let enc =
+        crate::cli::conversation::generation_template(&m.tokenizer, a.chat_template.as_deref())?;
     let chat = enc.require_chat()?;
     let mut eos = m.base.eos_ids(enc.special_ids().eos);
-    eos.extend(chat.stop_ids().iter().filter(|id| !eos.contains(id)).copied().collect::<Vec<_>>());
+    eos.extend(
+        chat.stop_ids()
+            .iter()
+            .filter(|id| !eos.contains(id))
+            .copied()
+            .collect::<Vec<_>>(),
+    );
     let compare = a.compare && a.m.adapter.is_some();
     convs
         .iter()
@@ -440,7 +447,7 @@ pub fn summary_text(s: &Summary, report: &Path) -> String {
     for (before, after) in &s.generations {
         text.push_str(&format!(
             "\n### {}\n  before: {:?}\n  after:  {:?}\n",
-            before.prompt.lines().nth(1).unwrap_or(""),
+            before.heading(),
             before.text,
             after.text
         ));

@@ -28,12 +28,15 @@ pub fn read_messages(path: &Path) -> Result<(Value, Option<Value>)> {
     match v {
         Value::Array(_) => Ok((v, None)),
         Value::Object(mut o) => {
-            let messages = o.remove("messages").filter(Value::is_array).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: expected a list of messages or an object with a `messages` list",
-                    path.display()
-                ))
-            })?;
+            let messages = o
+                .remove("messages")
+                .filter(Value::is_array)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: expected a list of messages or an object with a `messages` list",
+                        path.display()
+                    ))
+                })?;
             Ok((messages, o.remove("tools").filter(|t| !t.is_null())))
         }
         _ => Err(Error::Invalid(format!(
@@ -74,7 +77,18 @@ fn source_special_texts(path: &Path) -> Result<(String, String)> {
         return crate::data::encode::special_texts(&path.join("tokenizer.json"));
     }
     if ext.eq_ignore_ascii_case("json") {
-        return crate::data::encode::special_texts(path);
+        // The config the template came from, whatever its name (`special_texts` would read a
+        // `tokenizer_config.json` beside it instead).
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let text = |k: &str| match &cfg[k] {
+            Value::String(s) => s.clone(),
+            v => v["content"].as_str().unwrap_or_default().to_string(),
+        };
+        return Ok((text("bos_token"), text("eos_token")));
     }
     if ext.eq_ignore_ascii_case("gguf") {
         let cfg = crate::tokenizer::from_gguf::tokenizer_config(&Gguf::read(path)?)?;
@@ -102,9 +116,10 @@ fn tokenizer_of(s: &DataSourceArgs) -> Result<PathBuf> {
     if let Some(t) = &s.tokenizer {
         return Ok(t.clone());
     }
-    let model = s.model.as_deref().ok_or_else(|| {
-        Error::Invalid("give --model or --tokenizer".into())
-    })?;
+    let model = s
+        .model
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("give --model or --tokenizer".into()))?;
     let resolved = resolve_model(model, &candle_core::Device::Cpu, candle_core::DType::F32)?;
     resolved.tokenizer_path(None)
 }
@@ -134,9 +149,8 @@ fn at_record(ds: &Dataset, i: usize, e: Error) -> Error {
 /// into `--out`; returns (examples written, conversations skipped for no trained turn).
 pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
     let (ds, enc) = open(&a.source, a.encode.config()?)?;
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&a.out).map_err(|e| Error::io(&a.out, e))?,
-    );
+    let mut out =
+        std::io::BufWriter::new(std::fs::File::create(&a.out).map_err(|e| Error::io(&a.out, e))?);
     let (mut written, mut skipped) = (0, 0);
     for (i, sample) in ds.records.iter().enumerate() {
         let ex = enc.encode(sample).map_err(|e| at_record(&ds, i, e))?;
@@ -176,7 +190,8 @@ pub fn data_show(a: &DataShowArgs, style: Style) -> Result<String> {
         ds.format,
         a.encode.labels,
         match (enc.chat(), style) {
-            (Some(c), _) if ds.format != formats::DataFormat::Alpaca => format!("template {}", c.template().source()),
+            (Some(c), _) if ds.format != formats::DataFormat::Alpaca =>
+                format!("template {}", c.template().source()),
             _ => "the Alpaca prompt".into(),
         }
     ));

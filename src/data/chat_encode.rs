@@ -115,7 +115,10 @@ impl ChatEncoding {
                             call.insert(key.into(), v.clone());
                         }
                     }
-                    pyjson::dumps(&serde_json::Value::Object(call), &pyjson::DumpOptions::python(None))
+                    pyjson::dumps(
+                        &serde_json::Value::Object(call),
+                        &pyjson::DumpOptions::python(None),
+                    )
                 })
                 .collect();
             let mut content = m.content.take().unwrap_or_default();
@@ -212,14 +215,12 @@ impl ChatEncoding {
         let trained = match cfg.labels {
             LabelPolicy::AssistantOnly | LabelPolicy::LastAssistant => {
                 let last = spans.last().map(|s| s.message);
-                let chosen = spans.iter().filter(|s| {
-                    match conv.messages[s.message].train {
+                let chosen = spans
+                    .iter()
+                    .filter(|s| match conv.messages[s.message].train {
                         Some(flag) => flag,
-                        None => {
-                            cfg.labels == LabelPolicy::AssistantOnly || Some(s.message) == last
-                        }
-                    }
-                });
+                        None => cfg.labels == LabelPolicy::AssistantOnly || Some(s.message) == last,
+                    });
                 Some(
                     chosen
                         .map(|s| s.tokens.start.min(ids.len())..s.tokens.end.min(ids.len()))
@@ -278,13 +279,22 @@ fn token_spans(render: &SpannedRender, enc: &Encoding) -> Vec<TokenSpan> {
                         start < b && end > a
                     }
             };
-            let first = (0..offsets.len()).find(|&i| overlaps(i));
+            let first = (0..offsets.len()).find(|&i| a < b && overlaps(i));
             let tokens = match first {
                 Some(f) => {
                     let last = (f..offsets.len()).rev().find(|&i| overlaps(i)).unwrap_or(f);
                     f..last + 1
                 }
-                None => 0..0,
+                // An empty span (an empty answer where the template closes turns with no
+                // text) trains nothing, not even a token straddling its position; it sits
+                // before the first token at or after that position, so that truncation can
+                // cut after it (at 0..0 it would cut the whole conversation).
+                None => {
+                    let at = (0..offsets.len())
+                        .find(|&i| added[i] == 0 && offsets[i].0 >= a)
+                        .unwrap_or(offsets.len());
+                    at..at
+                }
             };
             TokenSpan {
                 message: s.message,

@@ -48,7 +48,10 @@ pub enum LabelPolicy {
 impl LabelPolicy {
     /// Whether the policy trains on assistant turns only (and so needs a chat template).
     pub fn is_assistant(self) -> bool {
-        matches!(self, LabelPolicy::AssistantOnly | LabelPolicy::LastAssistant)
+        matches!(
+            self,
+            LabelPolicy::AssistantOnly | LabelPolicy::LastAssistant
+        )
     }
 }
 
@@ -404,7 +407,9 @@ impl Encoder {
     pub fn require_chat(&self) -> Result<&ChatEncoding> {
         self.chat.as_ref().ok_or_else(|| {
             Error::Invalid(
-                "no chat template: the tokenizer_config.json beside the tokenizer has no                  `chat_template`; set encode.chat_template (--chat-template) to a .jinja file,                  a tokenizer_config.json, a model directory or a GGUF"
+                "no chat template: the tokenizer_config.json beside the tokenizer has no \
+                 `chat_template`; set encode.chat_template (--chat-template) to a .jinja file, \
+                 a tokenizer_config.json, a model directory or a GGUF"
                     .into(),
             )
         })
@@ -444,7 +449,8 @@ impl Encoder {
             Sample::Instruction(r) if self.cfg.template == PromptTemplate::Alpaca => {
                 if self.cfg.labels.is_assistant() {
                     return Err(Error::Invalid(format!(
-                        "encode.labels = {:?} trains assistant turns: it needs conversation data                          or encode.template = \"chat\"; for Alpaca prompts use \"completion_only\"",
+                        "encode.labels = {:?} trains assistant turns: it needs conversation data \
+                         or encode.template = \"chat\"; for Alpaca prompts use \"completion_only\"",
                         self.cfg.labels
                     )));
                 }
@@ -471,10 +477,7 @@ impl Encoder {
             Sample::Instruction(r) if self.cfg.template == PromptTemplate::Alpaca => {
                 Ok(prompt::format(r).text)
             }
-            _ => Ok(self
-                .require_chat()?
-                .render(&sample.to_conversation())?
-                .text),
+            _ => Ok(self.require_chat()?.render(&sample.to_conversation())?.text),
         }
     }
 

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::batching::{Batching, PlanTokens, Planner};
-use crate::data::formats::Sample;
 use crate::data::encode::{Encoder, Example};
+use crate::data::formats::Sample;
 use crate::error::Result;
 
 /// Percentiles of a length distribution.

@@ -382,19 +382,21 @@ pub fn write_config_and_tokenizer(g: &Gguf, cfg: &LlamaConfig, out: &Path) -> Re
 /// silently train Alpaca-style or fail to find the template. Rewrites the tokenizer files (not
 /// the weights) when the GGUF carries a template the config lacks, and says so.
 pub fn refresh_tokenizer_config(g: &Gguf, dir: &Path) -> Result<()> {
-    let Some(want) = g
-        .metadata
+    if g.metadata
         .get(crate::chat::locate::GGUF_KEY)
         .and_then(|v| v.as_str())
-    else {
+        .is_none()
+    {
         return Ok(());
-    };
+    }
     let cfg_path = dir.join("tokenizer_config.json");
-    let have: Option<String> = std::fs::read_to_string(&cfg_path)
+    // Only a config that lacks a template is stale: one that holds any (the GGUF's, or one the
+    // user edited in) is left as it is.
+    let has_template = std::fs::read_to_string(&cfg_path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("chat_template")?.as_str().map(str::to_string));
-    if have.as_deref() == Some(want) {
+        .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()));
+    if has_template {
         return Ok(());
     }
     eprintln!(

@@ -158,6 +158,9 @@ pub fn dataset(c: &Ctx, r: &mut String) {
     let (d, cfg) = (&c.rec.data, c.cfg);
     let st = &d.train_stats;
     let _ = writeln!(r, "## Dataset Structure\n");
+    if d.format != "alpaca" {
+        return conversation_dataset(c, r);
+    }
     let val_rule = match d.validation {
         SplitSpec::Fraction(f) => format!("{:.1}% (rounded up)", f * 100.0),
         SplitSpec::Count(n) => format!("{n} records"),
@@ -177,9 +180,50 @@ pub fn dataset(c: &Ctx, r: &mut String) {
         st.empty_output
     );
     let _ = writeln!(r, "## Prompt Formatting\n");
+    if d.span_method.is_some() {
+        return chat_formatting(c, r);
+    }
     let _ = writeln!(
         r,
         "All samples were converted into the unified instruction-following prompt format:\n\n```\n### Instruction:\n{{instruction}}\n\n### Input:\n{{input}}\n\n### Response:\n{{output}}\n```\n\nIf the input field was missing, null or whitespace-only, the Input block was omitted. The first training record as the model saw it:\n\n```\n{}\n```\n{RULE}",
+        truncate_chars(&d.example, 600)
+    );
+}
+
+/// The dataset section for conversation data: format, counts and split.
+fn conversation_dataset(c: &Ctx, r: &mut String) {
+    let (d, cfg) = (&c.rec.data, c.cfg);
+    let st = &d.train_stats;
+    let _ = writeln!(
+        r,
+        "Each training sample was a conversation (`{}` format: system, user, assistant and tool messages, with tool calls where the data has them).\n\n- Records: {}\n- Split: {} train / {} validation (seeded shuffle with seed {})\n- Characters per training conversation (rendered): p50 {}, p90 {}, max {}\n- Conversations whose assistant turns are all empty: {}\n{RULE}",
+        d.format,
+        d.records,
+        d.split.train.len(),
+        d.split.validation.len(),
+        cfg.run.seed,
+        st.chars.p50,
+        st.chars.p90,
+        st.chars.max,
+        st.empty_output
+    );
+    let _ = writeln!(r, "## Prompt Formatting\n");
+    chat_formatting(c, r);
+}
+
+/// The prompt-formatting section for chat-rendered samples: the template and one render.
+fn chat_formatting(c: &Ctx, r: &mut String) {
+    let d = &c.rec.data;
+    let _ = writeln!(
+        r,
+        "Every sample was rendered with the model's own chat template (`{}`{}), exactly as transformers' `apply_chat_template` renders it, and tokenized once as a whole. The first training sample as the model saw it:\n\n```\n{}\n```\n{RULE}",
+        c.v(d.template.clone()),
+        d.template_sha256
+            .as_deref()
+            .map_or(String::new(), |h| format!(
+                ", SHA-256 `{}`",
+                &h[..16.min(h.len())]
+            )),
         truncate_chars(&d.example, 600)
     );
 }
@@ -208,10 +252,21 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         }
         LabelPolicy::LastAssistant => " (only the last assistant turn is learned)",
     };
+    let chat = d.span_method.is_some();
+    let truncation = if chat {
+        "enabled (whole trailing turns are cut first; the head of a conversation is kept)"
+    } else {
+        "enabled (the head of each example is kept)"
+    };
+    let eos = if chat {
+        "none added (each assistant turn ends with the template's own end-of-turn token)".into()
+    } else {
+        format!("{:?}", e.eos)
+    };
     let _ = writeln!(r, "## Tokenization & Preprocessing\n");
     let _ = writeln!(
         r,
-        "- Tokenizer: `{}` ({} tokens; EOS `{}`, pad `{}`)\n- Max sequence length: {}\n- Truncation: enabled (the head of each example is kept)\n- Padding: {padding}, {:?} side\n- Labels: {:?}{labels}\n- EOS after the response: {:?}\n- Tokens per training record before truncation: p50 {}, p90 {}, p99 {}, max {}\n- Records truncated: {} of {}; records whose response was cut entirely: {}\n- Records with no trainable label: {}\n- Loss targets on padding: {} of {} ({:.2}%)\n{}{}{RULE}",
+        "- Tokenizer: `{}` ({} tokens; EOS `{}`, pad `{}`)\n- Max sequence length: {}\n- Truncation: {truncation}\n- Padding: {padding}, {:?} side\n- Labels: {:?}{labels}\n- EOS after the response: {eos}\n- Tokens per training record before truncation: p50 {}, p90 {}, p99 {}, max {}\n- Records truncated: {} of {}; records whose response was cut entirely: {}\n- Records with no trainable label: {}\n- Loss targets on padding: {} of {} ({:.2}%)\n{}{}{RULE}",
         c.v(c.rec.manifest.tokenizer_path.display().to_string()),
         d.vocab,
         d.eos,
@@ -219,7 +274,6 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
         e.max_len,
         e.padding_side,
         e.labels,
-        e.eos,
         st.tokens.p50,
         st.tokens.p90,
         st.tokens.p99,
@@ -241,7 +295,7 @@ pub fn tokenization(c: &Ctx, r: &mut String) {
 fn format_lines(c: &Ctx) -> String {
     let d = &c.rec.data;
     let st = &d.train_stats;
-    let mut out = format!("\n- Data format: {}\n- Template: {}", d.format, d.template);
+    let mut out = format!("- Data format: {}\n- Template: {}", d.format, d.template);
     if let Some(h) = &d.template_sha256 {
         out.push_str(&format!(" (SHA-256 `{}`)", &h[..16.min(h.len())]));
     }
@@ -426,7 +480,7 @@ pub fn verification(c: &Ctx, r: &mut String) {
         c.cfg.generate.max_new_tokens
     );
     for (before, after) in &c.rec.generations {
-        let instr = before.prompt.lines().nth(1).unwrap_or("");
+        let instr = before.heading();
         let _ = writeln!(
             r,
             "**{instr}**\n\n- before: {}\n- after: {}\n",

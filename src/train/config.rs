@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::batching::Batching;
 use crate::data::dataset::SplitSpec;
-use crate::data::formats::{Columns, DataFormat};
 use crate::data::encode::{EncodeConfig, EosPolicy, LabelPolicy, Padding, PromptTemplate};
+use crate::data::formats::{Columns, DataFormat};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Error, Result};
 use crate::generate::GenerateConfig;

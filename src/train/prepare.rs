@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::adapter;
-use crate::data::dataset::{self, Dataset, Split};
 use crate::chat::{Conversation, Message, Role};
+use crate::data::dataset::{self, Dataset, Split};
 use crate::data::encode::{Encoder, Example, PromptTemplate};
 use crate::data::prompt;
 use crate::data::stats::{self, DataStats};
@@ -104,7 +104,13 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
         .collect();
     let mut eos_ids = base.eos_ids(encoder.special_ids().eos);
     if let Some(chat) = encoder.chat() {
-        eos_ids.extend(chat.stop_ids().iter().filter(|id| !eos_ids.contains(id)).copied().collect::<Vec<_>>());
+        eos_ids.extend(
+            chat.stop_ids()
+                .iter()
+                .filter(|id| !eos_ids.contains(id))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
     }
     Ok(Prepared {
         cfg,
@@ -205,6 +211,10 @@ impl Prepared {
                         &self.eos_ids,
                         &self.cfg.generate,
                     )
+                    .map(|g| Generation {
+                        instruction: Some(instr.clone()),
+                        ..g
+                    })
                 } else {
                     generate::generate(
                         model,
@@ -225,7 +235,8 @@ impl Prepared {
         let write = |name: &str, bytes: &[u8]| {
             crate::sys::write_atomic(&dir.join(name), bytes).map_err(|(p, e)| Error::io(p, e))
         };
-        let tok = std::fs::read(&self.tokenizer_path).map_err(|e| Error::io(&self.tokenizer_path, e))?;
+        let tok =
+            std::fs::read(&self.tokenizer_path).map_err(|e| Error::io(&self.tokenizer_path, e))?;
         write("tokenizer.json", &tok)?;
         let cfg_path = self.tokenizer_path.with_file_name("tokenizer_config.json");
         let mut cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
@@ -235,7 +246,10 @@ impl Prepared {
             })?,
             Err(_) => serde_json::json!({}),
         };
-        if let (Some(chat), Some(obj)) = (self.encoder.chat().filter(|_| self.uses_chat()), cfg.as_object_mut()) {
+        if let (Some(chat), Some(obj)) = (
+            self.encoder.chat().filter(|_| self.uses_chat()),
+            cfg.as_object_mut(),
+        ) {
             obj.insert(
                 "chat_template".into(),
                 serde_json::Value::String(chat.template().text().to_string()),
@@ -297,7 +311,8 @@ impl Prepared {
             .unwrap_or_default();
         let marked = first_sample.and_then(|s| {
             let ex = self.encoder.encode(s).ok()?;
-            Some(crate::data::show::marked(&self.encoder, s, &ex, crate::data::show::Style::Brackets).ok()?)
+            crate::data::show::marked(&self.encoder, s, &ex, crate::data::show::Style::Brackets)
+                .ok()
         });
         let chat = self.encoder.chat().filter(|_| self.uses_chat());
         DataRecord {

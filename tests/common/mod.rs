@@ -255,9 +255,15 @@ pub fn assets() -> Option<std::path::PathBuf> {
     let dir = std::env::var_os("LORASFT_ASSETS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/assets"));
-    let ready = ["vocab/.done", "smollm2/.done", "data/alpaca_en_demo.json"]
-        .iter()
-        .all(|f| dir.join(f).exists());
+    let ready = [
+        "vocab/.done",
+        "smollm2/.done",
+        "chat/.done",
+        "data/alpaca_en_demo.json",
+        "data/glaive_toolcall_en_demo.json",
+    ]
+    .iter()
+    .all(|f| dir.join(f).exists());
     if ready {
         return Some(dir);
     }
@@ -297,7 +303,11 @@ pub fn fixture_records() -> Vec<lorasft::data::Record> {
         .unwrap()
         .records
         .into_iter()
-        .map(|s| s.as_instruction().cloned().expect("fixture records are Alpaca"))
+        .map(|s| {
+            s.as_instruction()
+                .cloned()
+                .expect("fixture records are Alpaca")
+        })
         .collect()
 }
 
