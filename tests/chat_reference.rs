@@ -23,6 +23,16 @@ fn data(name: &str) -> Value {
 /// 2024-07-26 00:00:00 UTC, the time the reference fixed for `strftime_now`.
 const NOW: i64 = 1_721_952_000;
 
+/// The largest char boundary of `s` at or below `i` (std's `floor_char_boundary` is newer than
+/// the crate's MSRV).
+fn floor(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 #[derive(Default, Debug)]
 struct Tally {
     equal: usize,
@@ -41,11 +51,11 @@ impl Tally {
                     .zip(b.chars())
                     .find(|((_, x), y)| x != y)
                     .map_or(a.len().min(b.len()), |((i, _), _)| i);
-                let lo = a.floor_char_boundary(at.saturating_sub(40));
+                let lo = floor(&a, at.saturating_sub(40));
                 self.differ.push(format!(
                     "{what}: differs at byte {at}: ours {:?} / transformers {:?}",
-                    &a[lo..a.floor_char_boundary((at + 40).min(a.len()))],
-                    b.get(lo..b.floor_char_boundary((at + 40).min(b.len())))
+                    &a[lo..floor(&a, at + 40)],
+                    b.get(lo..floor(b, at + 40))
                         .unwrap_or("")
                 ))
             }

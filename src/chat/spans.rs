@@ -1,10 +1,12 @@
 //! Where each assistant turn lies in a rendered conversation: the text the model must learn
 //! to produce, from the first byte of the turn's content through its end-of-turn token.
 //!
-//! Two methods, one result:
+//! Two methods:
 //! - **`{% generation %}` blocks.** A template that marks the assistant's text (transformers'
 //!   convention for `return_assistant_tokens_mask`) says where the spans are; the k-th block
-//!   is the k-th assistant message's.
+//!   is the k-th assistant message's. The marks are the template author's and are followed as
+//!   transformers follows them, even where they cover more than the prefix method would
+//!   (poolside's Laguna templates put the `<assistant>` header inside the block).
 //! - **Prefix differences**, for every other template (most real ones). Render the
 //!   conversation up to message i with the generation prompt (`P`), and up to and including
 //!   message i without it (`F`). The assistant turn is `F[len(P)..]`: `P` ends with the role

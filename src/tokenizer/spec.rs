@@ -146,8 +146,12 @@ impl SpmVocab {
             .collect()
     }
 
-    /// The `tokenizer.json` document.
+    /// The `tokenizer.json` document, keys sorted (see [`sorted_keys`]).
     pub fn to_json(&self) -> Result<Value> {
+        self.document().map(sorted_keys)
+    }
+
+    fn document(&self) -> Result<Value> {
         let n = self.tokens.len();
         if self.scores.len() != n || self.kinds.len() != n {
             return Err(Error::Invalid(format!(
@@ -283,8 +287,12 @@ pub struct ByteLevelVocab {
 }
 
 impl ByteLevelVocab {
-    /// The `tokenizer.json` document.
+    /// The `tokenizer.json` document, keys sorted (see [`sorted_keys`]).
     pub fn to_json(&self) -> Result<Value> {
+        self.document().map(sorted_keys)
+    }
+
+    fn document(&self) -> Result<Value> {
         if self.kinds.len() != self.tokens.len() {
             return Err(Error::Invalid(format!(
                 "vocabulary has {} tokens but {} kinds",
@@ -344,5 +352,26 @@ impl ByteLevelVocab {
                 "vocab": vocab_map(&self.tokens), "merges": merges
             }
         }))
+    }
+}
+
+/// `v` with every object's keys in sorted order. serde_json keeps insertion order (chat
+/// templates need it), and the documents written here are built in whatever order the code
+/// inserts; sorting makes their bytes independent of that order, so a regenerated fixture
+/// tokenizer stays byte-identical to the committed one.
+pub fn sorted_keys(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sorted_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted_keys).collect()),
+        other => other,
     }
 }

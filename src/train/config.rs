@@ -340,7 +340,7 @@ impl TrainConfig {
             "Hi, I have chicken, bell peppers and rice. Can you help me find a recipe?".into(),
             "What is the capital of France?".into(),
         ];
-        c.generate.max_new_tokens = 64;
+        c.generate.max_new_tokens = 128;
         c
     }
 
