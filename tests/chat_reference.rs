@@ -55,8 +55,7 @@ impl Tally {
                 self.differ.push(format!(
                     "{what}: differs at byte {at}: ours {:?} / transformers {:?}",
                     &a[lo..floor(&a, at + 40)],
-                    b.get(lo..floor(b, at + 40))
-                        .unwrap_or("")
+                    b.get(lo..floor(b, at + 40)).unwrap_or("")
                 ))
             }
             (Ok(_), None) => self.differ.push(format!(
