@@ -216,21 +216,67 @@ proptest! {
     }
 }
 
+/// A tiny model with dropout-free, non-zero adapters on q/v for the trainer-step tests.
+fn step_model(seed: u64) -> Llama {
+    let mut m = tiny(seed, DType::F32);
+    let lora = LoraConfig {
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    m.add_lora(&lora, seed + 1).unwrap();
+    randomise_adapters(&m, seed + 2);
+    m
+}
+
+/// The trainer's own step (`train::step::forward_backward`) over one epoch's plan of
+/// micro-batches of `max_len`-token rows: (loss sum, targets, real tokens, gradients,
+/// micro-batches).
+fn epoch_step(
+    m: &Llama,
+    enc: &Encoder,
+    exs: &[Example],
+    max_len: usize,
+) -> (f64, usize, usize, Vec<Tensor>, usize) {
+    let batching = enc.config().batching;
+    let lengths = exs.iter().map(|e| e.ids.len()).collect();
+    let plan = Planner::new(batching, lengths, max_len, 2, 5, true).epoch(0);
+    let micro: Vec<Batch> = plan
+        .iter()
+        .map(|mb| Batch::from_rows(&batching::collate(enc, mb, exs), m.device()).unwrap())
+        .collect();
+    let targets = micro.iter().map(|b| b.targets).sum();
+    let mut rng = Rng::new(0);
+    let (loss, grads, real) =
+        lorasft::train::step::forward_backward(m, &m.lora_vars(), &micro, targets, 1.0, &mut rng)
+            .unwrap();
+    (loss, targets, real, grads, plan.len())
+}
+
+/// Packed and padded epochs give the same targets, real tokens, loss and every gradient, in
+/// fewer micro-batches.
+fn assert_same_step(m: &Llama, run: impl Fn(Batching) -> (f64, usize, usize, Vec<Tensor>, usize)) {
+    let (pl, pt, pr, pg, pmicro) = run(Batching::Packed);
+    let (ul, ut, ur, ug, umicro) = run(Batching::Padded);
+    assert!(
+        pmicro < umicro,
+        "packing needs fewer micro-batches ({pmicro} vs {umicro})"
+    );
+    assert!(pt > 0, "some target");
+    assert_eq!((pt, pr), (ut, ur), "targets and real tokens");
+    assert!(((pl - ul) / ul).abs() < 1e-5, "loss sum {pl} vs {ul}");
+    for ((name, _), (a, b)) in m.lora_vars().iter().zip(pg.iter().zip(&ug)) {
+        let d = rel_diff(a, b);
+        assert!(d < 1e-5, "{name}: gradient differs by {d:e} relative");
+    }
+}
+
 /// The trainer's own step on the fixture tokenizer's real records, dropout off: the packed
 /// micro-batches of an epoch give the loss and gradients of the padded ones.
 #[test]
 fn the_training_step_on_packed_fixture_records_equals_padded() {
     let records = common::fixture_records();
-    let mut m = tiny(11, DType::F32);
-    let lora = LoraConfig {
-        dropout: 0.0,
-        ..LoraConfig::default()
-    };
-    m.add_lora(&lora, 12).unwrap();
-    randomise_adapters(&m, 13);
-    let vars = m.lora_vars();
-    let run = |batching: Batching| {
-        let tok = common::fixture_tokenizer();
+    let m = step_model(11);
+    assert_same_step(&m, |batching| {
         let cfg = EncodeConfig {
             max_len: 96,
             padding: Padding::Longest { multiple_of: None },
@@ -239,36 +285,13 @@ fn the_training_step_on_packed_fixture_records_equals_padded() {
             batching,
             ..EncodeConfig::default()
         };
-        let enc = Encoder::from_file(&tok, cfg).unwrap();
+        let enc = Encoder::from_file(&common::fixture_tokenizer(), cfg).unwrap();
         let exs: Vec<Example> = records
             .iter()
             .map(|r| enc.encode_record(r).unwrap())
             .collect();
-        let lengths = exs.iter().map(|e| e.ids.len()).collect();
-        let plan = Planner::new(batching, lengths, 96, 2, 5, true).epoch(0);
-        let micro: Vec<Batch> = plan
-            .iter()
-            .map(|mb| Batch::from_rows(&batching::collate(&enc, mb, &exs), m.device()).unwrap())
-            .collect();
-        let targets = micro.iter().map(|b| b.targets).sum();
-        let mut rng = Rng::new(0);
-        let (loss, grads, real) =
-            lorasft::train::step::forward_backward(&m, &vars, &micro, targets, 1.0, &mut rng)
-                .unwrap();
-        (loss, targets, real, grads, plan.len())
-    };
-    let (pl, pt, pr, pg, pmicro) = run(Batching::Packed);
-    let (ul, ut, ur, ug, umicro) = run(Batching::Padded);
-    assert!(
-        pmicro < umicro,
-        "packing needs fewer micro-batches ({pmicro} vs {umicro})"
-    );
-    assert_eq!((pt, pr), (ut, ur), "targets and real tokens");
-    assert!(((pl - ul) / ul).abs() < 1e-5, "loss sum {pl} vs {ul}");
-    for ((name, _), (a, b)) in vars.iter().zip(pg.iter().zip(&ug)) {
-        let d = rel_diff(a, b);
-        assert!(d < 1e-5, "{name}: gradient differs by {d:e} relative");
-    }
+        epoch_step(&m, &enc, &exs, 96)
+    });
 }
 
 /// The same on a conversation dataset: the fixture records in chat form (a ChatML template),
@@ -280,15 +303,8 @@ fn the_training_step_on_packed_conversations_equals_padded() {
         .into_iter()
         .map(Sample::Instruction)
         .collect();
-    let mut m = tiny(21, DType::F32);
-    let lora = LoraConfig {
-        dropout: 0.0,
-        ..LoraConfig::default()
-    };
-    m.add_lora(&lora, 22).unwrap();
-    randomise_adapters(&m, 23);
-    let vars = m.lora_vars();
-    let run = |batching: Batching| {
+    let m = step_model(21);
+    assert_same_step(&m, |batching| {
         let cfg = EncodeConfig {
             max_len: 256,
             padding: Padding::Longest { multiple_of: None },
@@ -305,29 +321,8 @@ fn the_training_step_on_packed_conversations_equals_padded() {
             .unwrap();
         let exs: Vec<Example> = samples.iter().map(|s| enc.encode(s).unwrap()).collect();
         assert!(exs.iter().all(|e| e.trained.is_some()));
-        let lengths = exs.iter().map(|e| e.ids.len()).collect();
-        let plan = Planner::new(batching, lengths, 256, 2, 5, true).epoch(0);
-        let micro: Vec<Batch> = plan
-            .iter()
-            .map(|mb| Batch::from_rows(&batching::collate(&enc, mb, &exs), m.device()).unwrap())
-            .collect();
-        let targets = micro.iter().map(|b| b.targets).sum();
-        let mut rng = Rng::new(0);
-        let (loss, grads, real) =
-            lorasft::train::step::forward_backward(&m, &vars, &micro, targets, 1.0, &mut rng)
-                .unwrap();
-        (loss, targets, real, grads, plan.len())
-    };
-    let (pl, pt, pr, pg, pmicro) = run(Batching::Packed);
-    let (ul, ut, ur, ug, umicro) = run(Batching::Padded);
-    assert!(pmicro < umicro, "{pmicro} vs {umicro} micro-batches");
-    assert!(pt > 0);
-    assert_eq!((pt, pr), (ut, ur), "targets and real tokens");
-    assert!(((pl - ul) / ul).abs() < 1e-5, "loss sum {pl} vs {ul}");
-    for ((name, _), (a, b)) in vars.iter().zip(pg.iter().zip(&ug)) {
-        let d = rel_diff(a, b);
-        assert!(d < 1e-5, "{name}: gradient differs by {d:e} relative");
-    }
+        epoch_step(&m, &enc, &exs, 256)
+    });
 }
 
 /// Each packed example's logits are those of the example run alone, in f64 (composed path,

@@ -142,18 +142,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
             "give --prompt TEXT or --instruction TEXT".into(),
         ));
     }
-    let cfg = GenerateConfig {
-        max_new_tokens: a.max_new_tokens,
-        sampling: match a.temperature {
-            Some(temperature) => Sampling::TopP {
-                temperature,
-                top_p: a.top_p,
-            },
-            None => Sampling::Greedy,
-        },
-        seed: a.seed,
-    };
-    cfg.validate()?;
+    let cfg = generate_config(a)?;
     let m = load(&a.m)?;
     let enc = Encoder::from_file(&m.tokenizer, EncodeConfig::default())?;
     let eos = m.base.eos_ids(enc.special_ids().eos);

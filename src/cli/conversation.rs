@@ -131,20 +131,6 @@ fn open(s: &DataSourceArgs, cfg: EncodeConfig) -> Result<(Dataset, Encoder)> {
     Ok((ds, enc))
 }
 
-/// An encoding error placed at its record.
-fn at_record(ds: &Dataset, i: usize, e: Error) -> Error {
-    match e {
-        Error::Record { .. } => e,
-        other => Error::Record {
-            path: ds.path.clone(),
-            line: ds.lines.get(i).copied().unwrap_or(0),
-            record: i,
-            field: None,
-            msg: other.to_string(),
-        },
-    }
-}
-
 /// `lorasft data encode`: one `{"text", "input_ids", "labels"}` line per example (no padding)
 /// into `--out`; returns (examples written, conversations skipped for no trained turn).
 pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
@@ -153,7 +139,7 @@ pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
         std::io::BufWriter::new(std::fs::File::create(&a.out).map_err(|e| Error::io(&a.out, e))?);
     let (mut written, mut skipped) = (0, 0);
     for (i, sample) in ds.records.iter().enumerate() {
-        let ex = enc.encode(sample).map_err(|e| at_record(&ds, i, e))?;
+        let ex = enc.encode(sample).map_err(|e| ds.locate_error(i, e))?;
         if crate::data::stats::has_no_trained_turn(&ex) {
             skipped += 1;
             continue;
@@ -201,7 +187,7 @@ pub fn data_show(a: &DataShowArgs, style: Style) -> Result<String> {
     });
     for i in a.start..end {
         let sample = &ds.records[i];
-        let ex = enc.encode(sample).map_err(|e| at_record(&ds, i, e))?;
+        let ex = enc.encode(sample).map_err(|e| ds.locate_error(i, e))?;
         let targets = enc
             .row(&ex, ex.ids.len())
             .labels

@@ -56,6 +56,23 @@ pub struct Dataset {
     pub lines: Vec<usize>,
 }
 
+impl Dataset {
+    /// An error about record `index` (an encoding error, say) placed at its file, line and
+    /// record; an error that already names its record is kept as it is.
+    pub fn locate_error(&self, index: usize, e: Error) -> Error {
+        match e {
+            Error::Record { .. } => e,
+            other => Error::Record {
+                path: self.path.clone(),
+                line: self.lines.get(index).copied().unwrap_or(0),
+                record: index,
+                field: None,
+                msg: other.to_string(),
+            },
+        }
+    }
+}
+
 /// 1-based line of a byte offset.
 fn line_of(bytes: &[u8], offset: usize) -> usize {
     1 + bytes[..offset.min(bytes.len())]

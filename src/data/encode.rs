@@ -289,17 +289,22 @@ fn token_name(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// The BOS and EOS texts `tokenizer_config.json` beside the tokenizer names (empty when it
-/// names none): what a chat template is given as `bos_token` and `eos_token`.
-pub fn special_texts(tokenizer_path: &Path) -> Result<(String, String)> {
+/// The `tokenizer_config.json` beside a tokenizer, parsed; `Null` when there is none.
+fn tokenizer_config(tokenizer_path: &Path) -> Result<serde_json::Value> {
     let cfg_path = tokenizer_path.with_file_name("tokenizer_config.json");
-    let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+    match std::fs::read_to_string(&cfg_path) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
             path: cfg_path.clone(),
             msg: e.to_string(),
-        })?,
-        Err(_) => serde_json::Value::Null,
-    };
+        }),
+        Err(_) => Ok(serde_json::Value::Null),
+    }
+}
+
+/// The BOS and EOS texts `tokenizer_config.json` beside the tokenizer names (empty when it
+/// names none): what a chat template is given as `bos_token` and `eos_token`.
+pub fn special_texts(tokenizer_path: &Path) -> Result<(String, String)> {
+    let cfg = tokenizer_config(tokenizer_path)?;
     let text = |key: &str| cfg.get(key).and_then(token_name).unwrap_or_default();
     Ok((text("bos_token"), text("eos_token")))
 }
@@ -308,13 +313,7 @@ pub fn special_texts(tokenizer_path: &Path) -> Result<(String, String)> {
 /// tokenizer's `</s>`; pad falls back to EOS (TinyLlama's own choice).
 pub fn special_ids(tokenizer: &Tokenizer, tokenizer_path: &Path) -> Result<SpecialIds> {
     let cfg_path = tokenizer_path.with_file_name("tokenizer_config.json");
-    let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
-            path: cfg_path.clone(),
-            msg: e.to_string(),
-        })?,
-        Err(_) => serde_json::Value::Null,
-    };
+    let cfg = tokenizer_config(tokenizer_path)?;
     let lookup = |key: &str| -> Result<Option<u32>> {
         match cfg.get(key).and_then(token_name) {
             Some(name) => tokenizer.token_to_id(&name).map(Some).ok_or_else(|| {

@@ -82,7 +82,7 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
     let (train_records, val_records) = (pick(&split.train), pick(&split.validation));
     let locate = |idx: &[usize]| {
         let (ds, idx) = (&dataset, idx.to_vec());
-        move |i: usize, e: Error| record_error(ds, idx[i], e)
+        move |i: usize, e: Error| ds.locate_error(idx[i], e)
     };
     let (train_stats, train) = stats::compute_with(
         &train_records,
@@ -126,20 +126,6 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
         adopted_lora,
         val_skipped,
     })
-}
-
-/// An encoding error placed at its record: file, line and record index.
-fn record_error(ds: &Dataset, index: usize, e: Error) -> Error {
-    match e {
-        Error::Record { .. } => e,
-        other => Error::Record {
-            path: ds.path.clone(),
-            line: ds.lines.get(index).copied().unwrap_or(0),
-            record: index,
-            field: None,
-            msg: other.to_string(),
-        },
-    }
 }
 
 /// With `model.init_adapter`, the run trains the adapter it starts from: its r, alpha,
