@@ -307,7 +307,8 @@ impl TrainConfig {
             save_every: 8,
             gradient_checkpointing: false,
         };
-        c.generate.max_new_tokens = 48;
+        // Room for a whole answer, so the report shows where the model stops by itself.
+        c.generate.max_new_tokens = 96;
         c.prompts = vec![
             "Give three tips for staying healthy.".into(),
             "What is the capital of France?".into(),
