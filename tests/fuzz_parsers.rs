@@ -3,8 +3,9 @@
 //! One proptest per parser: GGUF (`gguf::Gguf::parse`, `gguf_import::import_tensors`,
 //! `tokenizer::from_gguf`), safetensors headers (`model::load::load_model`, `adapter::load`),
 //! `config.json` (`LlamaConfig::from_file`), `adapter_config.json` (`adapter::read_config`),
-//! `tokenizer.json` (`tokenizer::load`, `Encoder::from_file`) and datasets in JSON and JSONL
-//! (`data::dataset::load`). Each starts from real and fixture inputs (for GGUF, also a Q4_K_M
+//! `tokenizer.json` (`tokenizer::load`, `Encoder::from_file`), datasets in JSON and JSONL
+//! (`data::dataset::load`) and chat templates (`chat::ChatTemplate`, compiled, rendered and
+//! spanned under their fuel bound). Each starts from real and fixture inputs (for GGUF, also a Q4_K_M
 //! file `export-gguf` writes) and applies seeded
 //! truncations, bit flips, byte insertions, huge length and size fields and deep nesting.
 //! Every call runs under `catch_unwind`: a panic fails the test, and a stack overflow would
@@ -503,6 +504,90 @@ fn fuzz_dataset_json_and_jsonl() {
         let path = tmp.path().join(&seed.name);
         write(&path, bytes);
         let _ = lorasft::data::dataset::load(&path);
+    });
+    assert_eq!(n, cases());
+}
+
+/// Jinja pieces for [`Mutation::Token`] on chat templates: tags, loops, filters and the
+/// `{% generation %}` markers, placed where a mutation lands.
+fn jinja_tokens() -> Vec<Vec<u8>> {
+    [
+        "{%",
+        "%}",
+        "{{",
+        "}}",
+        "{#",
+        "#}",
+        "{%-",
+        "-%}",
+        "{% generation %}",
+        "{% endgeneration %}",
+        "{% for m in messages %}",
+        "{% endfor %}",
+        "{% if tools %}",
+        "{% endif %}",
+        "{{ tools|tojson(indent=2) }}",
+        "{{ messages|map(attribute='role')|list }}",
+        "{{ raise_exception('x') }}",
+        "{% set ns = namespace(a=1) %}",
+        "{{ ns.a }}",
+        "{{ m.content.strip().split('x') }}",
+        "{% break %}",
+        "{{ 'x' * 100000 }}",
+        "\u{10FFFD}",
+        "{{ strftime_now('%Y') }}",
+        "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    ]
+    .iter()
+    .map(|t| t.as_bytes().to_vec())
+    .collect()
+}
+
+#[test]
+fn fuzz_chat_templates() {
+    const CHATML: &str = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let seed = |name: &str, text: String| Seed {
+        name: name.into(),
+        hot: text.len(),
+        bytes: text.into_bytes(),
+        tokens: jinja_tokens(),
+        nest: b"{% if true %}{% for x in messages %}".to_vec(),
+    };
+    let mut seeds = vec![seed("chatml", CHATML.into())];
+    if let Some(assets) = common::assets() {
+        for f in [
+            "meta-llama-Llama-3.1-8B-Instruct.jinja",
+            "Qwen-Qwen3-0.6B.jinja",
+            "LFM2.5-8B-A1B.jinja",
+            "google-gemma-2-2b-it.jinja",
+        ] {
+            let text = std::fs::read_to_string(assets.join("chat/templates").join(f)).unwrap();
+            seeds.push(seed(f, text));
+        }
+    }
+    let conv: lorasft::chat::Conversation = serde_json::from_value(serde_json::json!({
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi {{ x }} <|im_end|>"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"type": "function", "function": {"name": "get", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}
+        ],
+        "tools": [{"type": "function", "function": {"name": "get", "parameters": {}}}]
+    }))
+    .unwrap();
+    let opts = lorasft::chat::RenderOptions::new("<s>", "</s>");
+    let n = fuzz("chat template", &seeds, |seed, bytes| {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return;
+        };
+        if let Ok(t) = lorasft::chat::ChatTemplate::new(seed.name.as_str(), text) {
+            let _ = t.render(&conv, &opts.with_generation_prompt(true));
+            let _ = lorasft::chat::spans::spanned_render(&t, &conv, &opts);
+        }
     });
     assert_eq!(n, cases());
 }

@@ -331,7 +331,12 @@ pub fn startup_line(p: &Prepared) -> String {
         s.no_trainable_label,
         trainable_params_line(trainable, shape.base_params() + trainable)
     );
-    if p.uses_chat() {
+    if !p.uses_chat() {
+        line.push_str(&format!(
+            "\ndata format {} | the Alpaca prompt | labels {:?}",
+            p.dataset.format, p.cfg.encode.labels
+        ));
+    } else {
         let d = p.data_record();
         line.push_str(&format!(
             "\ndata format {} | template {} ({}) | labels {:?} | conversations skipped with no trained turn: {} train, {} validation | trailing messages cut to fit: {}",
