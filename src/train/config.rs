@@ -381,11 +381,7 @@ impl TrainConfig {
             let (key, raw) = o
                 .split_once('=')
                 .ok_or_else(|| Error::Invalid(format!("override {o:?} is not key=value")))?;
-            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-                .or_else(|_| toml::from_str::<toml::Table>(&format!("v = {:?}", raw)))
-                .map_err(|e| Error::Invalid(format!("override {o:?}: {e}")))?
-                .remove("v")
-                .expect("parsed key");
+            let value = override_value(o, raw)?;
             let mut cur = &mut v;
             let parts: Vec<&str> = key.trim().split('.').collect();
             // No config key is deeper than three tables; refusing deeper keys also bounds the
@@ -664,6 +660,33 @@ impl ConfigSource {
     }
 }
 
+/// The one TOML value of a `--set KEY=VALUE` (a string, number, boolean, array or inline
+/// table), with a bare word taken as a string. Anything after the value (a second line, a
+/// table header, more keys) is an error that shows what was left over: a value must never
+/// carry text that is then silently dropped.
+fn override_value(o: &str, raw: &str) -> Result<toml::Value> {
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"));
+    let mut table = match parsed {
+        Ok(t) => t,
+        // The bare-word convenience (`run.name=foo`), for one line of plain text only.
+        Err(_) if !raw.contains(['\n', '\r']) => {
+            toml::from_str::<toml::Table>(&format!("v = {raw:?}"))
+                .map_err(|e| Error::Invalid(format!("--set {o:?}: {e}")))?
+        }
+        Err(e) => return Err(Error::Invalid(format!("--set {o:?}: {e}"))),
+    };
+    let value = table.remove("v").expect("parsed key");
+    if !table.is_empty() {
+        let left: Vec<String> = table.keys().map(|k| format!("`{k}`")).collect();
+        return Err(Error::Invalid(format!(
+            "--set {o:?}: VALUE must be one TOML value, but more follows it ({} left over); \
+             give each key its own --set",
+            left.join(", ")
+        )));
+    }
+    Ok(value)
+}
+
 fn merge(base: &mut toml::Value, user: toml::Value) {
     match (base, user) {
         (toml::Value::Table(b), toml::Value::Table(u)) => {
@@ -709,6 +732,37 @@ mod tests {
         assert_eq!(cfg.model.init_adapter, Some(PathBuf::from("some/adapter")));
         let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg, "config.toml round-trips every typed field");
+    }
+
+    #[test]
+    fn a_set_value_is_exactly_one_toml_value() {
+        let base = || TrainConfig::smoke();
+        for smuggled in [
+            "run.name=\"x\"\n[optim]\nlr=5",
+            "run.name=\"x\"\nlr=5",
+            "optim.lr=0.5\ntrain.max_steps=2",
+            "run.name=x\n[optim]",
+        ] {
+            let err = base()
+                .with_overrides(&[smuggled.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--set"), "{smuggled:?}: {err}");
+        }
+        let err = base()
+            .with_overrides(&["run.name=\"x\"\n[optim]\nlr=5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`optim`") && err.contains("left over"), "{err}");
+        let cfg = base()
+            .with_overrides(&[
+                "run.name=bare word".into(),
+                "optim.lr=5e-3".into(),
+                "lora.targets=[\"q_proj\"]".into(),
+            ])
+            .unwrap();
+        assert_eq!(cfg.run.name, "bare word", "the bare-word convenience stays");
+        assert_eq!(cfg.optim.lr, 5e-3);
     }
 
     #[test]
