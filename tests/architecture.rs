@@ -17,6 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "rng",
             "device",
             "sys",
+            "input",
             "thread_tuning",
             "alloc_tuning",
         ],

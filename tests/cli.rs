@@ -503,3 +503,52 @@ fn import_gguf_of_a_file_without_tensors_fails_and_writes_nothing() {
     assert!(err.contains("missing tensor `token_embd.weight`"), "{err}");
     assert!(!out.exists());
 }
+
+/// A FIFO with no writer, a device and a directory given as a dataset or tokenizer are refused
+/// at once, naming the path and what it is (a FIFO used to block `open` forever, and
+/// `/dev/zero` read until memory ran out). The child is waited on with a guard against a hang.
+#[test]
+fn special_files_as_inputs_are_refused_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("data.fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let tok = common::fixture_tokenizer();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/instructions.json");
+    let cases: [(&std::path::Path, &std::path::Path, &str); 4] = [
+        (&fifo, &tok, "a FIFO"),
+        (std::path::Path::new("/dev/urandom"), &tok, "a device"),
+        (&data, std::path::Path::new("/dev/zero"), "a device"),
+        (dir.path(), &tok, "a directory"),
+    ];
+    for (data, tok, what) in cases {
+        let mut child = common::lorasft()
+            .args(["data", "stats", "--data"])
+            .arg(data)
+            .arg("--tokenizer")
+            .arg(tok)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(120) {
+                child.kill().unwrap();
+                panic!("{} as input hung", data.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(what) && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+}

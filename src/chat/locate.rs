@@ -69,7 +69,11 @@ pub fn from_config_value(
 
 /// The template of a `tokenizer_config.json` file (see [`from_config_value`]).
 pub fn from_tokenizer_config(path: &Path, name: Option<&str>) -> Result<Option<ChatTemplate>> {
-    let text = read_bounded(path)?;
+    let text = crate::input::read_text(
+        path,
+        crate::input::DOCUMENT_CEILING,
+        "a tokenizer_config.json",
+    )?;
     let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -130,29 +134,10 @@ pub fn for_tokenizer(
     from_tokenizer_config(&cfg, name)
 }
 
-/// Reads a text file of at most [`MAX_TEMPLATE_BYTES`], naming it in errors.
+/// Reads a template file of at most [`MAX_TEMPLATE_BYTES`] (a FIFO, device or directory is
+/// refused without blocking), naming it in errors.
 fn read_bounded(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::Invalid(format!(
-            "{}: not a regular file",
-            path.display()
-        )));
-    }
-    let mut buf = Vec::new();
-    f.take(MAX_TEMPLATE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| Error::io(path, e))?;
-    if buf.len() as u64 > MAX_TEMPLATE_BYTES {
-        return Err(Error::Invalid(format!(
-            "{}: larger than {} KiB; not a chat template or tokenizer config",
-            path.display(),
-            MAX_TEMPLATE_BYTES >> 10
-        )));
-    }
-    String::from_utf8(buf).map_err(|_| Error::Invalid(format!("{}: not UTF-8", path.display())))
+    crate::input::read_text(path, MAX_TEMPLATE_BYTES, "a chat template")
 }
 
 #[cfg(test)]
@@ -195,6 +180,13 @@ mod tests {
         let big = dir.path().join("big.jinja");
         std::fs::write(&big, vec![b'x'; (MAX_TEMPLATE_BYTES + 1) as usize]).unwrap();
         let err = from_path(&big, None).unwrap_err().to_string();
-        assert!(err.contains("big.jinja") && err.contains("KiB"), "{err}");
+        assert!(
+            err.contains("big.jinja") && err.contains("ceiling"),
+            "{err}"
+        );
+        let err = from_path(Path::new("/dev/zero"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a device"), "{err}");
     }
 }

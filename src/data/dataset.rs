@@ -205,7 +205,7 @@ pub fn load_with(path: &Path, format: Option<DataFormat>, columns: &Columns) -> 
         Some(f) => formats::validate_columns(f, columns)?,
         None => formats::validate_columns_any(columns)?,
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input::read(path, crate::input::DATASET_CEILING, "a dataset")?;
     let text = std::str::from_utf8(&bytes).map_err(|e| Error::NotUtf8 {
         path: path.to_path_buf(),
         line: line_of(&bytes, e.valid_up_to()),

@@ -292,13 +292,18 @@ fn token_name(v: &serde_json::Value) -> Option<String> {
 /// The `tokenizer_config.json` beside a tokenizer, parsed; `Null` when there is none.
 fn tokenizer_config(tokenizer_path: &Path) -> Result<serde_json::Value> {
     let cfg_path = tokenizer_path.with_file_name("tokenizer_config.json");
-    match std::fs::read_to_string(&cfg_path) {
-        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
-            path: cfg_path.clone(),
-            msg: e.to_string(),
-        }),
-        Err(_) => Ok(serde_json::Value::Null),
+    if !cfg_path.exists() {
+        return Ok(serde_json::Value::Null);
     }
+    let text = crate::input::read_text(
+        &cfg_path,
+        crate::input::DOCUMENT_CEILING,
+        "a tokenizer_config.json",
+    )?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: cfg_path.clone(),
+        msg: e.to_string(),
+    })
 }
 
 /// The BOS and EOS texts `tokenizer_config.json` beside the tokenizer names (empty when it

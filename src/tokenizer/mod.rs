@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 
 /// Loads a `tokenizer.json`, with an error naming the file.
 pub fn load(path: &Path) -> Result<tokenizers::Tokenizer> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::TOKENIZER_CEILING, "a tokenizer.json")?;
     from_json(&text, path)
 }
 

@@ -619,7 +619,8 @@ impl ConfigSource {
         let base = TrainConfig::preset(&self.preset)?;
         let cfg = match &self.file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                let text =
+                    crate::input::read_text(path, crate::input::DOCUMENT_CEILING, "a config file")?;
                 TrainConfig::from_toml(&text, base, path)?
             }
             None => base,
@@ -753,7 +754,10 @@ mod tests {
             .with_overrides(&["run.name=\"x\"\n[optim]\nlr=5".into()])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`optim`") && err.contains("left over"), "{err}");
+        assert!(
+            err.contains("`optim`") && err.contains("left over"),
+            "{err}"
+        );
         let cfg = base()
             .with_overrides(&[
                 "run.name=bare word".into(),
