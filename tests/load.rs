@@ -72,6 +72,31 @@ fn sharded_checkpoint_loads_identically() {
     )
     .unwrap();
     assert_eq!(logits(&load(sharded.path()).unwrap()), logits(&single));
+
+    // A shard name that leaves the model directory is refused, naming the index and entry,
+    // even when the file it names exists and would load (here: the whole single file).
+    let name = map.keys().next().unwrap().clone();
+    for escaping in [
+        format!(
+            "../{}/model.safetensors",
+            dir.path().file_name().unwrap().to_string_lossy()
+        ),
+        dir.path().join("model.safetensors").display().to_string(),
+    ] {
+        let mut bad = map.clone();
+        bad.insert(name.clone(), escaping.clone());
+        let index = serde_json::json!({"metadata": {}, "weight_map": bad});
+        std::fs::write(
+            sharded.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let err = load(sharded.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("model.safetensors.index.json") && err.contains(&name),
+            "{escaping}: {err}"
+        );
+    }
 }
 
 #[test]

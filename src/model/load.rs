@@ -117,17 +117,37 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text =
+        crate::input::read_text(index, crate::input::DOCUMENT_CEILING, "a safetensors index")?;
     let idx: Index = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: index.to_path_buf(),
         msg: e.to_string(),
     })?;
+    for (tensor, file) in &idx.weight_map {
+        if !is_plain_relative(file) {
+            return Err(Error::Invalid(format!(
+                "{}: weight_map entry `{tensor}` names {file:?}, which is not a plain file name \
+                 inside the model directory (no `..`, no absolute path)",
+                index.display()
+            )));
+        }
+    }
     Ok(idx
         .weight_map
         .into_values()
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect())
+}
+
+/// Whether a name one file gives for another stays inside its directory: relative, with only
+/// normal components (no `..`, no root, no prefix). The file itself may still be a symlink
+/// (the Hugging Face cache's snapshot files are), which is followed.
+fn is_plain_relative(name: &str) -> bool {
+    let p = Path::new(name);
+    !name.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// A file of a hub model: from the cache, else downloaded unless `HF_HUB_OFFLINE` is set.
