@@ -77,10 +77,19 @@ pub fn spanned_render(
     conv: &Conversation,
     opts: &RenderOptions,
 ) -> Result<SpannedRender> {
+    match method_for(template) {
+        SpanMethod::GenerationBlocks => by_generation_blocks(template, conv, opts),
+        SpanMethod::PrefixDifference => by_prefix_difference(template, conv, opts),
+    }
+}
+
+/// The method [`spanned_render`] uses for a template: its `{% generation %}` blocks when it
+/// has them, prefix differences otherwise.
+pub fn method_for(template: &ChatTemplate) -> SpanMethod {
     if template.has_generation_blocks() {
-        by_generation_blocks(template, conv, opts)
+        SpanMethod::GenerationBlocks
     } else {
-        by_prefix_difference(template, conv, opts)
+        SpanMethod::PrefixDifference
     }
 }
 

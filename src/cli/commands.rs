@@ -202,14 +202,7 @@ fn generate_chat(a: &GenerateArgs) -> Result<Vec<Answer>> {
     let enc =
         crate::cli::conversation::generation_template(&m.tokenizer, a.chat_template.as_deref())?;
     let chat = enc.require_chat()?;
-    let mut eos = m.base.eos_ids(enc.special_ids().eos);
-    eos.extend(
-        chat.stop_ids()
-            .iter()
-            .filter(|id| !eos.contains(id))
-            .copied()
-            .collect::<Vec<_>>(),
-    );
+    let eos = enc.stop_ids(m.base.eos_ids(enc.special_ids().eos));
     let compare = a.compare && a.m.adapter.is_some();
     convs
         .iter()
@@ -331,23 +324,24 @@ pub fn startup_line(p: &Prepared) -> String {
         s.no_trainable_label,
         trainable_params_line(trainable, shape.base_params() + trainable)
     );
-    if !p.uses_chat() {
-        line.push_str(&format!(
+    match p.encoder.chat().filter(|_| p.uses_chat()) {
+        None => line.push_str(&format!(
             "\ndata format {} | the Alpaca prompt | labels {:?}",
             p.dataset.format, p.cfg.encode.labels
-        ));
-    } else {
-        let d = p.data_record();
-        line.push_str(&format!(
+        )),
+        Some(chat) => {
+            let template = chat.template();
+            line.push_str(&format!(
             "\ndata format {} | template {} ({}) | labels {:?} | conversations skipped with no trained turn: {} train, {} validation | trailing messages cut to fit: {}",
-            d.format,
-            d.template,
-            d.span_method.as_deref().unwrap_or("-"),
+            p.dataset.format,
+            template.source(),
+            crate::chat::spans::method_for(template),
             p.cfg.encode.labels,
             s.skipped_no_trained_turn,
             p.val_skipped,
             s.turns_cut,
         ));
+        }
     }
     if let Some((was, now)) = &p.adopted_lora {
         line.push_str(&format!(

@@ -79,21 +79,20 @@ fn source_special_texts(path: &Path) -> Result<(String, String)> {
     if ext.eq_ignore_ascii_case("json") {
         // The config the template came from, whatever its name (`special_texts` would read a
         // `tokenizer_config.json` beside it instead).
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input::read_text(
+            path,
+            crate::input::DOCUMENT_CEILING,
+            "a tokenizer_config.json",
+        )?;
         let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-        let text = |k: &str| match &cfg[k] {
-            Value::String(s) => s.clone(),
-            v => v["content"].as_str().unwrap_or_default().to_string(),
-        };
-        return Ok((text("bos_token"), text("eos_token")));
+        return Ok(crate::data::encode::special_texts_of(&cfg));
     }
     if ext.eq_ignore_ascii_case("gguf") {
         let cfg = crate::tokenizer::from_gguf::tokenizer_config(&Gguf::read(path)?)?;
-        let text = |k: &str| cfg[k].as_str().unwrap_or_default().to_string();
-        return Ok((text("bos_token"), text("eos_token")));
+        return Ok(crate::data::encode::special_texts_of(&cfg));
     }
     Ok((String::new(), String::new()))
 }
@@ -175,10 +174,9 @@ pub fn data_show(a: &DataShowArgs, style: Style) -> Result<String> {
         ds.records.len(),
         ds.format,
         a.encode.labels,
-        match (enc.chat(), style) {
-            (Some(c), _) if ds.format != formats::DataFormat::Alpaca =>
-                format!("template {}", c.template().source()),
-            _ => "the Alpaca prompt".into(),
+        match enc.chat().filter(|_| enc.uses_chat(&ds.records[0])) {
+            Some(c) => format!("template {}", c.template().source()),
+            None => "the Alpaca prompt".into(),
         }
     ));
     out.push_str(match style {

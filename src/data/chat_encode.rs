@@ -86,11 +86,6 @@ impl ChatEncoding {
         })
     }
 
-    /// Whether the template renders `tool_calls` itself (else calls go into the content).
-    pub fn renders_tool_calls(&self) -> bool {
-        self.renders_tool_calls
-    }
-
     /// The conversation as this template is given it: tool calls written into the content
     /// when the template would drop them.
     pub fn adapt(&self, conv: &Conversation) -> Conversation {
@@ -154,6 +149,11 @@ impl ChatEncoding {
     /// The token ids that close assistant turns (generation stops at them).
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
+    }
+
+    /// The text a conversation is trained on (the render, without finding its spans).
+    pub fn render_text(&self, conv: &Conversation) -> Result<String> {
+        Ok(self.template.render(&self.adapt(conv), &self.opts)?.text)
     }
 
     /// Renders a conversation for training, with its assistant spans.

@@ -290,7 +290,7 @@ fn token_name(v: &serde_json::Value) -> Option<String> {
 }
 
 /// The `tokenizer_config.json` beside a tokenizer, parsed; `Null` when there is none.
-fn tokenizer_config(tokenizer_path: &Path) -> Result<serde_json::Value> {
+pub fn tokenizer_config(tokenizer_path: &Path) -> Result<serde_json::Value> {
     let cfg_path = tokenizer_path.with_file_name("tokenizer_config.json");
     if !cfg_path.exists() {
         return Ok(serde_json::Value::Null);
@@ -309,9 +309,14 @@ fn tokenizer_config(tokenizer_path: &Path) -> Result<serde_json::Value> {
 /// The BOS and EOS texts `tokenizer_config.json` beside the tokenizer names (empty when it
 /// names none): what a chat template is given as `bos_token` and `eos_token`.
 pub fn special_texts(tokenizer_path: &Path) -> Result<(String, String)> {
-    let cfg = tokenizer_config(tokenizer_path)?;
+    Ok(special_texts_of(&tokenizer_config(tokenizer_path)?))
+}
+
+/// The BOS and EOS texts a parsed `tokenizer_config.json` names (a string or an
+/// `{content}` object each; empty when absent).
+pub fn special_texts_of(cfg: &serde_json::Value) -> (String, String) {
     let text = |key: &str| cfg.get(key).and_then(token_name).unwrap_or_default();
-    Ok((text("bos_token"), text("eos_token")))
+    (text("bos_token"), text("eos_token"))
 }
 
 /// EOS and pad ids: from `tokenizer_config.json` beside the tokenizer when present, else the
@@ -402,6 +407,17 @@ impl Encoder {
         Ok(self)
     }
 
+    /// The ids that end generation: the model's EOS ids (`base_eos`) plus, when a chat
+    /// template is loaded, the tokens that close its assistant turns.
+    pub fn stop_ids(&self, mut base_eos: Vec<u32>) -> Vec<u32> {
+        for &id in self.chat.iter().flat_map(|c| c.stop_ids()) {
+            if !base_eos.contains(&id) {
+                base_eos.push(id);
+            }
+        }
+        base_eos
+    }
+
     /// The chat encoding, when a template was found.
     pub fn chat(&self) -> Option<&ChatEncoding> {
         self.chat.as_ref()
@@ -481,7 +497,7 @@ impl Encoder {
             Sample::Instruction(r) if self.cfg.template == PromptTemplate::Alpaca => {
                 Ok(prompt::format(r).text)
             }
-            _ => Ok(self.require_chat()?.render(&sample.to_conversation())?.text),
+            _ => self.require_chat()?.render_text(&sample.to_conversation()),
         }
     }
 

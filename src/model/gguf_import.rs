@@ -392,10 +392,8 @@ pub fn refresh_tokenizer_config(g: &Gguf, dir: &Path) -> Result<()> {
     let cfg_path = dir.join("tokenizer_config.json");
     // Only a config that lacks a template is stale: one that holds any (the GGUF's, or one the
     // user edited in) is left as it is.
-    let has_template = std::fs::read_to_string(&cfg_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()));
+    let has_template = crate::data::encode::tokenizer_config(&dir.join("tokenizer.json"))
+        .is_ok_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()));
     if has_template {
         return Ok(());
     }

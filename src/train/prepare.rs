@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::adapter;
 use crate::chat::{Conversation, Message, Role};
 use crate::data::dataset::{self, Dataset, Split};
-use crate::data::encode::{Encoder, Example, PromptTemplate};
+use crate::data::encode::{Encoder, Example};
 use crate::data::prompt;
 use crate::data::stats::{self, DataStats};
 use crate::device;
@@ -102,16 +102,7 @@ pub fn prepare(mut cfg: TrainConfig) -> Result<Prepared> {
         .into_iter()
         .filter(|e| !stats::has_no_trained_turn(e))
         .collect();
-    let mut eos_ids = base.eos_ids(encoder.special_ids().eos);
-    if let Some(chat) = encoder.chat() {
-        eos_ids.extend(
-            chat.stop_ids()
-                .iter()
-                .filter(|id| !eos_ids.contains(id))
-                .copied()
-                .collect::<Vec<_>>(),
-        );
-    }
+    let eos_ids = encoder.stop_ids(base.eos_ids(encoder.special_ids().eos));
     Ok(Prepared {
         cfg,
         base,
@@ -174,8 +165,11 @@ fn check_fits(cfg: &TrainConfig, model: &Llama, encoder: &Encoder, tokenizer: &P
 impl Prepared {
     /// Whether the run's examples are chat-rendered (conversation data or `template = chat`).
     pub fn uses_chat(&self) -> bool {
-        self.dataset.format != crate::data::formats::DataFormat::Alpaca
-            || self.cfg.encode.template == PromptTemplate::Chat
+        // Every record of a dataset has the same format: the first one decides.
+        self.dataset
+            .records
+            .first()
+            .is_some_and(|s| self.encoder.uses_chat(s))
     }
 
     /// Generates an answer for each instruction prompt, in the form the run trains on: a user
@@ -224,14 +218,10 @@ impl Prepared {
         let tok =
             std::fs::read(&self.tokenizer_path).map_err(|e| Error::io(&self.tokenizer_path, e))?;
         write("tokenizer.json", &tok)?;
-        let cfg_path = self.tokenizer_path.with_file_name("tokenizer_config.json");
-        let mut cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::Json {
-                path: cfg_path.clone(),
-                msg: e.to_string(),
-            })?,
-            Err(_) => serde_json::json!({}),
-        };
+        let mut cfg = crate::data::encode::tokenizer_config(&self.tokenizer_path)?;
+        if cfg.is_null() {
+            cfg = serde_json::json!({});
+        }
         if let (Some(chat), Some(obj)) = (
             self.encoder.chat().filter(|_| self.uses_chat()),
             cfg.as_object_mut(),
@@ -241,8 +231,7 @@ impl Prepared {
                 serde_json::Value::String(chat.template().text().to_string()),
             );
         }
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-        write("tokenizer_config.json", (text + "\n").as_bytes())
+        crate::records::write_json(&dir.join("tokenizer_config.json"), &cfg)
     }
 
     /// The manifest of this run, whose base fingerprint is `base`.
@@ -323,14 +312,7 @@ impl Prepared {
                 None => "alpaca (the reference prompt)".into(),
             },
             template_sha256: chat.map(|c| c.template().sha256().to_string()),
-            span_method: chat.map(|c| {
-                if c.template().has_generation_blocks() {
-                    crate::chat::spans::SpanMethod::GenerationBlocks
-                } else {
-                    crate::chat::spans::SpanMethod::PrefixDifference
-                }
-                .to_string()
-            }),
+            span_method: chat.map(|c| crate::chat::spans::method_for(c.template()).to_string()),
             marked_example: marked,
             val_skipped: self.val_skipped,
         }
