@@ -69,16 +69,20 @@ pub fn from_config_value(
 
 /// The template of a `tokenizer_config.json` file (see [`from_config_value`]).
 pub fn from_tokenizer_config(path: &Path, name: Option<&str>) -> Result<Option<ChatTemplate>> {
+    from_config_value(&read_config(path)?, path, name)
+}
+
+/// A `tokenizer_config.json` (of any name) read with its size ceiling and parsed.
+pub fn read_config(path: &Path) -> Result<Value> {
     let text = crate::input::read_text(
         path,
         crate::input::DOCUMENT_CEILING,
         "a tokenizer_config.json",
     )?;
-    let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+    serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),
-    })?;
-    from_config_value(&cfg, path, name)
+    })
 }
 
 /// The template a GGUF file carries (`tokenizer.chat_template`, or

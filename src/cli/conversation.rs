@@ -79,15 +79,7 @@ fn source_special_texts(path: &Path) -> Result<(String, String)> {
     if ext.eq_ignore_ascii_case("json") {
         // The config the template came from, whatever its name (`special_texts` would read a
         // `tokenizer_config.json` beside it instead).
-        let text = crate::input::read_text(
-            path,
-            crate::input::DOCUMENT_CEILING,
-            "a tokenizer_config.json",
-        )?;
-        let cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let cfg = crate::chat::locate::read_config(path)?;
         return Ok(crate::data::encode::special_texts_of(&cfg));
     }
     if ext.eq_ignore_ascii_case("gguf") {

@@ -295,15 +295,7 @@ pub fn tokenizer_config(tokenizer_path: &Path) -> Result<serde_json::Value> {
     if !cfg_path.exists() {
         return Ok(serde_json::Value::Null);
     }
-    let text = crate::input::read_text(
-        &cfg_path,
-        crate::input::DOCUMENT_CEILING,
-        "a tokenizer_config.json",
-    )?;
-    serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: cfg_path.clone(),
-        msg: e.to_string(),
-    })
+    crate::chat::locate::read_config(&cfg_path)
 }
 
 /// The BOS and EOS texts `tokenizer_config.json` beside the tokenizer names (empty when it
