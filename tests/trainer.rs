@@ -903,3 +903,34 @@ fn a_failed_init_adapter_leaves_no_run_directory_and_touches_no_other_run() {
     assert_eq!(attempt("done").status.code(), Some(1));
     assert_eq!(std::fs::read(out.join("done/config.toml")).unwrap(), before);
 }
+
+#[test]
+fn without_a_validation_set_every_record_trains_and_nothing_is_evaluated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 10);
+    cfg.data.validation = lorasft::data::dataset::SplitSpec::None;
+    cfg.train.eval_every = 5;
+    let s = run(cfg.clone(), &RunOptions::default());
+    let m = metrics(&s.run_dir);
+    assert!(m.iter().all(|m| m.kind == MetricKind::Train), "{m:?}");
+    assert_eq!(s.eval_loss, None);
+    assert_eq!(s.best_eval_loss, None);
+    assert!(!s.run_dir.join("best").exists());
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.run_dir.join("data.json")).unwrap())
+            .unwrap();
+    let records = lorasft::data::dataset::load(&cfg.data.path).unwrap().records.len();
+    assert_eq!(data["split"]["train"].as_array().unwrap().len(), records);
+    assert!(data["split"]["validation"].as_array().unwrap().is_empty());
+    let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
+    assert!(report.contains("There was no validation set"), "{report}");
+    assert!(!report.contains("| validation loss |"), "{report}");
+    assert!(!report.contains("Validation loss falls"), "{report}");
+    // The recorded config says so and reads back; a count of 0 is refused naming "none".
+    let saved = std::fs::read_to_string(s.run_dir.join("config.toml")).unwrap();
+    assert!(saved.contains("validation = \"none\""), "{saved}");
+    let mut zero = cfg;
+    zero.data.validation = lorasft::data::dataset::SplitSpec::Count(0);
+    let err = zero.validate().unwrap_err().to_string();
+    assert!(err.contains("\"none\"") && err.contains("--no-validation"), "{err}");
+}

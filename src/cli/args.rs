@@ -119,6 +119,10 @@ pub struct TrainArgs {
     /// fresh run refuses such a directory).
     #[arg(long)]
     pub overwrite: bool,
+    /// Sets `data.validation = "none"`: train on every record, with no evaluation and no
+    /// best-adapter choice.
+    #[arg(long)]
+    pub no_validation: bool,
     /// Print the resolved config and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -144,6 +148,7 @@ impl TrainArgs {
             keep_quantized: self.keep_quantized,
             batching: self.batching,
             gradient_checkpointing: self.gradient_checkpointing,
+            no_validation: self.no_validation,
         }
     }
 }

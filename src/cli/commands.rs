@@ -48,7 +48,7 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     let tokenizer = base.tokenizer_path(a.tokenizer.as_deref())?;
     let mut adapted = base.model.clone();
     if let Some(dir) = &a.adapter {
-        adapter::load(&mut adapted, dir)?;
+        adapter::load_onto(&mut adapted, dir, &a.model)?;
     }
     Ok(Loaded {
         adapted,
@@ -73,6 +73,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
     let cfg = a.encode.config()?;
     let m = load(&a.m)?;
     let enc = Encoder::from_file(&m.tokenizer, cfg)?;
+    enc.check_vocab(&m.tokenizer, &a.m.model, m.base.model.shape().vocab)?;
     let ds = dataset::load(&a.data)?;
     let examples = ds
         .records
@@ -145,6 +146,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
     let cfg = generate_config(a)?;
     let m = load(&a.m)?;
     let enc = Encoder::from_file(&m.tokenizer, EncodeConfig::default())?;
+    enc.check_vocab(&m.tokenizer, &a.m.model, m.base.model.shape().vocab)?;
     let eos = m.base.eos_ids(enc.special_ids().eos);
     let compare = a.compare && a.m.adapter.is_some();
     prompts
@@ -230,7 +232,7 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
         ))
     })?;
     let mut model = resolved.model;
-    adapter::load(&mut model, &a.adapter)?;
+    adapter::load_onto(&mut model, &a.adapter, &a.model)?;
     model.merge_lora()?;
     adapter::export_merged(&model, &dir.join("config.json"), &a.out)
 }
@@ -243,7 +245,7 @@ pub fn export_gguf(a: &ExportGgufArgs) -> Result<Vec<(String, candle_core::quant
     let meta = crate::tokenizer::to_gguf::gguf_metadata(&tokenizer)?;
     let mut model = resolved.model;
     if let Some(dir) = &a.adapter {
-        adapter::load(&mut model, dir)?;
+        adapter::load_onto(&mut model, dir, &a.model)?;
         model.merge_lora()?;
     }
     crate::export::write_gguf(

@@ -20,7 +20,7 @@ use crate::model::source::resolve_model;
 /// Reads a conversation file: a JSON array of messages, or an object with `messages` (and
 /// `tools`); returns both as JSON, as a template sees them.
 pub fn read_messages(path: &Path) -> Result<(Value, Option<Value>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::DOCUMENT_CEILING, "a conversation")?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),

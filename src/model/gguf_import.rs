@@ -258,6 +258,7 @@ fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, 
             path: g.path.clone(),
             name: gname.clone(),
             expected: expected.clone(),
+            against: "the file's own llama.* metadata".into(),
         })?;
         let found: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         if found != expected {
@@ -266,6 +267,7 @@ fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, 
                 name: gname,
                 expected,
                 found,
+                against: "the file's own llama.* metadata".into(),
             });
         }
         out.push((name, t));

@@ -279,6 +279,7 @@ pub type OptimState = (u64, Vec<Tensor>, Vec<Tensor>);
 pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
     adapter::load(model, ckpt)?;
     let opt_path = ckpt.join("optimizer.safetensors");
+    crate::input::open(&opt_path)?;
     let tensors = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
         Error::Safetensors {
             path: opt_path.clone(),
@@ -294,6 +295,7 @@ pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
                 path: opt_path.clone(),
                 name: k,
                 expected: vec![],
+                against: "the adapter it was saved with".into(),
             })
     };
     let dev = model.device().clone();
@@ -309,7 +311,7 @@ pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
         .copied()
         .unwrap_or(0) as u64;
     let sp = ckpt.join("state.json");
-    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+    let text = crate::input::read_text(&sp, crate::input::CONFIG_CEILING, "a checkpoint state")?;
     let state = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: sp,
         msg: e.to_string(),

@@ -413,7 +413,7 @@ impl TrainConfig {
 
     /// Reads a run directory's recorded config (a complete config, no preset under it).
     pub fn read(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input::read_text(path, crate::input::CONFIG_CEILING, "a run config")?;
         toml::from_str(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
@@ -460,8 +460,12 @@ impl TrainConfig {
             SplitSpec::Fraction(f) if !(f > 0.0 && f < 1.0) => Err(Error::Invalid(format!(
                 "data.validation.fraction must be in (0, 1), got {f}"
             ))),
-            SplitSpec::Count(c) => count("data.validation.count", c, 1..=usize::MAX),
-            SplitSpec::Fraction(_) => Ok(()),
+            SplitSpec::Count(0) => Err(Error::Invalid(
+                "data.validation.count must be at least 1; to train on every record with no \
+                 validation set, set data.validation = \"none\" (--no-validation)"
+                    .into(),
+            )),
+            SplitSpec::Count(_) | SplitSpec::Fraction(_) | SplitSpec::None => Ok(()),
         }
     }
 
@@ -611,6 +615,8 @@ pub struct ConfigSource {
     pub batching: Option<Batching>,
     /// `train.gradient_checkpointing = true` when set.
     pub gradient_checkpointing: bool,
+    /// `data.validation = "none"` when set.
+    pub no_validation: bool,
 }
 
 impl ConfigSource {
@@ -620,7 +626,7 @@ impl ConfigSource {
         let cfg = match &self.file {
             Some(path) => {
                 let text =
-                    crate::input::read_text(path, crate::input::DOCUMENT_CEILING, "a config file")?;
+                    crate::input::read_text(path, crate::input::CONFIG_CEILING, "a config file")?;
                 TrainConfig::from_toml(&text, base, path)?
             }
             None => base,
@@ -655,6 +661,9 @@ impl ConfigSource {
         }
         if self.gradient_checkpointing {
             cfg.train.gradient_checkpointing = true;
+        }
+        if self.no_validation {
+            cfg.data.validation = SplitSpec::None;
         }
         cfg.validate()?;
         Ok(cfg)

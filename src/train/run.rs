@@ -232,7 +232,7 @@ impl<'o> Run<'o> {
     /// A validation loss before the first update, so the curve starts where the base model is
     /// (fresh runs with step-based evaluation only).
     pub fn evaluate_baseline(&mut self) -> Result<()> {
-        if self.resumed || self.p.cfg.train.eval_every == 0 {
+        if self.resumed || self.p.cfg.train.eval_every == 0 || !self.validating() {
             return Ok(());
         }
         let (loss, targets) = self.evaluate()?;
@@ -397,6 +397,9 @@ impl<'o> Run<'o> {
     /// the `best` adapter.
     pub fn evaluate_if_due(&mut self) -> Result<()> {
         let every = self.p.cfg.train.eval_every;
+        if !self.validating() {
+            return Ok(());
+        }
         if !((every > 0 && self.state.step.is_multiple_of(every)) || self.finished()) {
             return Ok(());
         }
@@ -467,15 +470,16 @@ impl<'o> Run<'o> {
         self.bar.finish_and_clear();
         let wall_s = self.start.elapsed().as_secs_f64();
         let eval_loss = match self.last_eval {
-            Some((step, loss)) if step == self.state.step => loss,
-            _ => self.evaluate()?.0,
+            _ if !self.validating() => None,
+            Some((step, loss)) if step == self.state.step => Some(loss),
+            _ => Some(self.evaluate()?.0),
         };
-        if !eval_loss.is_finite() {
+        if let Some(loss) = eval_loss.filter(|l| !l.is_finite()) {
             let step = self.state.step;
-            return Err(self.diverged("validation loss", eval_loss, step, step));
+            return Err(self.diverged("validation loss", loss, step, step));
         }
         let adapter_dir = self.dir.join("adapter");
-        let card = self.p.card_body(self.state.step, Some(eval_loss));
+        let card = self.p.card_body(self.state.step, eval_loss);
         adapter::save(&self.model, &adapter_dir, &self.p.base.label, &card)?;
         self.p.write_tokenizer_files(&adapter_dir)?;
         let after = self.p.generate_all(&self.model)?;
@@ -491,7 +495,7 @@ impl<'o> Run<'o> {
             steps: self.state.step,
             first_loss: self.first_loss,
             last_loss: self.last_loss,
-            eval_loss: Some(eval_loss),
+            eval_loss,
             best_eval_loss: self.state.best_eval,
             tokens_per_s: (self.state.tokens_seen - self.tokens_at_start.0) as f64
                 / wall_s.max(1e-9),
@@ -547,6 +551,13 @@ impl<'o> Run<'o> {
         records::write_json(&self.dir.join(files::CHECKS), &self.checks)
     }
 
+    /// Whether the run has a validation set (`data.validation = "none"` has none; nor has a
+    /// split whose conversations all lack a trained turn): without one nothing is evaluated and
+    /// no best adapter is chosen.
+    fn validating(&self) -> bool {
+        !self.p.val.is_empty()
+    }
+
     /// Mean validation loss and its target count with the current adapter.
     fn evaluate(&self) -> Result<(f64, usize)> {
         evaluate(
@@ -600,7 +611,7 @@ fn claim(cfg: &TrainConfig, dir: &Path, opts: &RunOptions, resumable: bool) -> R
 /// Attaches a fresh run's starting adapter: the configured one, or a new one from the seed.
 fn start_adapter(cfg: &TrainConfig, model: &mut Llama) -> Result<()> {
     match &cfg.model.init_adapter {
-        Some(a) => adapter::load(model, a).map(|_| ()),
+        Some(a) => adapter::load_onto(model, a, &cfg.model.source).map(|_| ()),
         None => model.add_lora(&cfg.lora, cfg.run.seed),
     }
 }
