@@ -214,7 +214,11 @@ pub fn save(model: &Llama, dir: &Path, base: &str, card_body: &str) -> Result<()
 /// Reads `adapter_config.json` from an adapter directory.
 pub fn read_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     let path = dir.join("adapter_config.json");
-    let text = crate::input::read_text(&path, crate::input::CONFIG_CEILING, "an adapter_config.json")?;
+    let text = crate::input::read_text(
+        &path,
+        crate::input::CONFIG_CEILING,
+        "an adapter_config.json",
+    )?;
     let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.clone(),
         msg: e.to_string(),
@@ -299,16 +303,20 @@ pub fn target_names(lora: &LoraConfig) -> String {
 
 /// Writes a merged model (adapters folded into the weights) as a Hugging Face directory:
 /// config.json and model.safetensors, plus the tokenizer files found beside the base.
+///
+/// The directory is built under a temporary name and renamed into place when complete (see
+/// [`crate::output`]): a kill leaves no half-filled directory under `out`.
 pub fn export_merged(model: &Llama, config_json: &Path, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let staged = crate::output::Staged::dir(out)?;
+    let dir = staged.path();
     let tensors: HashMap<String, Tensor> = model.merged_tensors()?.into_iter().collect();
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
-    std::fs::copy(config_json, out.join("config.json")).map_err(|e| Error::io(config_json, e))?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    std::fs::copy(config_json, dir.join("config.json")).map_err(|e| Error::io(config_json, e))?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         let src = config_json.with_file_name(f);
         if src.exists() {
-            std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
+            std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
         }
     }
-    Ok(())
+    staged.commit()
 }

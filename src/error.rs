@@ -65,7 +65,7 @@ pub enum Error {
         expected: Vec<usize>,
         /// The other input that requires the tensor (a config.json, the model an adapter is
         /// loaded onto): an error about two inputs names both.
-        against: String,
+        against: Box<str>,
     },
     /// A tensor in the weight files has the wrong shape for the config.
     #[error("{path}: tensor `{name}` has shape {found:?}, but {against} requires {expected:?}")]
@@ -79,7 +79,7 @@ pub enum Error {
         /// The shape found in the file.
         found: Vec<usize>,
         /// The other input that implies the expected shape.
-        against: String,
+        against: Box<str>,
     },
     /// A tensor has a dtype that cannot hold model weights.
     #[error("{path}: tensor `{name}` has dtype {found}, expected a float type")]

@@ -919,7 +919,10 @@ fn without_a_validation_set_every_record_trains_and_nothing_is_evaluated() {
     let data: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(s.run_dir.join("data.json")).unwrap())
             .unwrap();
-    let records = lorasft::data::dataset::load(&cfg.data.path).unwrap().records.len();
+    let records = lorasft::data::dataset::load(&cfg.data.path)
+        .unwrap()
+        .records
+        .len();
     assert_eq!(data["split"]["train"].as_array().unwrap().len(), records);
     assert!(data["split"]["validation"].as_array().unwrap().is_empty());
     let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
@@ -932,5 +935,8 @@ fn without_a_validation_set_every_record_trains_and_nothing_is_evaluated() {
     let mut zero = cfg;
     zero.data.validation = lorasft::data::dataset::SplitSpec::Count(0);
     let err = zero.validate().unwrap_err().to_string();
-    assert!(err.contains("\"none\"") && err.contains("--no-validation"), "{err}");
+    assert!(
+        err.contains("\"none\"") && err.contains("--no-validation"),
+        "{err}"
+    );
 }

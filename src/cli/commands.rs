@@ -106,7 +106,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
             })
             .collect();
         let text = serde_json::to_string_pretty(&per).map_err(|e| Error::Invalid(e.to_string()))?;
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+        crate::output::write(path, text.as_bytes())?;
     }
     Ok(EvalOutput {
         records: examples.len(),
@@ -307,7 +307,7 @@ pub fn train_fixture_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<
     let spm = crate::tokenizer::train::train_spm_bpe(&texts, vocab)?;
     let json =
         serde_json::to_string_pretty(&spm.to_json()?).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(out, json + "\n").map_err(|e| Error::io(out, e))?;
+    crate::output::write(out, (json + "\n").as_bytes())?;
     Ok(spm.tokens.len())
 }
 
@@ -484,7 +484,7 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
         let rows = b.run()?;
         if let Some(path) = &a.json {
             let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
-            std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;
+            crate::output::write(path, lines.as_bytes())?;
         }
         return Ok(bench::batching::render(&b, &rows));
     }
@@ -506,7 +506,7 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
     let suite = a.suite();
     let result = suite.run()?;
     if let Some(path) = &a.json {
-        std::fs::write(path, suite::json_lines(&result.rows)?).map_err(|e| Error::io(path, e))?;
+        crate::output::write(path, suite::json_lines(&result.rows)?.as_bytes())?;
     }
     Ok(suite::render(&suite, &result))
 }
@@ -530,7 +530,7 @@ fn bench_memory(a: &BenchArgs) -> Result<String> {
     let rows = memory::run(a.memory_shape, &gguf, &a.threads, a.steps, a.seed)?;
     if let Some(path) = &a.json {
         let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
-        std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;
+        crate::output::write(path, lines.as_bytes())?;
     }
     Ok(memory::render(&rows))
 }

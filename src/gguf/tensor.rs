@@ -157,9 +157,7 @@ impl Gguf {
     pub fn tensor_reader(&self) -> Result<TensorReader<'_>> {
         let lens = self.tensor_lens()?;
         let mut reader: Box<dyn ReadSeek> = match &self.source {
-            Source::File(p) => {
-                Box::new(BufReader::new(crate::input::open(p)?))
-            }
+            Source::File(p) => Box::new(BufReader::new(crate::input::open(p)?)),
             Source::Bytes(b) => Box::new(std::io::Cursor::new(std::sync::Arc::clone(b))),
         };
         let content = crate::sys::catch_silently(|| Content::read(&mut reader))

@@ -434,7 +434,8 @@ pub fn training(c: &Ctx, r: &mut String) {
 fn evaluation_strategy(c: &Ctx) -> String {
     let every = c.cfg.train.eval_every;
     if !c.rec.data.has_validation() {
-        "none: no validation set (data.validation = \"none\"), so no evaluation and no best adapter".into()
+        "none: no validation set (data.validation = \"none\"), so no evaluation and no best adapter"
+            .into()
     } else if every == 0 {
         "at the end only".into()
     } else {
