@@ -35,6 +35,8 @@ pub mod files {
     pub const GENERATIONS_BEFORE: &str = "generations_before.json";
     /// (before, after) generation pairs.
     pub const GENERATIONS: &str = "generations.json";
+    /// Resumes that changed settings (`crate::train::continuation`).
+    pub const RESUMES: &str = "resumes.json";
 }
 
 /// What a metrics line measured.

@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// Continue from the run directory's latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// With --resume: continue even though settings that break equality with an
+    /// uninterrupted run changed (learning rate, batch, seed, data, …); the report lists them.
+    #[arg(long, requires = "resume")]
+    pub allow_config_change: bool,
     /// Clear a run directory that holds another run's files and start over (without it, a
     /// fresh run refuses such a directory).
     #[arg(long)]

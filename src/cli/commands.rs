@@ -409,6 +409,7 @@ pub fn train(a: &TrainArgs, progress: &mut dyn std::io::Write) -> Result<TrainOu
         progress: !a.quiet,
         stop: Some(stop_on_ctrl_c()?),
         stop_at_step: None,
+        allow_config_change: a.allow_config_change,
     };
     let prepared = prepare(cfg)?;
     writeln!(progress, "{}", startup_line(&prepared))

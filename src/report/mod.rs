@@ -20,6 +20,8 @@ pub struct RunFiles {
     pub cfg: TrainConfig,
     /// The run's records.
     pub records: RunRecords,
+    /// Resumes that changed settings (resumes.json; none for most runs).
+    pub resumes: Vec<crate::train::continuation::Resume>,
 }
 
 impl RunFiles {
@@ -28,6 +30,7 @@ impl RunFiles {
         Ok(Self {
             cfg: TrainConfig::read(&dir.join(files::CONFIG))?,
             records: RunRecords::read(dir)?,
+            resumes: crate::train::continuation::read(dir)?,
         })
     }
 }

@@ -17,6 +17,7 @@ use crate::train::config::TrainConfig;
 pub struct Ctx<'a> {
     cfg: &'a TrainConfig,
     rec: &'a RunRecords,
+    resumes: &'a [crate::train::continuation::Resume],
     rows: Vec<CheckRow>,
     standing: Standing,
     redact: bool,
@@ -30,6 +31,7 @@ impl<'a> Ctx<'a> {
         Self {
             cfg: &run.cfg,
             rec: &run.records,
+            resumes: &run.resumes,
             rows,
             standing,
             redact,
@@ -614,12 +616,35 @@ pub fn issues(c: &Ctx, r: &mut String) {
             "the run was interrupted; its checkpoint can be continued with `--resume`".into(),
         );
     }
+    issues.extend(c.resumes.iter().map(resume_text));
     issues.push(if k.all_losses_finite { "NaN/inf guard: not tripped (a non-finite loss or gradient would have stopped the run, keeping the last good checkpoint)".into() } else { "NaN/inf guard tripped".into() });
     let _ = writeln!(r, "## Issues Faced & Resolutions\n");
     for i in &issues {
         let _ = writeln!(r, "- {i}");
     }
     let _ = writeln!(r, "{RULE}");
+}
+
+/// A resume with changed settings, for the issues list: whether the run is still a straight
+/// continuation, and each change.
+fn resume_text(res: &crate::train::continuation::Resume) -> String {
+    let list = res
+        .changes
+        .iter()
+        .map(|c| format!("`{}` {} → {}", c.key, c.before, c.after))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if res.changes.iter().any(|c| c.breaks_continuity) {
+        format!(
+            "**not a straight continuation**: resumed at step {} with changed settings (--allow-config-change): {list}. The steps after it differ from what an uninterrupted run would compute",
+            res.at_step
+        )
+    } else {
+        format!(
+            "resumed at step {} with settings that keep every step's arithmetic: {list} (a changed step count recomputes the schedule over the new total from that step on)",
+            res.at_step
+        )
+    }
 }
 
 /// The model card's front matter and what it documents.

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod continuation;
 pub mod eval;
 pub mod loss_scale;
 pub mod optim;

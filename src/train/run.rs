@@ -24,6 +24,7 @@ use crate::model::Llama;
 use crate::records::{self, Metric, MetricKind, RunChecks, Summary, files};
 use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
 use crate::train::config::TrainConfig;
+use crate::train::continuation;
 use crate::train::eval::evaluate;
 use crate::train::prepare::Prepared;
 use crate::train::run_dir::{Claim, RunDir};
@@ -46,6 +47,9 @@ pub struct RunOptions {
     /// Stop after this step exactly as Ctrl-C would (checkpoint, then return): for chunked runs
     /// on time-limited machines, and for the resume tests.
     pub stop_at_step: Option<usize>,
+    /// Let a resume change settings that break equality with an uninterrupted run (the
+    /// report then says the run is not a straight continuation).
+    pub allow_config_change: bool,
 }
 
 /// The run directory of a config.
@@ -175,6 +179,17 @@ impl<'o> Run<'o> {
             start_adapter(&p.cfg, &mut model)?;
         }
         let owned = RunDir::claim(&dir, claim(&p.cfg, &dir, opts, resume_from.is_some())?)?;
+        // Base tensors only: the adapter attached above does not enter it.
+        let fingerprint_before = Fingerprint::of(&model)?;
+        let changes = match resume_from {
+            Some(_) => continuation::check(
+                &dir,
+                &p.cfg,
+                &p.manifest(&fingerprint_before)?,
+                opts.allow_config_change,
+            )?,
+            None => Vec::new(),
+        };
         let config_path = dir.join(files::CONFIG);
         crate::sys::write_atomic(&config_path, p.cfg.to_toml()?.as_bytes())
             .map_err(|(path, e)| Error::io(path, e))?;
@@ -185,7 +200,7 @@ impl<'o> Run<'o> {
         if let Some((step, m, v)) = opt_state {
             updater.opt.restore(step, m, v)?;
         }
-        let fingerprint_before = Fingerprint::of(&model)?;
+        continuation::record(&dir, state.step, changes)?;
         records::write_json(
             &dir.join(files::MANIFEST),
             &p.manifest(&fingerprint_before)?,

@@ -38,6 +38,7 @@ const RUN_FILES: &[&str] = &[
     files::CHECKS,
     files::GENERATIONS,
     files::GENERATIONS_BEFORE,
+    files::RESUMES,
     "checkpoints",
     "adapter",
     "best",
