@@ -44,6 +44,7 @@ const RUN_FILES: &[&str] = &[
     "REPORT.md",
     "REPORT-loss.svg",
     "REPORT-lr.svg",
+    crate::train::tensorboard::DIR,
 ];
 
 /// How a run means to use its directory.
