@@ -25,6 +25,7 @@ const RUN_ENTRIES: &[&str] = &[
     "checkpoints",
     "adapter",
     "best",
+    crate::train::tensorboard::DIR,
 ];
 
 /// Everything a run writes, which `--overwrite` removes; anything else in the directory is
