@@ -757,6 +757,15 @@ mod tests {
     }
 
     #[test]
+    fn a_config_written_before_the_report_section_reads_with_it_off() {
+        let text = TrainConfig::smoke().to_toml().unwrap();
+        let old = text.replace("[report]\ntensorboard = false\n", "");
+        assert_ne!(old, text, "{text}");
+        let back: TrainConfig = toml::from_str(&old).unwrap();
+        assert_eq!(back, TrainConfig::smoke());
+    }
+
+    #[test]
     fn a_set_value_is_exactly_one_toml_value() {
         let base = || TrainConfig::smoke();
         for smuggled in [
