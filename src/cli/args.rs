@@ -112,6 +112,9 @@ pub struct TrainArgs {
     /// results, far less memory, about a third more time per step).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Sets `report.tensorboard`: write TensorBoard event files into `RUN/tensorboard/`.
+    #[arg(long)]
+    pub tensorboard: bool,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
@@ -153,6 +156,7 @@ impl TrainArgs {
             batching: self.batching,
             gradient_checkpointing: self.gradient_checkpointing,
             no_validation: self.no_validation,
+            tensorboard: self.tensorboard,
         }
     }
 }

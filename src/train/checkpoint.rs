@@ -14,6 +14,7 @@ use crate::model::Llama;
 use crate::rng::Rng;
 use crate::train::loss_scale::LossScaler;
 use crate::train::optim::AdamW;
+use crate::train::tensorboard::EventFileMark;
 
 /// Where the loop stands: everything besides tensors that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +47,9 @@ pub struct LoopState {
     /// Steps skipped because the scaled gradients overflowed (f16).
     #[serde(default)]
     pub overflow_steps: usize,
+    /// Where the TensorBoard event file stood (runs that write one; a resume cuts it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<EventFileMark>,
 }
 
 impl LoopState {
@@ -65,6 +69,7 @@ impl LoopState {
             clipped_steps: 0,
             loss_scaler: LossScaler::for_precision(precision),
             overflow_steps: 0,
+            tensorboard: None,
         }
     }
 }

@@ -116,6 +116,16 @@ pub struct LoopConfig {
     pub gradient_checkpointing: bool,
 }
 
+/// What the run writes besides its own records, for outside tools.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Write TensorBoard event files into `RUN/tensorboard/` (the curves and the config), for
+    /// `tensorboard --logdir runs/`.
+    #[serde(default)]
+    pub tensorboard: bool,
+}
+
 /// The whole run, as written in TOML.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +146,9 @@ pub struct TrainConfig {
     pub train: LoopConfig,
     /// Generation settings for the before/after samples.
     pub generate: GenerateConfig,
+    /// Outputs for outside tools (TensorBoard); absent in configs written before it existed.
+    #[serde(default)]
+    pub report: ReportConfig,
     /// Instructions generated before and after training, side by side.
     pub prompts: Vec<String>,
 }
@@ -190,6 +203,7 @@ impl Default for TrainConfig {
                 max_new_tokens: 64,
                 ..GenerateConfig::default()
             },
+            report: ReportConfig::default(),
             prompts: vec![
                 "Give three tips for staying healthy.".into(),
                 "Explain what LoRA fine-tuning is in one sentence.".into(),
@@ -617,6 +631,8 @@ pub struct ConfigSource {
     pub gradient_checkpointing: bool,
     /// `data.validation = "none"` when set.
     pub no_validation: bool,
+    /// `report.tensorboard = true` when set.
+    pub tensorboard: bool,
 }
 
 impl ConfigSource {
@@ -664,6 +680,9 @@ impl ConfigSource {
         }
         if self.no_validation {
             cfg.data.validation = SplitSpec::None;
+        }
+        if self.tensorboard {
+            cfg.report.tensorboard = true;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -728,6 +747,7 @@ mod tests {
             device: Some(DeviceSpec::Cpu),
             precision: Some(Precision::Bf16),
             init_adapter: Some("some/adapter".into()),
+            tensorboard: true,
             ..ConfigSource::default()
         };
         let cfg = src.resolve().unwrap();
@@ -740,8 +760,18 @@ mod tests {
         assert_eq!((cfg.run.seed, cfg.run.device), (9, DeviceSpec::Cpu));
         assert_eq!(cfg.run.precision, Precision::Bf16);
         assert_eq!(cfg.model.init_adapter, Some(PathBuf::from("some/adapter")));
+        assert!(cfg.report.tensorboard && !TrainConfig::smoke().report.tensorboard);
         let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg, "config.toml round-trips every typed field");
+    }
+
+    #[test]
+    fn a_config_written_before_the_report_section_reads_with_it_off() {
+        let text = TrainConfig::smoke().to_toml().unwrap();
+        let old = text.replace("[report]\ntensorboard = false\n", "");
+        assert_ne!(old, text, "{text}");
+        let back: TrainConfig = toml::from_str(&old).unwrap();
+        assert_eq!(back, TrainConfig::smoke());
     }
 
     #[test]

@@ -156,16 +156,13 @@ fn setting_changes(old: &TrainConfig, new: &TrainConfig) -> Result<Vec<Change>> 
         .collect())
 }
 
-/// Every leaf of the config's TOML by dotted key (an enum variant's table is one leaf, so a
-/// count that became a fraction is one change).
+/// Every leaf of the config's TOML by dotted key (a count that became a fraction shows as the
+/// one key unset and the other set).
 fn flatten(cfg: &TrainConfig) -> Result<BTreeMap<String, String>> {
     let v = toml::Value::try_from(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     let mut out = BTreeMap::new();
     fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
         match v {
-            toml::Value::Table(t) if !prefix.is_empty() && t.len() == 1 && is_variant(t) => {
-                out.insert(prefix.to_string(), v.to_string());
-            }
             toml::Value::Table(t) => {
                 for (k, v) in t {
                     let key = if prefix.is_empty() {
@@ -180,9 +177,6 @@ fn flatten(cfg: &TrainConfig) -> Result<BTreeMap<String, String>> {
                 out.insert(prefix.to_string(), other.to_string());
             }
         }
-    }
-    fn is_variant(t: &toml::Table) -> bool {
-        t.values().all(|v| !v.is_table())
     }
     walk("", &v, &mut out);
     Ok(out)

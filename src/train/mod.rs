@@ -15,6 +15,7 @@ pub mod prepare;
 pub mod reproduce;
 pub mod run;
 pub mod run_dir;
+pub mod tensorboard;
 
 pub mod schedule;
 pub mod step;

@@ -30,6 +30,7 @@ use crate::train::prepare::Prepared;
 use crate::train::run_dir::{Claim, RunDir};
 use crate::train::schedule::lambda;
 use crate::train::step::{StepOutcome, Updater, nonzero_grads};
+use crate::train::tensorboard::EventLog;
 use crate::verify::{Fingerprint, trainable_params_line};
 
 /// How a run is started.
@@ -147,6 +148,8 @@ pub struct Run<'o> {
     fingerprint_before: Fingerprint,
     before: Vec<Generation>,
     bar: indicatif::ProgressBar,
+    /// The TensorBoard event file, when `report.tensorboard` asks for one.
+    tensorboard: Option<EventLog>,
     start: Instant,
     /// (real, padded) tokens seen when this process started the run.
     tokens_at_start: (u64, u64),
@@ -193,8 +196,9 @@ impl<'o> Run<'o> {
         let config_path = dir.join(files::CONFIG);
         crate::sys::write_atomic(&config_path, p.cfg.to_toml()?.as_bytes())
             .map_err(|(path, e)| Error::io(path, e))?;
-        let (state, opt_state) =
+        let (mut state, opt_state) =
             restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
+        let tensorboard = open_tensorboard(&p.cfg, &dir, &mut state)?;
         let mut updater =
             Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
         if let Some((step, m, v)) = opt_state {
@@ -231,6 +235,7 @@ impl<'o> Run<'o> {
             fingerprint_before,
             before,
             bar,
+            tensorboard,
             start: Instant::now(),
             first_loss: None,
             last_loss: None,
@@ -458,6 +463,9 @@ impl<'o> Run<'o> {
             if metrics.exists() {
                 crate::sys::sync_file(&metrics).map_err(|e| Error::io(&metrics, e))?;
             }
+            if let Some(tb) = &self.tensorboard {
+                tb.sync()?;
+            }
             checkpoint::save(
                 &self.dir,
                 &self.model,
@@ -587,6 +595,10 @@ impl<'o> Run<'o> {
     fn append(&mut self, m: &Metric) -> Result<()> {
         records::append_metric(&self.dir.join(files::METRICS), m)?;
         self.state.metrics_lines += 1;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.metric(m)?;
+            self.state.tensorboard = Some(tb.mark().clone());
+        }
         Ok(())
     }
 }
@@ -647,6 +659,22 @@ fn restore_or_start(
     }
     let _ = std::fs::remove_file(&metrics);
     Ok((LoopState::start(cfg.run.seed, cfg.run.precision), None))
+}
+
+/// The run's TensorBoard event file when the config asks for one: the checkpoint's, cut back to
+/// where it stood, or a new one; the config goes in as text at the step the run starts from.
+fn open_tensorboard(
+    cfg: &TrainConfig,
+    dir: &Path,
+    state: &mut LoopState,
+) -> Result<Option<EventLog>> {
+    if !cfg.report.tensorboard {
+        return Ok(None);
+    }
+    let mut tb = EventLog::open(dir, state.tensorboard.as_ref())?;
+    tb.text("config", &cfg.to_toml()?, state.step)?;
+    state.tensorboard = Some(tb.mark().clone());
+    Ok(Some(tb))
 }
 
 /// The checks as known before the first step; the rest is measured as the run goes.

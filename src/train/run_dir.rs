@@ -25,6 +25,7 @@ const RUN_ENTRIES: &[&str] = &[
     "checkpoints",
     "adapter",
     "best",
+    crate::train::tensorboard::DIR,
 ];
 
 /// Everything a run writes, which `--overwrite` removes; anything else in the directory is
@@ -45,6 +46,7 @@ const RUN_FILES: &[&str] = &[
     "REPORT.md",
     "REPORT-loss.svg",
     "REPORT-lr.svg",
+    crate::train::tensorboard::DIR,
 ];
 
 /// How a run means to use its directory.
