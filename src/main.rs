@@ -82,6 +82,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Every argument that takes a path, one per line (for the hostile-input tests).
+    #[command(hide = true)]
+    PathArgs,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +122,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::PathArgs => {
+            use clap::CommandFactory;
+            for line in lorasft::cli::introspect::path_args(&Cli::command()) {
+                println!("{line}");
+            }
+        }
         Command::Fixture(FixtureCommand::TinyLlama(a)) => {
             a.spec()?.write(a.seed, &a.out)?;
             println!("wrote {} (seed {})", a.out.display(), a.seed);

@@ -186,7 +186,7 @@ pub struct ModelArgs {
     /// Device and precision.
     pub dev: DeviceArgs,
     /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
-    #[arg(long)]
+    #[arg(long, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Adapter directory (PEFT format).
     #[arg(long)]
@@ -357,7 +357,7 @@ pub struct DataSourceArgs {
     #[arg(long = "column", value_name = "CANONICAL=NAME")]
     pub columns: Vec<String>,
     /// Model whose tokenizer (and chat template) to use: a directory, hub id or `gguf:PATH`.
-    #[arg(long, required_unless_present = "tokenizer")]
+    #[arg(long, required_unless_present = "tokenizer", value_hint = clap::ValueHint::AnyPath)]
     pub model: Option<String>,
     /// tokenizer.json (tokenizer_config.json beside it gives EOS/pad and the chat template).
     #[arg(long)]
@@ -419,7 +419,7 @@ pub struct MergeArgs {
     /// Device and precision.
     pub dev: DeviceArgs,
     /// Base model directory or hub id.
-    #[arg(long)]
+    #[arg(long, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Adapter directory.
     #[arg(long)]
@@ -433,7 +433,7 @@ pub struct MergeArgs {
 #[derive(Args)]
 pub struct ExportGgufArgs {
     /// Base model: directory, hub id, `gguf:PATH` or `fixture:...`.
-    #[arg(long)]
+    #[arg(long, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Adapter directory to merge into the base first.
     #[arg(long)]
@@ -567,7 +567,7 @@ impl TinyLlamaArgs {
 #[derive(Args)]
 pub struct InspectArgs {
     /// A model directory (Hugging Face layout) or a hub id.
-    #[arg(long, default_value = DEFAULT_HUB_ID)]
+    #[arg(long, default_value = DEFAULT_HUB_ID, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Read config.json only; do not load weights.
     #[arg(long)]
