@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lorasft::cli::args::{
     BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs, ExportGgufArgs,
-    GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
+    GenerateArgs, InspectArgs, MergeArgs, OutputArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand,
+    TrainArgs,
 };
 use lorasft::cli::commands::{self, TrainOutcome};
 use lorasft::cli::conversation;
@@ -81,6 +82,8 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -182,8 +185,8 @@ fn run(cli: Cli) -> Result<()> {
                 types.len()
             );
         }
-        Command::ImportGguf { file, out } => {
-            let cfg = lorasft::model::gguf_import::import(&file, &out)?;
+        Command::ImportGguf { file, out, output } => {
+            let cfg = lorasft::model::gguf_import::import_with(&file, &out, output.mode())?;
             println!(
                 "imported {} into {} ({} layers, hidden {}, vocab {})",
                 file.display(),

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "input",
             "thread_tuning",
             "alloc_tuning",
+            "progress",
         ],
     ),
     ("data", &["data", "chat", "tokenizer", "gguf"]),
