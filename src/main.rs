@@ -205,7 +205,7 @@ fn data_cmd(d: DataCommand) -> Result<()> {
         DataCommand::Stats(a) => print!("{}", commands::stats_text(&a)?),
         DataCommand::Encode(a) => {
             let (n, skipped) = conversation::data_encode(&a)?;
-            eprintln!(
+            a.output.mode().message(&format!(
                 "wrote {n} examples to {}{}",
                 a.out.display(),
                 if skipped > 0 {
@@ -213,7 +213,7 @@ fn data_cmd(d: DataCommand) -> Result<()> {
                 } else {
                     String::new()
                 }
-            );
+            ));
         }
         DataCommand::Show(a) => print!("{}", conversation::data_show(&a, Style::for_stdout())?),
     }

@@ -310,6 +310,14 @@ fn data_encode_and_eval_report_their_records() {
         "{err}"
     );
     assert!(lines.len() <= 12, "{err}");
+    assert_eq!(err.lines().count(), lines.len() + 1, "{err}");
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .starts_with("wrote 44 examples to "),
+        "{err}"
+    );
     let eval = [
         "eval",
         "--model",
