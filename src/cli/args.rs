@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::fixture::{BenchShape, FixtureDtype, FixtureSpec};
 use crate::model::load::DEFAULT_HUB_ID;
 use crate::model::lora::LoraConfig;
+use crate::progress::{LogFormat, Mode};
 use crate::train::config::ConfigSource;
 
 /// A clap value parser for a count in `LO..=HI`: the error states the allowed range, and clap
@@ -133,9 +134,9 @@ pub struct TrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     pub dry_run: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 impl TrainArgs {
@@ -158,6 +159,26 @@ impl TrainArgs {
             no_validation: self.no_validation,
             tensorboard: self.tensorboard,
         }
+    }
+}
+
+/// How a long command shows its progress on stderr (`train`, `eval`, `data encode`,
+/// `import-gguf`, `export-gguf`).
+#[derive(Args, Clone, Copy)]
+pub struct OutputArgs {
+    /// No progress output (results, warnings and errors still print).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Progress as plain text or JSON lines (default: a bar on a terminal, text lines
+    /// elsewhere). `--quiet` wins.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl OutputArgs {
+    /// The progress mode for this process's stderr (terminal or not, `NO_COLOR`).
+    pub fn mode(self) -> Mode {
+        Mode::for_stderr(self.quiet, self.log_format)
     }
 }
 
@@ -276,6 +297,9 @@ pub struct EvalArgs {
     /// Write per-record losses as JSON to this file.
     #[arg(long)]
     pub per_record: Option<PathBuf>,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 /// `lorasft generate`.
@@ -393,6 +417,9 @@ pub struct DataEncodeArgs {
     /// Output JSONL: one `{"text", "input_ids", "labels"}` line per example.
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 /// `lorasft data show`.
@@ -447,6 +474,9 @@ pub struct ExportGgufArgs {
     /// The GGUF file to write.
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 /// `lorasft tokenizer ...`.
