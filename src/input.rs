@@ -66,7 +66,11 @@ pub fn open(path: &Path) -> Result<File> {
 }
 
 /// Reads a whole input file of at most `ceiling` bytes; `what` names its kind in the error.
+/// An `embedded:` path ([`crate::embedded`]) is served from the binary.
 pub fn read(path: &Path, ceiling: u64, what: &str) -> Result<Vec<u8>> {
+    if let Some(embedded) = crate::embedded::get(path) {
+        return embedded.map(<[u8]>::to_vec).map_err(Error::Invalid);
+    }
     let f = open(path)?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let too_big = |len: u64| {

@@ -18,6 +18,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "device",
             "sys",
             "input",
+            "embedded",
+            "cache",
             "thread_tuning",
             "alloc_tuning",
         ],

@@ -215,8 +215,11 @@ impl Prepared {
         let write = |name: &str, bytes: &[u8]| {
             crate::sys::write_atomic(&dir.join(name), bytes).map_err(|(p, e)| Error::io(p, e))
         };
-        let tok =
-            std::fs::read(&self.tokenizer_path).map_err(|e| Error::io(&self.tokenizer_path, e))?;
+        let tok = crate::input::read(
+            &self.tokenizer_path,
+            crate::input::TOKENIZER_CEILING,
+            "a tokenizer.json",
+        )?;
         write("tokenizer.json", &tok)?;
         let mut cfg = crate::data::encode::tokenizer_config(&self.tokenizer_path)?;
         if cfg.is_null() {
@@ -346,8 +349,8 @@ impl Prepared {
     }
 }
 
-/// SHA-256 of a file's bytes, hex.
+/// SHA-256 of an input file's bytes (an embedded file's too), hex.
 fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input::read(path, crate::input::DATASET_CEILING, "an input file")?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
