@@ -138,7 +138,11 @@ pub fn ensure(cfg: &TrainConfig) -> Result<()> {
 pub fn fetch(root: &Path, asset: &Asset) -> Result<PathBuf> {
     let archive = download(root, asset.from)?;
     let dest = root.join(asset.rel);
-    eprintln!("unpacking {} from {} ...", dest.display(), archive.display());
+    eprintln!(
+        "unpacking {} from {} ...",
+        dest.display(),
+        archive.display()
+    );
     extract(&archive, &asset.member, &dest)?;
     Ok(dest)
 }
@@ -366,7 +370,11 @@ mod tests {
         }
         let dest = dir.path().join("out/data/x.json");
         extract(&tgz, &Member::TarGz("pkg-1/data/x.json"), &dest).unwrap();
-        assert!(std::fs::read_to_string(&dest).unwrap().contains("instruction"));
+        assert!(
+            std::fs::read_to_string(&dest)
+                .unwrap()
+                .contains("instruction")
+        );
         let absent = dir.path().join("out/data/y.json");
         let err = extract(&tgz, &Member::TarGz("pkg-1/data/y.json"), &absent)
             .unwrap_err()

@@ -42,7 +42,8 @@ pub fn get(path: &Path) -> Option<Result<&'static [u8], String>> {
             .find(|(n, _)| *n == name)
             .map(|(_, bytes)| *bytes)
             .ok_or_else(|| {
-                let known: Vec<String> = FILES.iter().map(|(n, _)| format!("{PREFIX}{n}")).collect();
+                let known: Vec<String> =
+                    FILES.iter().map(|(n, _)| format!("{PREFIX}{n}")).collect();
                 format!(
                     "{}: no such embedded file; the binary embeds {}",
                     path.display(),

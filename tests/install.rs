@@ -56,12 +56,16 @@ fn the_smoke_preset_trains_from_an_empty_directory_on_its_embedded_fixtures() {
     ok(run_in(&exe, &cwd, &home)
         .env("LORASFT_CACHE", &cache)
         .args(["train", "--preset", "smoke", "--quiet"])
-        .args(["--set", "train.max_steps=4", "--set", "generate.max_new_tokens=4"]));
+        .args([
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            "generate.max_new_tokens=4",
+        ]));
 
     let run = cwd.join("runs/smoke");
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let sha = |p: &str| format!("{:x}", Sha256::digest(std::fs::read(root.join(p)).unwrap()));
     assert_eq!(
@@ -149,7 +153,11 @@ fn the_smollm2_presets_name_their_files_in_the_user_cache() {
         let xdg = tmp.path().join("xdg");
         let out = dry("smollm2-demo", &[("XDG_CACHE_HOME", &xdg)]);
         assert!(
-            out.contains(&xdg.join("lorasft/data/alpaca_en_demo.json").display().to_string()),
+            out.contains(
+                &xdg.join("lorasft/data/alpaca_en_demo.json")
+                    .display()
+                    .to_string()
+            ),
             "{out}"
         );
         let out = dry("smollm2-demo", &[]);
@@ -192,7 +200,13 @@ fn the_smollm2_demo_trains_from_an_empty_directory_on_a_prepared_cache() {
     // config.json and tokenizer files.
     let (_, stderr) = ok(run_in(&exe, &cwd, &home)
         .env("LORASFT_CACHE", &cache)
-        .args(["train", "--preset", "smollm2-demo", "--quiet", "--keep-quantized"])
+        .args([
+            "train",
+            "--preset",
+            "smollm2-demo",
+            "--quiet",
+            "--keep-quantized",
+        ])
         .args([
             "--set",
             "train.max_steps=1",
@@ -213,8 +227,7 @@ fn the_smollm2_demo_trains_from_an_empty_directory_on_a_prepared_cache() {
     let run = cwd.join("runs/smollm2-demo");
     assert!(run.join("adapter/adapter_model.safetensors").is_file());
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(
         manifest["data_path"],
         cache.join("data/alpaca_en_demo.json").display().to_string()
