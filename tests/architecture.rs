@@ -19,6 +19,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "sys",
             "input",
             "output",
+            "embedded",
+            "cache",
             "thread_tuning",
             "alloc_tuning",
             "progress",

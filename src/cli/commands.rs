@@ -480,6 +480,8 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
     }
     if a.batching {
         let b = a.batching_bench();
+        // The preset's assets are fetched here, once, not by each measuring child.
+        crate::assets::ensure(&crate::train::config::TrainConfig::preset(&b.preset)?)?;
         if a.one {
             return b.run_here()?.iter().map(json_line).collect();
         }
