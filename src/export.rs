@@ -252,6 +252,9 @@ pub fn write_gguf(
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     // Written under a temporary name and renamed when complete: a kill leaves no truncated
     // GGUF under the final name.
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let staged = crate::output::Staged::file(out)?;
     let file = std::fs::File::create(staged.path()).map_err(|e| Error::io(staged.path(), e))?;
     let mut task = progress.task("export-gguf write", 1, "files");

@@ -36,14 +36,14 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// A file output: write it at [`Staged::path`], then commit. The target's directory is
-    /// created when missing.
+    /// A file output: write it at [`Staged::path`], then commit. The target's directory must
+    /// exist (a mistyped folder is an error, not a new tree of directories).
     pub fn file(target: &Path) -> Result<Self> {
         Self::new(target, false)
     }
 
     /// A directory output: an empty temporary directory to fill at [`Staged::path`], then
-    /// commit.
+    /// commit. Missing parent directories are created.
     pub fn dir(target: &Path) -> Result<Self> {
         let s = Self::new(target, true)?;
         std::fs::create_dir(&s.tmp).map_err(|e| Error::io(&s.tmp, e))?;
@@ -57,8 +57,17 @@ impl Staged {
                 target.display()
             ))
         })?;
+        refuse_other_kind(target, is_dir)?;
         let parent = parent_of(target);
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        if is_dir {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        } else if !parent.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{}: its directory {} does not exist",
+                target.display(),
+                parent.display()
+            )));
+        }
         sweep_stale(parent, &name.to_string_lossy());
         let tmp = parent.join(format!(
             ".{}{MARK}{}",
@@ -95,12 +104,8 @@ impl Staged {
             self.replace_dir()?;
         } else {
             crate::sys::sync_file(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
-            if self.target.is_dir() {
-                return Err(Error::Invalid(format!(
-                    "{}: is a directory; give a file name for this output",
-                    self.target.display()
-                )));
-            }
+            // Checked again: the target may have appeared while the output was written.
+            refuse_other_kind(&self.target, false)?;
             std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
         }
         self.committed = true;
@@ -120,10 +125,7 @@ impl Staged {
             Ok(m) => m,
         };
         if !meta.is_dir() {
-            return Err(Error::Invalid(format!(
-                "{}: exists and is not a directory; remove it or choose another output",
-                self.target.display()
-            )));
+            refuse_other_kind(&self.target, true)?;
         }
         let foreign = foreign_entries(&self.target, &self.tmp)?;
         if !foreign.is_empty() {
@@ -153,6 +155,32 @@ pub fn write(target: &Path, bytes: &[u8]) -> Result<()> {
     let staged = Staged::file(target)?;
     std::fs::write(staged.path(), bytes).map_err(|e| Error::io(staged.path(), e))?;
     staged.commit()
+}
+
+/// Refuses a target that exists as something this output cannot replace: a FIFO, socket or
+/// device (never renamed over), a directory where a file goes or a file where a directory goes.
+fn refuse_other_kind(target: &Path, is_dir: bool) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a special file (a FIFO, socket or device)"
+    };
+    let fits = if is_dir { t.is_dir() } else { t.is_file() };
+    if fits {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{}: exists and is {what}, which this output would not replace; remove it or choose \
+         another {}",
+        target.display(),
+        if is_dir { "directory" } else { "file name" }
+    )))
 }
 
 fn parent_of(p: &Path) -> &Path {
@@ -280,6 +308,7 @@ fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn a_file_appears_only_on_commit_and_an_uncommitted_one_leaves_nothing() {
@@ -323,6 +352,25 @@ mod tests {
         );
         // Only the target is left: the failed temporary is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_special_file_or_the_other_kind_at_the_target_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = write(&fifo, b"x").unwrap_err().to_string();
+        assert!(err.contains("special file"), "{err}");
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        let err = Staged::file(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "mine").unwrap();
+        let err = Staged::dir(&file).unwrap_err().to_string();
+        assert!(err.contains("is a regular file"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
     }
 
     #[test]

@@ -48,14 +48,18 @@ pub struct SuiteResult {
 impl Suite {
     /// Runs every round and reads the comparison files.
     pub fn run(&self) -> Result<SuiteResult> {
+        // Comparison files first: a bad one is refused before minutes of timing.
+        let compared = self
+            .compare
+            .iter()
+            .map(|path| read_rows(path))
+            .collect::<Result<Vec<_>>>()?;
         let rounds = (0..self.rounds.max(1))
             .map(|round| self.round(round))
             .collect::<Result<Vec<_>>>()?;
         let paired = table::paired_ratios(&rounds);
         let mut rows = table::merge_rounds(&rounds);
-        for path in &self.compare {
-            rows.extend(read_rows(path)?);
-        }
+        rows.extend(compared.into_iter().flatten());
         rows.sort_by(|x, y| {
             let key = |r: &BenchRow| (r.shape.clone(), r.threads, r.impl_name != "lorasft");
             key(x).cmp(&key(y))

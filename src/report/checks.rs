@@ -98,6 +98,18 @@ fn opt(v: Option<f64>) -> String {
 
 /// Every row of the verification table, in the report's order.
 pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
+    let mut rows = adapter_and_base_rows(run);
+    rows.push(training_loss_row(run));
+    // A run with no validation set has no validation rows: the report says so instead.
+    if run.data.has_validation() {
+        rows.push(validation_falls_row(run));
+        rows.push(validation_row(run));
+    }
+    rows
+}
+
+/// The rows about the adapter's updates and gradients, the frozen base and finite losses.
+fn adapter_and_base_rows(run: &RunRecords) -> Vec<CheckRow> {
     let k = &run.checks;
     let n_b = k.adapter_tensors / 2;
     let row = |name: String, measured: String, outcome| CheckRow {
@@ -124,7 +136,7 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
     let short = |s: &str| s[..16.min(s.len())].to_string();
     let s = &run.summary;
     let updated = s.steps - s.skipped_steps - s.overflow_steps;
-    [
+    vec![
         row(
             "The adapter was updated (steps that applied an update)".into(),
             format!("{updated} of {}", s.steps),
@@ -167,18 +179,7 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
             .into(),
             Outcome::of(k.all_losses_finite),
         ),
-        training_loss_row(run),
     ]
-    .into_iter()
-    // A run with no validation set has no validation rows: the report says so instead.
-    .chain(
-        run.data
-            .has_validation()
-            .then(|| [validation_falls_row(run), validation_row(run)])
-            .into_iter()
-            .flatten(),
-    )
-    .collect()
 }
 
 fn training_loss_row(run: &RunRecords) -> CheckRow {

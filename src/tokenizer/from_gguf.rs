@@ -197,6 +197,9 @@ pub fn convert_parsed(g: &Gguf, out: &Path) -> Result<usize> {
     let cfg_path = out.with_file_name("tokenizer_config.json");
     let cfg = serde_json::to_string_pretty(&tokenizer_config(g)?)
         .map_err(|e| Error::Invalid(e.to_string()))?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     crate::output::write(out, text.as_bytes())?;
     crate::output::write(&cfg_path, (cfg + "\n").as_bytes())?;
     Ok(n)
