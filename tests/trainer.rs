@@ -595,6 +595,44 @@ fn config_files_presets_and_overrides_resolve_and_are_saved() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("smollm2-demo"));
 }
 
+/// What `--dry-run` prints and what a run records in config.toml both come back through
+/// `--config` as the same configuration, whatever preset is named beside them.
+#[test]
+fn printed_and_recorded_configs_make_the_round_trip_through_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = |args: &[&std::ffi::OsStr]| {
+        common::stdout_ok(lorasft().current_dir(root()).arg("train").args(args))
+    };
+    let flags: [&std::ffi::OsStr; 8] = [
+        "--preset".as_ref(),
+        "smoke".as_ref(),
+        "--out-dir".as_ref(),
+        tmp.path().as_os_str(),
+        "--name".as_ref(),
+        "rt".as_ref(),
+        "--max-steps".as_ref(),
+        "2".as_ref(),
+    ];
+    let printed = train(&[&flags[..], &["--dry-run".as_ref()]].concat());
+    let file = tmp.path().join("run.toml");
+    std::fs::write(&file, &printed).unwrap();
+    train(&flags);
+    let recorded = std::fs::read_to_string(tmp.path().join("rt/config.toml")).unwrap();
+    assert_eq!(recorded, printed, "the run records the config --dry-run printed");
+    for path in [file, tmp.path().join("rt/config.toml")] {
+        for preset in lorasft::train::config::PRESETS {
+            let args: [&std::ffi::OsStr; 5] = [
+                "--preset".as_ref(),
+                preset.as_ref(),
+                "--config".as_ref(),
+                path.as_os_str(),
+                "--dry-run".as_ref(),
+            ];
+            assert_eq!(train(&args), printed, "{} over {preset}", path.display());
+        }
+    }
+}
+
 #[test]
 fn steps_without_targets_are_skipped_but_still_checkpointed_and_stoppable() {
     // max_len 8 cuts every response away: CompletionOnly leaves no loss target anywhere.
