@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lorasft::cli::args::{
     BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs, ExportGgufArgs,
     GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
@@ -81,6 +81,11 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print a shell completion script for lorasft (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -181,6 +186,13 @@ fn run(cli: Cli) -> Result<()> {
                 a.out.display(),
                 types.len()
             );
+        }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            cmd.set_bin_name("lorasft");
+            cmd.build();
+            // An error (a closed pipe) is reported, never a panic as `generate` would.
+            clap_complete::Generator::try_generate(&shell, &cmd, &mut std::io::stdout())?;
         }
         Command::ImportGguf { file, out } => {
             let cfg = lorasft::model::gguf_import::import(&file, &out)?;

@@ -475,7 +475,10 @@ fn a_whole_file_without_an_optional_key_leaves_it_unset() {
     let mut want = TrainConfig::smoke();
     want.train.max_steps = None;
     assert_eq!(got, want);
-    assert_eq!(got.data.format, None, "smollm2-chat's sharegpt does not show through");
+    assert_eq!(
+        got.data.format, None,
+        "smollm2-chat's sharegpt does not show through"
+    );
 }
 
 #[test]
@@ -539,7 +542,11 @@ fn every_printed_table_is_a_section_or_a_known_value_table() {
     fn walk(t: &toml::Table, at: &str, out: &mut Vec<String>) {
         for (k, v) in t {
             if let toml::Value::Table(inner) = v {
-                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
                 walk(inner, &path, out);
                 out.push(path);
             }
@@ -548,7 +555,9 @@ fn every_printed_table_is_a_section_or_a_known_value_table() {
     for p in PRESETS {
         let mut tables = Vec::new();
         let mut cfg = TrainConfig::preset(p).unwrap();
-        cfg.data.columns.insert("instruction".into(), "question".into());
+        cfg.data
+            .columns
+            .insert("instruction".into(), "question".into());
         walk(&toml::Table::try_from(&cfg).unwrap(), "", &mut tables);
         for t in &tables {
             assert!(
@@ -557,7 +566,10 @@ fn every_printed_table_is_a_section_or_a_known_value_table() {
             );
         }
         for s in SECTIONS {
-            assert!(tables.iter().any(|t| t == s), "SECTIONS names `{s}`, which {p} lacks");
+            assert!(
+                tables.iter().any(|t| t == s),
+                "SECTIONS names `{s}`, which {p} lacks"
+            );
         }
     }
 }
