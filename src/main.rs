@@ -187,25 +187,35 @@ fn run(cli: Cli) -> Result<()> {
                 types.len()
             );
         }
-        Command::Completions { shell } => {
-            let mut cmd = Cli::command();
-            cmd.set_bin_name("lorasft");
-            cmd.build();
-            // An error (a closed pipe) is reported, never a panic as `generate` would.
-            clap_complete::Generator::try_generate(&shell, &cmd, &mut std::io::stdout())?;
-        }
-        Command::ImportGguf { file, out } => {
-            let cfg = lorasft::model::gguf_import::import(&file, &out)?;
-            println!(
-                "imported {} into {} ({} layers, hidden {}, vocab {})",
-                file.display(),
-                out.display(),
-                cfg.num_hidden_layers,
-                cfg.hidden_size,
-                cfg.vocab_size
-            );
-        }
+        Command::Completions { shell } => completions_cmd(shell)?,
+        Command::ImportGguf { file, out } => import_gguf_cmd(&file, &out)?,
     }
+    Ok(())
+}
+
+fn import_gguf_cmd(file: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let cfg = lorasft::model::gguf_import::import(file, out)?;
+    println!(
+        "imported {} into {} ({} layers, hidden {}, vocab {})",
+        file.display(),
+        out.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.vocab_size
+    );
+    Ok(())
+}
+
+/// The completion script for `shell`, from the same clap definition as the flags. It is
+/// generated in memory first: clap_complete panics on a failed write, and a closed pipe or a
+/// full disk must be an error instead.
+fn completions_cmd(shell: clap_complete::Shell) -> Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "lorasft", &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)?;
+    out.flush()?;
     Ok(())
 }
 
