@@ -283,7 +283,11 @@ pub fn save(model: &Llama, dir: &Path, base: &BaseRef, card_body: &str) -> Resul
 /// Reads `adapter_config.json` from an adapter directory.
 pub fn read_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::input::read_text(
+        &path,
+        crate::input::CONFIG_CEILING,
+        "an adapter_config.json",
+    )?;
     let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.clone(),
         msg: e.to_string(),
@@ -292,13 +296,30 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, LoraConfig)> {
     Ok((cfg, lora))
 }
 
+/// [`load`] onto the model `base` names (a source such as `fixture:0` or a directory): an
+/// adapter whose tensors do not fit is refused naming both the adapter and the model.
+pub fn load_onto(model: &mut Llama, dir: &Path, base: &str) -> Result<AdapterConfig> {
+    // Errors of one input (unreadable or malformed files) stand as they are; the rest are
+    // the adapter and the model disagreeing.
+    load(model, dir).map_err(|e| match e {
+        Error::Io { .. }
+        | Error::Json { .. }
+        | Error::AdapterConfig { .. }
+        | Error::Safetensors { .. } => e,
+        other => Error::Invalid(format!(
+            "adapter {} does not fit model {base}: {other}",
+            dir.display()
+        )),
+    })
+}
+
 /// Attaches the adapter in `dir` to `model` (replacing any), checking every tensor's name
 /// and shape. Accepts PEFT's key spellings with or without the `.default` adapter name.
 pub fn load(model: &mut Llama, dir: &Path) -> Result<AdapterConfig> {
     let (cfg, lora) = read_config(dir)?;
     model.add_lora(&lora, 0)?;
     let path = dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bytes = crate::input::read(&path, crate::input::ADAPTER_CEILING, "adapter weights")?;
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
         path: path.clone(),
         msg: e.to_string(),
@@ -313,6 +334,7 @@ pub fn load(model: &mut Llama, dir: &Path) -> Result<AdapterConfig> {
             path: path.clone(),
             name: name.clone(),
             expected: var.dims().to_vec(),
+            against: "the model it is loaded onto".into(),
         })?;
         let view = file.tensor(&key).map_err(|e| Error::Safetensors {
             path: path.clone(),
@@ -324,6 +346,7 @@ pub fn load(model: &mut Llama, dir: &Path) -> Result<AdapterConfig> {
                 name,
                 expected: var.dims().to_vec(),
                 found: view.shape().to_vec(),
+                against: "the model it is loaded onto".into(),
             });
         }
         let t = candle_core::safetensors::Load::load(&view, var.device())?.to_dtype(var.dtype())?;
@@ -349,16 +372,20 @@ pub fn target_names(lora: &LoraConfig) -> String {
 
 /// Writes a merged model (adapters folded into the weights) as a Hugging Face directory:
 /// config.json and model.safetensors, plus the tokenizer files found beside the base.
+///
+/// The directory is built under a temporary name and renamed into place when complete (see
+/// [`crate::output`]): a kill leaves no half-filled directory under `out`.
 pub fn export_merged(model: &Llama, config_json: &Path, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let staged = crate::output::Staged::dir(out)?;
+    let dir = staged.path();
     let tensors: HashMap<String, Tensor> = model.merged_tensors()?.into_iter().collect();
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
-    std::fs::copy(config_json, out.join("config.json")).map_err(|e| Error::io(config_json, e))?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    std::fs::copy(config_json, dir.join("config.json")).map_err(|e| Error::io(config_json, e))?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         let src = config_json.with_file_name(f);
         if src.exists() {
-            std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
+            std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
         }
     }
-    Ok(())
+    staged.commit()
 }

@@ -55,7 +55,7 @@ pub enum Error {
         msg: String,
     },
     /// A tensor the model needs is absent from the weight files.
-    #[error("{path}: missing tensor `{name}` (expected shape {expected:?})")]
+    #[error("{path}: missing tensor `{name}` (shape {expected:?}, which {against} requires)")]
     MissingTensor {
         /// The weight file or index searched.
         path: PathBuf,
@@ -63,9 +63,12 @@ pub enum Error {
         name: String,
         /// The shape the config implies.
         expected: Vec<usize>,
+        /// The other input that requires the tensor (a config.json, the model an adapter is
+        /// loaded onto): an error about two inputs names both.
+        against: Box<str>,
     },
     /// A tensor in the weight files has the wrong shape for the config.
-    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    #[error("{path}: tensor `{name}` has shape {found:?}, but {against} requires {expected:?}")]
     ShapeMismatch {
         /// The weight file holding the tensor.
         path: PathBuf,
@@ -75,6 +78,8 @@ pub enum Error {
         expected: Vec<usize>,
         /// The shape found in the file.
         found: Vec<usize>,
+        /// The other input that implies the expected shape.
+        against: Box<str>,
     },
     /// A tensor has a dtype that cannot hold model weights.
     #[error("{path}: tensor `{name}` has dtype {found}, expected a float type")]

@@ -234,12 +234,14 @@ pub fn write_gguf(
     let tensors = gguf_tensors(model, ty)?;
     let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let file = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
+    // Written under a temporary name and renamed when complete: a kill leaves no truncated
+    // GGUF under the final name.
+    let staged = crate::output::Staged::file(out)?;
+    let file = std::fs::File::create(staged.path()).map_err(|e| Error::io(staged.path(), e))?;
     let mut w = std::io::BufWriter::new(file);
     gguf_file::write(&mut w, &meta_refs, &t_refs)?;
-    std::io::Write::flush(&mut w).map_err(|e| Error::io(out, e))?;
+    std::io::Write::flush(&mut w).map_err(|e| Error::io(staged.path(), e))?;
+    drop(w);
+    staged.commit()?;
     Ok(tensors.into_iter().map(|(n, q)| (n, q.dtype())).collect())
 }

@@ -18,8 +18,16 @@ use crate::error::{Error, Result};
 pub const DATASET_CEILING: u64 = 4 << 30;
 /// Ceiling for a `tokenizer.json`: 1 GiB (real ones are under 50 MiB).
 pub const TOKENIZER_CEILING: u64 = 1 << 30;
-/// Ceiling for small JSON and TOML documents (`tokenizer_config.json`, run configs): 64 MiB.
+/// Ceiling for documents that may carry long text (`tokenizer_config.json` with its chat
+/// templates, a conversation file, a chat template): 64 MiB.
 pub const DOCUMENT_CEILING: u64 = 64 << 20;
+/// Ceiling for small configs (`config.json`, `adapter_config.json`, a run's TOML, a
+/// safetensors index, run records): 16 MiB, far above any real one (a 405B model's index is
+/// under 200 KiB).
+pub const CONFIG_CEILING: u64 = 16 << 20;
+/// Ceiling for an adapter's weights, which are read whole: 16 GiB (rank 256 on every
+/// projection of a 70B model is about 6 GiB in f32).
+pub const ADAPTER_CEILING: u64 = 16 << 30;
 
 /// What a file type is, in words, for errors.
 fn kind(ft: &std::fs::FileType) -> &'static str {
@@ -94,6 +102,22 @@ pub fn read(path: &Path, ceiling: u64, what: &str) -> Result<Vec<u8>> {
 pub fn read_text(path: &Path, ceiling: u64, what: &str) -> Result<String> {
     String::from_utf8(read(path, ceiling, what)?)
         .map_err(|_| Error::Invalid(format!("{}: not UTF-8 text", path.display())))
+}
+
+/// SHA-256 of an input file, hex, read in 1 MiB pieces so memory stays flat whatever its size.
+pub fn sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub mod files {
     pub const GENERATIONS_BEFORE: &str = "generations_before.json";
     /// (before, after) generation pairs.
     pub const GENERATIONS: &str = "generations.json";
+    /// Resumes that changed settings (`crate::train::continuation`).
+    pub const RESUMES: &str = "resumes.json";
 }
 
 /// What a metrics line measured.
@@ -282,6 +284,14 @@ pub struct DataRecord {
     pub val_skipped: usize,
 }
 
+impl DataRecord {
+    /// Whether the run had validation examples to evaluate (`data.validation = "none"` has
+    /// none, nor has a split whose conversations all lack a trained turn).
+    pub fn has_validation(&self) -> bool {
+        self.split.validation.len() > self.val_skipped
+    }
+}
+
 /// Runs recorded before formats existed read Alpaca records.
 fn default_format() -> String {
     "alpaca".into()
@@ -325,7 +335,7 @@ impl RunRecords {
 
 /// Reads and parses a JSON file, with errors naming it.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::DOCUMENT_CEILING, "a run record")?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -340,7 +350,7 @@ pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
 
 /// Reads every line of a metrics.jsonl, with errors naming the file and line.
 pub fn read_metrics(path: &Path) -> Result<Vec<Metric>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::DATASET_CEILING, "a metrics.jsonl")?;
     text.lines()
         .enumerate()
         .map(|(i, l)| {

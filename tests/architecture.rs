@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "device",
             "sys",
             "input",
+            "output",
             "thread_tuning",
             "alloc_tuning",
         ],

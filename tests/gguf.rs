@@ -306,7 +306,7 @@ fn one_dimensional_attn_q_is_a_shape_error_not_a_panic() {
     q.1 = vec![q.2.len()];
     let (e, _) = import_err(&fixture_meta(), &tensors);
     assert!(
-        e.contains("blk.0.attn_q.weight") && e.contains("expected [64, 64]"),
+        e.contains("blk.0.attn_q.weight") && e.contains("requires [64, 64]"),
         "{e}"
     );
 }

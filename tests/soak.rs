@@ -2,7 +2,7 @@
 //! at ten seeded random moments, two of them inside a checkpoint write (through the
 //! `LORASFT_CRASH_AT` fault points, which abort the process exactly there), and resumed each
 //! time. The finished run must equal an uninterrupted one bit for bit: every metrics line's
-//! step, kind and loss, and the adapter's bytes.
+//! step, kind and loss, the adapter's bytes, and the TensorBoard file's scalars, each step once.
 
 mod common;
 
@@ -26,6 +26,7 @@ fn train(out: &Path) -> Command {
             STEPS,
             "--quiet",
             "--resume",
+            "--tensorboard",
         ])
         .args([
             "--set",
@@ -121,6 +122,16 @@ fn ten_kills_at_random_moments_resume_bit_identically() {
     assert_eq!(losses(&resumed), losses(&reference));
     let bytes = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&resumed), bytes(&reference), "adapter bytes differ");
+    // The TensorBoard file: every (tag, step) once (`scalars` refuses a repeat) and, but for
+    // the timing, the uninterrupted run's values.
+    let curves = |d: &Path| {
+        let mut s = common::tfevents::scalars(&common::tfevents::run_records(d).1);
+        s.retain(|(tag, _), _| tag != "train/tokens_per_s");
+        s.into_iter()
+            .map(|(k, v)| (k, v.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(curves(&resumed), curves(&reference));
     println!(
         "10 of 10 kills resumed bit-identically ({finished_early} runs finished before their kill)"
     );

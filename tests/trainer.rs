@@ -361,7 +361,7 @@ fn corrupt_checkpoint_and_mismatched_adapters_give_clear_errors() {
         .to_string();
     assert!(
         err.contains("lora_A.weight")
-            && err.contains("expected [16, 32]")
+            && err.contains("requires [16, 32]")
             && err.contains("[16, 64]"),
         "{err}"
     );
@@ -958,4 +958,104 @@ fn a_failed_init_adapter_leaves_no_run_directory_and_touches_no_other_run() {
     let before = std::fs::read(out.join("done/config.toml")).unwrap();
     assert_eq!(attempt("done").status.code(), Some(1));
     assert_eq!(std::fs::read(out.join("done/config.toml")).unwrap(), before);
+}
+
+#[test]
+fn without_a_validation_set_every_record_trains_and_nothing_is_evaluated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 10);
+    cfg.data.validation = lorasft::data::dataset::SplitSpec::None;
+    cfg.train.eval_every = 5;
+    let s = run(cfg.clone(), &RunOptions::default());
+    let m = metrics(&s.run_dir);
+    assert!(m.iter().all(|m| m.kind == MetricKind::Train), "{m:?}");
+    assert_eq!(s.eval_loss, None);
+    assert_eq!(s.best_eval_loss, None);
+    assert!(!s.run_dir.join("best").exists());
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.run_dir.join("data.json")).unwrap())
+            .unwrap();
+    let records = lorasft::data::dataset::load(&cfg.data.path)
+        .unwrap()
+        .records
+        .len();
+    assert_eq!(data["split"]["train"].as_array().unwrap().len(), records);
+    assert!(data["split"]["validation"].as_array().unwrap().is_empty());
+    let report = std::fs::read_to_string(s.run_dir.join("REPORT.md")).unwrap();
+    assert!(report.contains("There was no validation set"), "{report}");
+    assert!(!report.contains("| validation loss |"), "{report}");
+    assert!(!report.contains("Validation loss falls"), "{report}");
+    // The recorded config says so and reads back; a count of 0 is refused naming "none".
+    let saved = std::fs::read_to_string(s.run_dir.join("config.toml")).unwrap();
+    assert!(saved.contains("validation = \"none\""), "{saved}");
+    let mut zero = cfg;
+    zero.data.validation = lorasft::data::dataset::SplitSpec::Count(0);
+    let err = zero.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("\"none\"") && err.contains("--no-validation"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_resume_checks_the_checkpoint_is_this_runs_and_names_changed_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = smoke(tmp.path(), 12);
+    cfg.train.save_every = 3;
+    let stop = |n| RunOptions {
+        stop_at_step: Some(n),
+        ..RunOptions::default()
+    };
+    let resume = |allow| RunOptions {
+        resume: true,
+        allow_config_change: allow,
+        ..RunOptions::default()
+    };
+    run(cfg.clone(), &stop(6));
+    let dir = tmp.path().join("smoke");
+    let try_resume = |c: TrainConfig, o: &RunOptions| {
+        train(prepare(c).unwrap(), o)
+            .map(|s| s.steps)
+            .map_err(|e| e.to_string())
+    };
+    // Another base model: refused, naming both, whatever the flag says.
+    let mut other = cfg.clone();
+    other.model.source = "fixture:1".into();
+    let err = try_resume(other, &resume(true)).unwrap_err();
+    assert!(
+        err.contains("belong to another run")
+            && err.contains("\"fixture:0\"")
+            && err.contains("\"fixture:1\"")
+            && err.contains("base weights digest"),
+        "{err}"
+    );
+    // A changed learning rate: refused without the flag, naming the key and both values.
+    let mut lr = cfg.clone();
+    lr.optim.lr = 0.5;
+    let err = try_resume(lr.clone(), &resume(false)).unwrap_err();
+    assert!(
+        err.contains("optim.lr: 0.01 → 0.5") && err.contains("--allow-config-change"),
+        "{err}"
+    );
+    // Refusals leave the run as it was: the same resume continues bit for bit.
+    assert!(!dir.join("resumes.json").exists());
+    // With the flag it continues, and the report says it is not a straight continuation.
+    assert_eq!(try_resume(lr, &resume(true)).unwrap(), 12);
+    lorasft::report::write(&dir).unwrap();
+    let report = std::fs::read_to_string(dir.join("REPORT.md")).unwrap();
+    assert!(
+        report.contains("not a straight continuation") && report.contains("`optim.lr` 0.01 → 0.5"),
+        "{report}"
+    );
+    // Extending max_steps is ordinary: allowed without the flag, and stated.
+    let mut longer = cfg.clone();
+    longer.optim.lr = 0.5;
+    longer.train.max_steps = Some(15);
+    assert_eq!(try_resume(longer, &resume(false)).unwrap(), 15);
+    let resumes = lorasft::train::continuation::read(&dir).unwrap();
+    assert_eq!(resumes.len(), 2, "{resumes:?}");
+    assert_eq!(resumes[1].at_step, 12);
+    assert_eq!(resumes[1].changes.len(), 1);
+    assert_eq!(resumes[1].changes[0].key, "train.max_steps");
+    assert!(!resumes[1].changes[0].breaks_continuity);
 }

@@ -153,7 +153,7 @@ impl Suite {
 
 /// Bench rows from a JSON-lines file, with errors naming the file and line.
 pub fn read_rows(path: &Path) -> Result<Vec<BenchRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::DATASET_CEILING, "bench rows")?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

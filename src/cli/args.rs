@@ -113,13 +113,24 @@ pub struct TrainArgs {
     /// results, far less memory, about a third more time per step).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Sets `report.tensorboard`: write TensorBoard event files into `RUN/tensorboard/`.
+    #[arg(long)]
+    pub tensorboard: bool,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// With --resume: continue even though settings that break equality with an
+    /// uninterrupted run changed (learning rate, batch, seed, data, …); the report lists them.
+    #[arg(long, requires = "resume")]
+    pub allow_config_change: bool,
     /// Clear a run directory that holds another run's files and start over (without it, a
     /// fresh run refuses such a directory).
     #[arg(long)]
     pub overwrite: bool,
+    /// Sets `data.validation = "none"`: train on every record, with no evaluation and no
+    /// best-adapter choice.
+    #[arg(long)]
+    pub no_validation: bool,
     /// Print the resolved config and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -145,6 +156,8 @@ impl TrainArgs {
             keep_quantized: self.keep_quantized,
             batching: self.batching,
             gradient_checkpointing: self.gradient_checkpointing,
+            no_validation: self.no_validation,
+            tensorboard: self.tensorboard,
         }
     }
 }

@@ -48,7 +48,7 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     let tokenizer = base.tokenizer_path(a.tokenizer.as_deref())?;
     let mut adapted = base.model.clone();
     if let Some(dir) = &a.adapter {
-        adapter::load(&mut adapted, dir)?;
+        adapter::load_onto(&mut adapted, dir, &a.model)?;
     }
     Ok(Loaded {
         adapted,
@@ -73,6 +73,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
     let cfg = a.encode.config()?;
     let m = load(&a.m)?;
     let enc = Encoder::from_file(&m.tokenizer, cfg)?;
+    enc.check_vocab(&m.tokenizer, &a.m.model, m.base.model.shape().vocab)?;
     let ds = dataset::load(&a.data)?;
     let examples = ds
         .records
@@ -105,7 +106,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
             })
             .collect();
         let text = serde_json::to_string_pretty(&per).map_err(|e| Error::Invalid(e.to_string()))?;
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
+        crate::output::write(path, text.as_bytes())?;
     }
     Ok(EvalOutput {
         records: examples.len(),
@@ -145,6 +146,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Answer>> {
     let cfg = generate_config(a)?;
     let m = load(&a.m)?;
     let enc = Encoder::from_file(&m.tokenizer, EncodeConfig::default())?;
+    enc.check_vocab(&m.tokenizer, &a.m.model, m.base.model.shape().vocab)?;
     let eos = m.base.eos_ids(enc.special_ids().eos);
     let compare = a.compare && a.m.adapter.is_some();
     prompts
@@ -230,7 +232,7 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
         ))
     })?;
     let mut model = resolved.model;
-    adapter::load(&mut model, &a.adapter)?;
+    adapter::load_onto(&mut model, &a.adapter, &a.model)?;
     model.merge_lora()?;
     adapter::export_merged(&model, &dir.join("config.json"), &a.out)
 }
@@ -243,7 +245,7 @@ pub fn export_gguf(a: &ExportGgufArgs) -> Result<Vec<(String, candle_core::quant
     let meta = crate::tokenizer::to_gguf::gguf_metadata(&tokenizer)?;
     let mut model = resolved.model;
     if let Some(dir) = &a.adapter {
-        adapter::load(&mut model, dir)?;
+        adapter::load_onto(&mut model, dir, &a.model)?;
         model.merge_lora()?;
     }
     crate::export::write_gguf(
@@ -305,7 +307,7 @@ pub fn train_fixture_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<
     let spm = crate::tokenizer::train::train_spm_bpe(&texts, vocab)?;
     let json =
         serde_json::to_string_pretty(&spm.to_json()?).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(out, json + "\n").map_err(|e| Error::io(out, e))?;
+    crate::output::write(out, (json + "\n").as_bytes())?;
     Ok(spm.tokens.len())
 }
 
@@ -407,6 +409,7 @@ pub fn train(a: &TrainArgs, progress: &mut dyn std::io::Write) -> Result<TrainOu
         progress: !a.quiet,
         stop: Some(stop_on_ctrl_c()?),
         stop_at_step: None,
+        allow_config_change: a.allow_config_change,
     };
     let prepared = prepare(cfg)?;
     writeln!(progress, "{}", startup_line(&prepared))
@@ -482,7 +485,7 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
         let rows = b.run()?;
         if let Some(path) = &a.json {
             let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
-            std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;
+            crate::output::write(path, lines.as_bytes())?;
         }
         return Ok(bench::batching::render(&b, &rows));
     }
@@ -504,7 +507,7 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
     let suite = a.suite();
     let result = suite.run()?;
     if let Some(path) = &a.json {
-        std::fs::write(path, suite::json_lines(&result.rows)?).map_err(|e| Error::io(path, e))?;
+        crate::output::write(path, suite::json_lines(&result.rows)?.as_bytes())?;
     }
     Ok(suite::render(&suite, &result))
 }
@@ -528,7 +531,7 @@ fn bench_memory(a: &BenchArgs) -> Result<String> {
     let rows = memory::run(a.memory_shape, &gguf, &a.threads, a.steps, a.seed)?;
     if let Some(path) = &a.json {
         let lines = rows.iter().map(json_line).collect::<Result<String>>()?;
-        std::fs::write(path, lines).map_err(|e| Error::io(path, e))?;
+        crate::output::write(path, lines.as_bytes())?;
     }
     Ok(memory::render(&rows))
 }

@@ -20,7 +20,7 @@ use crate::model::source::resolve_model;
 /// Reads a conversation file: a JSON array of messages, or an object with `messages` (and
 /// `tools`); returns both as JSON, as a template sees them.
 pub fn read_messages(path: &Path) -> Result<(Value, Option<Value>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::DOCUMENT_CEILING, "a conversation")?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -126,8 +126,11 @@ fn open(s: &DataSourceArgs, cfg: EncodeConfig) -> Result<(Dataset, Encoder)> {
 /// into `--out`; returns (examples written, conversations skipped for no trained turn).
 pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
     let (ds, enc) = open(&a.source, a.encode.config()?)?;
+    // Renamed into place when complete: a kill leaves no truncated file under --out.
+    let staged = crate::output::Staged::file(&a.out)?;
+    let tmp = staged.path().to_path_buf();
     let mut out =
-        std::io::BufWriter::new(std::fs::File::create(&a.out).map_err(|e| Error::io(&a.out, e))?);
+        std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
     let (mut written, mut skipped) = (0, 0);
     for (i, sample) in ds.records.iter().enumerate() {
         let ex = enc.encode(sample).map_err(|e| ds.locate_error(i, e))?;
@@ -141,10 +144,12 @@ pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
             "input_ids": row.input_ids,
             "labels": row.labels,
         });
-        writeln!(out, "{line}").map_err(|e| Error::io(&a.out, e))?;
+        writeln!(out, "{line}").map_err(|e| Error::io(&tmp, e))?;
         written += 1;
     }
-    out.flush().map_err(|e| Error::io(&a.out, e))?;
+    out.flush().map_err(|e| Error::io(&tmp, e))?;
+    drop(out);
+    staged.commit()?;
     Ok((written, skipped))
 }
 

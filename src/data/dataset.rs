@@ -289,6 +289,9 @@ pub enum SplitSpec {
     Fraction(f64),
     /// An exact count.
     Count(usize),
+    /// No validation set: every record trains (`data.validation = "none"`, as the Trainer's
+    /// `eval_strategy="no"`).
+    None,
 }
 
 /// Record indices of the two subsets, each in file order.
@@ -310,6 +313,7 @@ pub fn split(n: usize, spec: SplitSpec, seed: u64) -> Result<Split> {
             )));
         }
         SplitSpec::Count(c) => c,
+        SplitSpec::None => 0,
     };
     if n_val >= n && n > 0 {
         return Err(Error::Invalid(format!(

@@ -447,6 +447,21 @@ impl Encoder {
         &self.tokenizer
     }
 
+    /// Refuses a tokenizer (read from `path`) with ids past the vocabulary of the model
+    /// `model` names, naming both: its ids would index past the embedding table.
+    pub fn check_vocab(&self, path: &Path, model: &str, model_vocab: usize) -> Result<()> {
+        let vocab = self.tokenizer.get_vocab_size(true);
+        if vocab > model_vocab {
+            return Err(Error::Invalid(format!(
+                "tokenizer {} has {vocab} tokens (ids up to {}), but model {model} has a \
+                 vocabulary of {model_vocab}: the tokenizer does not belong to this model",
+                path.display(),
+                vocab - 1
+            )));
+        }
+        Ok(())
+    }
+
     /// Token ids of a text with the tokenizer's own special tokens (BOS), untruncated.
     pub fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding> {
         self.tokenizer

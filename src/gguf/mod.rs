@@ -9,7 +9,6 @@
 pub mod tensor;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -353,7 +352,7 @@ impl Gguf {
         let mut h = Sha256::new();
         match &self.source {
             Source::File(p) => {
-                let mut f = File::open(p).map_err(|e| Error::io(p, e))?;
+                let mut f = crate::input::open(p)?;
                 std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
             }
             Source::Bytes(b) => h.update(b),
@@ -364,7 +363,7 @@ impl Gguf {
     /// Reads and parses a GGUF file's header (versions 2 and 3). Only the metadata and the
     /// tensor directory are read; tensor data stays on disk until a tensor is asked for.
     pub fn read(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::input::open(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let r = BufReader::with_capacity(1 << 16, file);
         Self::parse_from(path, r, len, Source::File(path.to_path_buf()))

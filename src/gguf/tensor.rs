@@ -9,7 +9,6 @@
 //! file that passed, and each candle call runs under [`crate::sys::catch_silently`] so that a
 //! panic the checks missed still comes back as an error naming the file.
 
-use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 
 use candle_core::quantized::gguf_file::Content;
@@ -158,9 +157,7 @@ impl Gguf {
     pub fn tensor_reader(&self) -> Result<TensorReader<'_>> {
         let lens = self.tensor_lens()?;
         let mut reader: Box<dyn ReadSeek> = match &self.source {
-            Source::File(p) => {
-                Box::new(BufReader::new(File::open(p).map_err(|e| Error::io(p, e))?))
-            }
+            Source::File(p) => Box::new(BufReader::new(crate::input::open(p)?)),
             Source::Bytes(b) => Box::new(std::io::Cursor::new(std::sync::Arc::clone(b))),
         };
         let content = crate::sys::catch_silently(|| Content::read(&mut reader))

@@ -149,7 +149,7 @@ pub const MAX_BYTES: u64 = 1 << 40;
 impl LlamaConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input::read_text(path, crate::input::CONFIG_CEILING, "a config.json")?;
         let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),

@@ -207,11 +207,11 @@ impl FixtureSpec {
         let cfg_path = dir.join("config.json");
         let json = serde_json::to_string_pretty(&self.config())
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        crate::output::write(&cfg_path, (json + "\n").as_bytes())?;
         let tensors: HashMap<String, Tensor> = self.tensors(seed)?.into_iter().collect();
-        let st_path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &st_path)?;
-        Ok(())
+        let st = crate::output::Staged::file(&dir.join("model.safetensors"))?;
+        candle_core::safetensors::save(&tensors, st.path())?;
+        st.commit()
     }
 }
 

@@ -258,6 +258,7 @@ fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, 
             path: g.path.clone(),
             name: gname.clone(),
             expected: expected.clone(),
+            against: "the file's own llama.* metadata".into(),
         })?;
         let found: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         if found != expected {
@@ -266,6 +267,7 @@ fn tensor_directory<'g>(g: &'g Gguf, shape: &ModelShape) -> Result<Vec<(String, 
                 name: gname,
                 expected,
                 found,
+                against: "the file's own llama.* metadata".into(),
             });
         }
         out.push((name, t));
@@ -370,7 +372,7 @@ pub fn write_config_and_tokenizer(g: &Gguf, cfg: &LlamaConfig, out: &Path) -> Re
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let cfg_path = out.join("config.json");
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+    crate::output::write(&cfg_path, (json + "\n").as_bytes())?;
     if g.metadata.contains_key("tokenizer.ggml.model") {
         crate::tokenizer::from_gguf::convert_parsed(g, &out.join("tokenizer.json"))?;
     }
@@ -408,18 +410,17 @@ pub fn refresh_tokenizer_config(g: &Gguf, dir: &Path) -> Result<()> {
 /// Imports a GGUF Llama into `out`: config.json, model.safetensors (f32), and the converted
 /// tokenizer.json + tokenizer_config.json, so the directory is a complete model.
 ///
-/// Everything is read and checked before `out` is created; if writing fails after that, an
-/// `out` this call created is removed again, so a refused import leaves no directory behind.
+/// Everything is read and checked before anything is written, and the directory appears
+/// under `out` only when complete: a refused or killed import leaves no directory behind.
 pub fn import(gguf: &Path, out: &Path) -> Result<LlamaConfig> {
     let g = Gguf::read(gguf)?;
     let (cfg, tensors) = import_tensors(&g)?;
-    let existed = out.exists();
-    let written = write_import(&g, &cfg, &tensors, out);
-    if written.is_err() && !existed {
-        // Best effort: the write error is the one worth reporting.
-        let _ = std::fs::remove_dir_all(out);
-    }
-    written.map(|()| cfg)
+    // Built under a temporary name and renamed into place when complete: a kill or a failed
+    // write leaves no partial import under `out`.
+    let staged = crate::output::Staged::dir(out)?;
+    write_import(&g, &cfg, &tensors, staged.path())?;
+    staged.commit()?;
+    Ok(cfg)
 }
 
 fn write_import(

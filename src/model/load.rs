@@ -117,8 +117,7 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text =
-        crate::input::read_text(index, crate::input::DOCUMENT_CEILING, "a safetensors index")?;
+    let text = crate::input::read_text(index, crate::input::CONFIG_CEILING, "a safetensors index")?;
     let idx: Index = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: index.to_path_buf(),
         msg: e.to_string(),
@@ -208,6 +207,8 @@ pub fn load_weights(
         msg,
     })?;
     for f in &files.weights {
+        // A regular file (not a FIFO, device or directory) before it is mapped.
+        crate::input::open(f)?;
         // Parse each header up front so a corrupt file is named precisely.
         // SAFETY: the file is mapped read-only and not modified while mapped.
         unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::Safetensors {
@@ -233,6 +234,7 @@ pub fn load_weights(
             path: where_.clone(),
             name: name.to_string(),
             expected: expected.to_vec(),
+            against: files.config.display().to_string().into(),
         })?;
         if view.shape() != expected {
             return Err(Error::ShapeMismatch {
@@ -240,6 +242,7 @@ pub fn load_weights(
                 name: name.to_string(),
                 expected: expected.to_vec(),
                 found: view.shape().to_vec(),
+                against: files.config.display().to_string().into(),
             });
         }
         let found = format!("{:?}", view.dtype());

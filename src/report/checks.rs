@@ -124,7 +124,7 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
     let short = |s: &str| s[..16.min(s.len())].to_string();
     let s = &run.summary;
     let updated = s.steps - s.skipped_steps - s.overflow_steps;
-    vec![
+    [
         row(
             "The adapter was updated (steps that applied an update)".into(),
             format!("{updated} of {}", s.steps),
@@ -168,9 +168,17 @@ pub fn rows(run: &RunRecords) -> Vec<CheckRow> {
             Outcome::of(k.all_losses_finite),
         ),
         training_loss_row(run),
-        validation_falls_row(run),
-        validation_row(run),
     ]
+    .into_iter()
+    // A run with no validation set has no validation rows: the report says so instead.
+    .chain(
+        run.data
+            .has_validation()
+            .then(|| [validation_falls_row(run), validation_row(run)])
+            .into_iter()
+            .flatten(),
+    )
+    .collect()
 }
 
 fn training_loss_row(run: &RunRecords) -> CheckRow {

@@ -10,7 +10,7 @@ mod sections;
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::records::{RunRecords, files};
 use crate::train::config::TrainConfig;
 
@@ -20,6 +20,8 @@ pub struct RunFiles {
     pub cfg: TrainConfig,
     /// The run's records.
     pub records: RunRecords,
+    /// Resumes that changed settings (resumes.json; none for most runs).
+    pub resumes: Vec<crate::train::continuation::Resume>,
 }
 
 impl RunFiles {
@@ -28,6 +30,7 @@ impl RunFiles {
         Ok(Self {
             cfg: TrainConfig::read(&dir.join(files::CONFIG))?,
             records: RunRecords::read(dir)?,
+            resumes: crate::train::continuation::read(dir)?,
         })
     }
 }
@@ -49,9 +52,16 @@ pub fn write_to(dir: &Path, out: &Path, redact: bool) -> Result<PathBuf> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    plot_curves(&run, &parent.join(&loss_svg), &parent.join(&lr_svg))?;
+    // Each file is renamed into place when complete (see `crate::output`).
+    let (loss, lr) = (
+        crate::output::Staged::file(&parent.join(&loss_svg))?,
+        crate::output::Staged::file(&parent.join(&lr_svg))?,
+    );
+    plot_curves(&run, loss.path(), lr.path())?;
+    loss.commit()?;
+    lr.commit()?;
     let text = render(&run, &loss_svg, &lr_svg, redact);
-    std::fs::write(out, text).map_err(|e| Error::io(out, e))?;
+    crate::output::write(out, text.as_bytes())?;
     Ok(out.to_path_buf())
 }
 

@@ -17,6 +17,7 @@ use crate::train::config::TrainConfig;
 pub struct Ctx<'a> {
     cfg: &'a TrainConfig,
     rec: &'a RunRecords,
+    resumes: &'a [crate::train::continuation::Resume],
     rows: Vec<CheckRow>,
     standing: Standing,
     redact: bool,
@@ -30,6 +31,7 @@ impl<'a> Ctx<'a> {
         Self {
             cfg: &run.cfg,
             rec: &run.records,
+            resumes: &run.resumes,
             rows,
             standing,
             redact,
@@ -166,6 +168,7 @@ pub fn dataset(c: &Ctx, r: &mut String) {
     let val_rule = match d.validation {
         SplitSpec::Fraction(f) => format!("{:.1}% (rounded up)", f * 100.0),
         SplitSpec::Count(n) => format!("{n} records"),
+        SplitSpec::None => "none: every record trained".into(),
     };
     let _ = writeln!(
         r,
@@ -404,7 +407,7 @@ pub fn training(c: &Ctx, r: &mut String) {
     let (o, t) = (&cfg.optim, &cfg.train);
     let _ = writeln!(
         r,
-        "- Trainer: lorasft\n- Precision: {}\n- Mixed Precision: {mixed}\n- Optimizer: AdamW (betas {}/{}, eps {:e}, weight decay {})\n- Learning rate: {} with {:?} schedule, warmup {:?}\n- Batch: {}\n- Gradient Accumulation: {}\n- Gradient Clipping: global norm {} ({} of {} steps clipped)\n- Evaluation Strategy: step-based, every {} steps and at the end\n- Steps: {} ({} skipped for lack of trainable tokens)\n- Shuffle: {} (seed {})\n\nOnly LoRA parameters were updated during training.\n{RULE}",
+        "- Trainer: lorasft\n- Precision: {}\n- Mixed Precision: {mixed}\n- Optimizer: AdamW (betas {}/{}, eps {:e}, weight decay {})\n- Learning rate: {} with {:?} schedule, warmup {:?}\n- Batch: {}\n- Gradient Accumulation: {}\n- Gradient Clipping: global norm {} ({} of {} steps clipped)\n- Evaluation Strategy: {}\n- Steps: {} ({} skipped for lack of trainable tokens)\n- Shuffle: {} (seed {})\n\nOnly LoRA parameters were updated during training.\n{RULE}",
         m.precision.to_uppercase(),
         o.adamw.beta1,
         o.adamw.beta2,
@@ -422,12 +425,26 @@ pub fn training(c: &Ctx, r: &mut String) {
         o.max_grad_norm,
         s.clipped_steps,
         s.steps,
-        t.eval_every,
+        evaluation_strategy(c),
         s.steps,
         s.skipped_steps,
         cfg.data.shuffle,
         cfg.run.seed
     );
+}
+
+/// How the run evaluated: every `eval_every` steps and at the end, only at the end, or not at
+/// all for want of a validation set.
+fn evaluation_strategy(c: &Ctx) -> String {
+    let every = c.cfg.train.eval_every;
+    if !c.rec.data.has_validation() {
+        "none: no validation set (data.validation = \"none\"), so no evaluation and no best adapter"
+            .into()
+    } else if every == 0 {
+        "at the end only".into()
+    } else {
+        format!("step-based, every {every} steps and at the end")
+    }
 }
 
 /// Hardware and environment.
@@ -501,6 +518,9 @@ pub fn results(c: &Ctx, r: &mut String, loss_svg: &str, lr_svg: &str) {
     let metrics = &c.rec.metrics;
     let _ = writeln!(r, "## Results\n");
     let _ = writeln!(r, "![loss]({loss_svg})\n\n![learning rate]({lr_svg})\n");
+    if !c.rec.data.has_validation() {
+        return train_only_results(c, r);
+    }
     if let Some(m0) = metrics.iter().find(|m| m.is_eval() && m.step == 0) {
         let _ = writeln!(
             r,
@@ -521,6 +541,26 @@ pub fn results(c: &Ctx, r: &mut String, loss_svg: &str, lr_svg: &str) {
         let _ = writeln!(
             r,
             "| {} | {:.4} | {ev} | {:.3e} | {:.3} |",
+            m.step,
+            m.loss,
+            m.lr.unwrap_or(0.0),
+            m.grad_norm.unwrap_or(0.0)
+        );
+    }
+    let _ = writeln!(r, "{RULE}");
+}
+
+/// The per-step table of a run with no validation set, which says so in place of the
+/// validation column.
+fn train_only_results(c: &Ctx, r: &mut String) {
+    let _ = writeln!(
+        r,
+        "There was no validation set (data.validation = \"none\"): every record trained, nothing was evaluated, and the adapter is the final one.\n\n| step | train loss | lr | grad norm |\n|---|---|---|---|"
+    );
+    for m in c.rec.metrics.iter().filter(|m| m.is_train()) {
+        let _ = writeln!(
+            r,
+            "| {} | {:.4} | {:.3e} | {:.3} |",
             m.step,
             m.loss,
             m.lr.unwrap_or(0.0),
@@ -578,12 +618,35 @@ pub fn issues(c: &Ctx, r: &mut String) {
             "the run was interrupted; its checkpoint can be continued with `--resume`".into(),
         );
     }
+    issues.extend(c.resumes.iter().map(resume_text));
     issues.push(if k.all_losses_finite { "NaN/inf guard: not tripped (a non-finite loss or gradient would have stopped the run, keeping the last good checkpoint)".into() } else { "NaN/inf guard tripped".into() });
     let _ = writeln!(r, "## Issues Faced & Resolutions\n");
     for i in &issues {
         let _ = writeln!(r, "- {i}");
     }
     let _ = writeln!(r, "{RULE}");
+}
+
+/// A resume with changed settings, for the issues list: whether the run is still a straight
+/// continuation, and each change.
+fn resume_text(res: &crate::train::continuation::Resume) -> String {
+    let list = res
+        .changes
+        .iter()
+        .map(|c| format!("`{}` {} → {}", c.key, c.before, c.after))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if res.changes.iter().any(|c| c.breaks_continuity) {
+        format!(
+            "**not a straight continuation**: resumed at step {} with changed settings (--allow-config-change): {list}. The steps after it differ from what an uninterrupted run would compute",
+            res.at_step
+        )
+    } else {
+        format!(
+            "resumed at step {} with settings that keep every step's arithmetic: {list} (a changed step count recomputes the schedule over the new total from that step on)",
+            res.at_step
+        )
+    }
 }
 
 /// The model card's front matter and what it documents.
@@ -607,7 +670,11 @@ pub fn conclusion(c: &Ctx, r: &mut String) {
     let s = &c.rec.summary;
     let t = LossTrend::of(c.rec);
     let validation = checks::validation_trend(c.rec).map_or_else(
-        || s.eval_loss.map_or("n/a".into(), |e| format!("{e:.4}")),
+        || match s.eval_loss {
+            Some(e) => format!("{e:.4}"),
+            None if !c.rec.data.has_validation() => "none: no validation set".into(),
+            None => "n/a".into(),
+        },
         |(a, b)| format!("{a:.4} → {b:.4}"),
     );
     let (text, status) = match c.standing {

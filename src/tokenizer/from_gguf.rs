@@ -218,13 +218,10 @@ pub fn convert_parsed(g: &Gguf, out: &Path) -> Result<usize> {
     // Make sure the tokenizers crate accepts what we wrote before handing it out.
     crate::tokenizer::from_json(&text, gguf)
         .map_err(|e| Error::Invalid(format!("converted tokenizer does not load: {e}")))?;
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::write(out, text).map_err(|e| Error::io(out, e))?;
     let cfg_path = out.with_file_name("tokenizer_config.json");
     let cfg = serde_json::to_string_pretty(&with_provenance(g, tokenizer_config(g)?)?)
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(&cfg_path, cfg + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+    crate::output::write(out, text.as_bytes())?;
+    crate::output::write(&cfg_path, (cfg + "\n").as_bytes())?;
     Ok(n)
 }

@@ -29,7 +29,7 @@ fn bad(path: &Path, msg: impl std::fmt::Display) -> Error {
 }
 
 fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input::read_text(path, crate::input::TOKENIZER_CEILING, "a tokenizer JSON")?;
     serde_json::from_str(&text).map_err(|e| bad(path, e))
 }
 

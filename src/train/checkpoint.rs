@@ -14,6 +14,7 @@ use crate::model::Llama;
 use crate::rng::Rng;
 use crate::train::loss_scale::LossScaler;
 use crate::train::optim::AdamW;
+use crate::train::tensorboard::EventFileMark;
 
 /// Where the loop stands: everything besides tensors that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +47,9 @@ pub struct LoopState {
     /// Steps skipped because the scaled gradients overflowed (f16).
     #[serde(default)]
     pub overflow_steps: usize,
+    /// Where the TensorBoard event file stood (runs that write one; a resume cuts it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<EventFileMark>,
 }
 
 impl LoopState {
@@ -65,6 +69,7 @@ impl LoopState {
             clipped_steps: 0,
             loss_scaler: LossScaler::for_precision(precision),
             overflow_steps: 0,
+            tensorboard: None,
         }
     }
 }
@@ -279,6 +284,7 @@ pub type OptimState = (u64, Vec<Tensor>, Vec<Tensor>);
 pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
     adapter::load(model, ckpt)?;
     let opt_path = ckpt.join("optimizer.safetensors");
+    crate::input::open(&opt_path)?;
     let tensors = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
         Error::Safetensors {
             path: opt_path.clone(),
@@ -294,6 +300,7 @@ pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
                 path: opt_path.clone(),
                 name: k,
                 expected: vec![],
+                against: "the adapter it was saved with".into(),
             })
     };
     let dev = model.device().clone();
@@ -309,7 +316,7 @@ pub fn load(ckpt: &Path, model: &mut Llama) -> Result<(LoopState, OptimState)> {
         .copied()
         .unwrap_or(0) as u64;
     let sp = ckpt.join("state.json");
-    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+    let text = crate::input::read_text(&sp, crate::input::CONFIG_CEILING, "a checkpoint state")?;
     let state = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: sp,
         msg: e.to_string(),

@@ -116,6 +116,16 @@ pub struct LoopConfig {
     pub gradient_checkpointing: bool,
 }
 
+/// What the run writes besides its own records, for outside tools.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Write TensorBoard event files into `RUN/tensorboard/` (the curves and the config), for
+    /// `tensorboard --logdir runs/`.
+    #[serde(default)]
+    pub tensorboard: bool,
+}
+
 /// The whole run, as written in TOML.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +146,9 @@ pub struct TrainConfig {
     pub train: LoopConfig,
     /// Generation settings for the before/after samples.
     pub generate: GenerateConfig,
+    /// Outputs for outside tools (TensorBoard); absent in configs written before it existed.
+    #[serde(default)]
+    pub report: ReportConfig,
     /// Instructions generated before and after training, side by side.
     pub prompts: Vec<String>,
 }
@@ -190,6 +203,7 @@ impl Default for TrainConfig {
                 max_new_tokens: 64,
                 ..GenerateConfig::default()
             },
+            report: ReportConfig::default(),
             prompts: vec![
                 "Give three tips for staying healthy.".into(),
                 "Explain what LoRA fine-tuning is in one sentence.".into(),
@@ -420,7 +434,7 @@ impl TrainConfig {
 
     /// Reads a run directory's recorded config (a complete config, no preset under it).
     pub fn read(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input::read_text(path, crate::input::CONFIG_CEILING, "a run config")?;
         toml::from_str(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
@@ -467,8 +481,12 @@ impl TrainConfig {
             SplitSpec::Fraction(f) if !(f > 0.0 && f < 1.0) => Err(Error::Invalid(format!(
                 "data.validation.fraction must be in (0, 1), got {f}"
             ))),
-            SplitSpec::Count(c) => count("data.validation.count", c, 1..=usize::MAX),
-            SplitSpec::Fraction(_) => Ok(()),
+            SplitSpec::Count(0) => Err(Error::Invalid(
+                "data.validation.count must be at least 1; to train on every record with no \
+                 validation set, set data.validation = \"none\" (--no-validation)"
+                    .into(),
+            )),
+            SplitSpec::Count(_) | SplitSpec::Fraction(_) | SplitSpec::None => Ok(()),
         }
     }
 
@@ -619,6 +637,10 @@ pub struct ConfigSource {
     pub batching: Option<Batching>,
     /// `train.gradient_checkpointing = true` when set.
     pub gradient_checkpointing: bool,
+    /// `data.validation = "none"` when set.
+    pub no_validation: bool,
+    /// `report.tensorboard = true` when set.
+    pub tensorboard: bool,
 }
 
 impl ConfigSource {
@@ -628,7 +650,7 @@ impl ConfigSource {
         let cfg = match &self.file {
             Some(path) => {
                 let text =
-                    crate::input::read_text(path, crate::input::DOCUMENT_CEILING, "a config file")?;
+                    crate::input::read_text(path, crate::input::CONFIG_CEILING, "a config file")?;
                 TrainConfig::from_toml(&text, base, path)?
             }
             None => base,
@@ -663,6 +685,12 @@ impl ConfigSource {
         }
         if self.gradient_checkpointing {
             cfg.train.gradient_checkpointing = true;
+        }
+        if self.no_validation {
+            cfg.data.validation = SplitSpec::None;
+        }
+        if self.tensorboard {
+            cfg.report.tensorboard = true;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -701,7 +729,7 @@ fn override_value(o: &str, raw: &str) -> Result<toml::Value> {
 /// included: one that picks a variant (`[data.validation]`, `[encode.padding]`,
 /// `[optim.warmup]`, `[generate.sampling]`) or maps the user's own names (`[data.columns]`).
 /// So `[data.validation] fraction = 0.1` over a preset's `count = 4` is a fraction, not both.
-pub const SECTIONS: [&str; 9] = [
+pub const SECTIONS: [&str; 10] = [
     "run",
     "model",
     "data",
@@ -711,6 +739,7 @@ pub const SECTIONS: [&str; 9] = [
     "optim.adamw",
     "train",
     "generate",
+    "report",
 ];
 
 /// Lays `user` (the table at dotted path `at`) over `base`: a key naming a section in both
@@ -751,6 +780,7 @@ mod tests {
             device: Some(DeviceSpec::Cpu),
             precision: Some(Precision::Bf16),
             init_adapter: Some("some/adapter".into()),
+            tensorboard: true,
             ..ConfigSource::default()
         };
         let cfg = src.resolve().unwrap();
@@ -763,8 +793,18 @@ mod tests {
         assert_eq!((cfg.run.seed, cfg.run.device), (9, DeviceSpec::Cpu));
         assert_eq!(cfg.run.precision, Precision::Bf16);
         assert_eq!(cfg.model.init_adapter, Some(PathBuf::from("some/adapter")));
+        assert!(cfg.report.tensorboard && !TrainConfig::smoke().report.tensorboard);
         let back: TrainConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg, "config.toml round-trips every typed field");
+    }
+
+    #[test]
+    fn a_config_written_before_the_report_section_reads_with_it_off() {
+        let text = TrainConfig::smoke().to_toml().unwrap();
+        let old = text.replace("[report]\ntensorboard = false\n", "");
+        assert_ne!(old, text, "{text}");
+        let back: TrainConfig = toml::from_str(&old).unwrap();
+        assert_eq!(back, TrainConfig::smoke());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod continuation;
 pub mod eval;
 pub mod loss_scale;
 pub mod optim;
@@ -14,6 +15,7 @@ pub mod prepare;
 pub mod reproduce;
 pub mod run;
 pub mod run_dir;
+pub mod tensorboard;
 
 pub mod schedule;
 pub mod step;

@@ -144,19 +144,12 @@ pub fn adopt_init_adapter(
 
 /// Refuses a tokenizer larger than the model's vocabulary and a max length beyond its positions.
 fn check_fits(cfg: &TrainConfig, model: &Llama, encoder: &Encoder, tokenizer: &Path) -> Result<()> {
-    let vocab = encoder.tokenizer().get_vocab_size(true);
     let shape = model.shape();
-    if vocab > shape.vocab {
-        return Err(Error::Invalid(format!(
-            "tokenizer {} has {vocab} tokens but the model's vocabulary is {}",
-            tokenizer.display(),
-            shape.vocab
-        )));
-    }
+    encoder.check_vocab(tokenizer, &cfg.model.source, shape.vocab)?;
     if cfg.encode.max_len > shape.max_positions {
         return Err(Error::Invalid(format!(
-            "encode.max_len {} exceeds the model's max_position_embeddings {}",
-            cfg.encode.max_len, shape.max_positions
+            "encode.max_len {} exceeds the max_position_embeddings {} of model {}",
+            cfg.encode.max_len, shape.max_positions, cfg.model.source
         )));
     }
     Ok(())
@@ -215,8 +208,11 @@ impl Prepared {
         let write = |name: &str, bytes: &[u8]| {
             crate::sys::write_atomic(&dir.join(name), bytes).map_err(|(p, e)| Error::io(p, e))
         };
-        let tok =
-            std::fs::read(&self.tokenizer_path).map_err(|e| Error::io(&self.tokenizer_path, e))?;
+        let tok = crate::input::read(
+            &self.tokenizer_path,
+            crate::input::TOKENIZER_CEILING,
+            "a tokenizer.json",
+        )?;
         write("tokenizer.json", &tok)?;
         let mut cfg = crate::data::encode::tokenizer_config(&self.tokenizer_path)?;
         if cfg.is_null() {
@@ -347,8 +343,7 @@ impl Prepared {
     }
 }
 
-/// SHA-256 of a file's bytes, hex.
+/// SHA-256 of a file's bytes, hex (streamed).
 fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    crate::input::sha256(path)
 }

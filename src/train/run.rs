@@ -24,11 +24,13 @@ use crate::model::Llama;
 use crate::records::{self, Metric, MetricKind, RunChecks, Summary, files};
 use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
 use crate::train::config::TrainConfig;
+use crate::train::continuation;
 use crate::train::eval::evaluate;
 use crate::train::prepare::Prepared;
 use crate::train::run_dir::{Claim, RunDir};
 use crate::train::schedule::lambda;
 use crate::train::step::{StepOutcome, Updater, nonzero_grads};
+use crate::train::tensorboard::EventLog;
 use crate::verify::{Fingerprint, trainable_params_line};
 
 /// How a run is started.
@@ -46,6 +48,9 @@ pub struct RunOptions {
     /// Stop after this step exactly as Ctrl-C would (checkpoint, then return): for chunked runs
     /// on time-limited machines, and for the resume tests.
     pub stop_at_step: Option<usize>,
+    /// Let a resume change settings that break equality with an uninterrupted run (the
+    /// report then says the run is not a straight continuation).
+    pub allow_config_change: bool,
 }
 
 /// The run directory of a config.
@@ -143,6 +148,8 @@ pub struct Run<'o> {
     fingerprint_before: Fingerprint,
     before: Vec<Generation>,
     bar: indicatif::ProgressBar,
+    /// The TensorBoard event file, when `report.tensorboard` asks for one.
+    tensorboard: Option<EventLog>,
     start: Instant,
     /// (real, padded) tokens seen when this process started the run.
     tokens_at_start: (u64, u64),
@@ -175,17 +182,29 @@ impl<'o> Run<'o> {
             start_adapter(&p.cfg, &mut model)?;
         }
         let owned = RunDir::claim(&dir, claim(&p.cfg, &dir, opts, resume_from.is_some())?)?;
+        // Base tensors only: the adapter attached above does not enter it.
+        let fingerprint_before = Fingerprint::of(&model)?;
+        let changes = match resume_from {
+            Some(_) => continuation::check(
+                &dir,
+                &p.cfg,
+                &p.manifest(&fingerprint_before)?,
+                opts.allow_config_change,
+            )?,
+            None => Vec::new(),
+        };
         let config_path = dir.join(files::CONFIG);
         crate::sys::write_atomic(&config_path, p.cfg.to_toml()?.as_bytes())
             .map_err(|(path, e)| Error::io(path, e))?;
-        let (state, opt_state) =
+        let (mut state, opt_state) =
             restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
+        let tensorboard = open_tensorboard(&p.cfg, &dir, &mut state)?;
         let mut updater =
             Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
         if let Some((step, m, v)) = opt_state {
             updater.opt.restore(step, m, v)?;
         }
-        let fingerprint_before = Fingerprint::of(&model)?;
+        continuation::record(&dir, state.step, changes)?;
         records::write_json(
             &dir.join(files::MANIFEST),
             &p.manifest(&fingerprint_before)?,
@@ -216,6 +235,7 @@ impl<'o> Run<'o> {
             fingerprint_before,
             before,
             bar,
+            tensorboard,
             start: Instant::now(),
             first_loss: None,
             last_loss: None,
@@ -232,7 +252,7 @@ impl<'o> Run<'o> {
     /// A validation loss before the first update, so the curve starts where the base model is
     /// (fresh runs with step-based evaluation only).
     pub fn evaluate_baseline(&mut self) -> Result<()> {
-        if self.resumed || self.p.cfg.train.eval_every == 0 {
+        if self.resumed || self.p.cfg.train.eval_every == 0 || !self.validating() {
             return Ok(());
         }
         let (loss, targets) = self.evaluate()?;
@@ -397,6 +417,9 @@ impl<'o> Run<'o> {
     /// the `best` adapter.
     pub fn evaluate_if_due(&mut self) -> Result<()> {
         let every = self.p.cfg.train.eval_every;
+        if !self.validating() {
+            return Ok(());
+        }
         if !((every > 0 && self.state.step.is_multiple_of(every)) || self.finished()) {
             return Ok(());
         }
@@ -440,6 +463,9 @@ impl<'o> Run<'o> {
             if metrics.exists() {
                 crate::sys::sync_file(&metrics).map_err(|e| Error::io(&metrics, e))?;
             }
+            if let Some(tb) = &self.tensorboard {
+                tb.sync()?;
+            }
             checkpoint::save(
                 &self.dir,
                 &self.model,
@@ -467,15 +493,16 @@ impl<'o> Run<'o> {
         self.bar.finish_and_clear();
         let wall_s = self.start.elapsed().as_secs_f64();
         let eval_loss = match self.last_eval {
-            Some((step, loss)) if step == self.state.step => loss,
-            _ => self.evaluate()?.0,
+            _ if !self.validating() => None,
+            Some((step, loss)) if step == self.state.step => Some(loss),
+            _ => Some(self.evaluate()?.0),
         };
-        if !eval_loss.is_finite() {
+        if let Some(loss) = eval_loss.filter(|l| !l.is_finite()) {
             let step = self.state.step;
-            return Err(self.diverged("validation loss", eval_loss, step, step));
+            return Err(self.diverged("validation loss", loss, step, step));
         }
         let adapter_dir = self.dir.join("adapter");
-        let card = self.p.card_body(self.state.step, Some(eval_loss));
+        let card = self.p.card_body(self.state.step, eval_loss);
         adapter::save(&self.model, &adapter_dir, &self.p.base.base_ref, &card)?;
         self.p.write_tokenizer_files(&adapter_dir)?;
         let after = self.p.generate_all(&self.model)?;
@@ -491,7 +518,7 @@ impl<'o> Run<'o> {
             steps: self.state.step,
             first_loss: self.first_loss,
             last_loss: self.last_loss,
-            eval_loss: Some(eval_loss),
+            eval_loss,
             best_eval_loss: self.state.best_eval,
             tokens_per_s: (self.state.tokens_seen - self.tokens_at_start.0) as f64
                 / wall_s.max(1e-9),
@@ -547,6 +574,13 @@ impl<'o> Run<'o> {
         records::write_json(&self.dir.join(files::CHECKS), &self.checks)
     }
 
+    /// Whether the run has a validation set (`data.validation = "none"` has none; nor has a
+    /// split whose conversations all lack a trained turn): without one nothing is evaluated and
+    /// no best adapter is chosen.
+    fn validating(&self) -> bool {
+        !self.p.val.is_empty()
+    }
+
     /// Mean validation loss and its target count with the current adapter.
     fn evaluate(&self) -> Result<(f64, usize)> {
         evaluate(
@@ -561,6 +595,10 @@ impl<'o> Run<'o> {
     fn append(&mut self, m: &Metric) -> Result<()> {
         records::append_metric(&self.dir.join(files::METRICS), m)?;
         self.state.metrics_lines += 1;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.metric(m)?;
+            self.state.tensorboard = Some(tb.mark().clone());
+        }
         Ok(())
     }
 }
@@ -600,7 +638,7 @@ fn claim(cfg: &TrainConfig, dir: &Path, opts: &RunOptions, resumable: bool) -> R
 /// Attaches a fresh run's starting adapter: the configured one, or a new one from the seed.
 fn start_adapter(cfg: &TrainConfig, model: &mut Llama) -> Result<()> {
     match &cfg.model.init_adapter {
-        Some(a) => adapter::load(model, a).map(|_| ()),
+        Some(a) => adapter::load_onto(model, a, &cfg.model.source).map(|_| ()),
         None => model.add_lora(&cfg.lora, cfg.run.seed),
     }
 }
@@ -621,6 +659,22 @@ fn restore_or_start(
     }
     let _ = std::fs::remove_file(&metrics);
     Ok((LoopState::start(cfg.run.seed, cfg.run.precision), None))
+}
+
+/// The run's TensorBoard event file when the config asks for one: the checkpoint's, cut back to
+/// where it stood, or a new one; the config goes in as text at the step the run starts from.
+fn open_tensorboard(
+    cfg: &TrainConfig,
+    dir: &Path,
+    state: &mut LoopState,
+) -> Result<Option<EventLog>> {
+    if !cfg.report.tensorboard {
+        return Ok(None);
+    }
+    let mut tb = EventLog::open(dir, state.tensorboard.as_ref())?;
+    tb.text("config", &cfg.to_toml()?, state.step)?;
+    state.tensorboard = Some(tb.mark().clone());
+    Ok(Some(tb))
 }
 
 /// The checks as known before the first step; the rest is measured as the run goes.

@@ -25,6 +25,7 @@ const RUN_ENTRIES: &[&str] = &[
     "checkpoints",
     "adapter",
     "best",
+    crate::train::tensorboard::DIR,
 ];
 
 /// Everything a run writes, which `--overwrite` removes; anything else in the directory is
@@ -38,12 +39,14 @@ const RUN_FILES: &[&str] = &[
     files::CHECKS,
     files::GENERATIONS,
     files::GENERATIONS_BEFORE,
+    files::RESUMES,
     "checkpoints",
     "adapter",
     "best",
     "REPORT.md",
     "REPORT-loss.svg",
     "REPORT-lr.svg",
+    crate::train::tensorboard::DIR,
 ];
 
 /// How a run means to use its directory.
