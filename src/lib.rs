@@ -5,7 +5,8 @@
 //! layer or those below (`tests/architecture.rs` enforces it; `docs/ARCHITECTURE.md` maps
 //! every module):
 //!
-//! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`input`], [`output`], [`thread_tuning`], [`alloc_tuning`]
+//! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`input`], [`output`], [`thread_tuning`],
+//!    [`alloc_tuning`], [`progress`]
 //! 2. data: [`data`], [`chat`], [`tokenizer`], [`gguf`]
 //! 3. model: [`model`], [`adapter`], [`verify`], [`generate`], [`inspect`], [`export`]
 //! 4. run records: [`records`] (the typed files of a run directory)
@@ -18,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod input;
 pub mod output;
+pub mod progress;
 pub mod rng;
 pub mod sys;
 pub mod thread_tuning;

@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use lorasft::cli::args::{
     BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs, ExportGgufArgs,
-    GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
+    GenerateArgs, InspectArgs, MergeArgs, OutputArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand,
+    TrainArgs,
 };
 use lorasft::cli::commands::{self, TrainOutcome};
 use lorasft::cli::conversation;
@@ -81,12 +82,17 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Print a shell completion script for lorasft (bash, zsh, fish, elvish or powershell).
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Every argument that takes a path, one per line (for the hostile-input tests).
+    #[command(hide = true)]
+    PathArgs,
 }
 
 #[derive(Subcommand)]
@@ -124,6 +130,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::PathArgs => {
+            use clap::CommandFactory;
+            for line in lorasft::cli::introspect::path_args(&Cli::command()) {
+                println!("{line}");
+            }
+        }
         Command::Fixture(FixtureCommand::TinyLlama(a)) => {
             a.spec()?.write(a.seed, &a.out)?;
             println!("wrote {} (seed {})", a.out.display(), a.seed);
@@ -188,13 +200,17 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Completions { shell } => completions_cmd(shell)?,
-        Command::ImportGguf { file, out } => import_gguf_cmd(&file, &out)?,
+        Command::ImportGguf { file, out, output } => import_gguf_cmd(&file, &out, &output)?,
     }
     Ok(())
 }
 
-fn import_gguf_cmd(file: &std::path::Path, out: &std::path::Path) -> Result<()> {
-    let cfg = lorasft::model::gguf_import::import(file, out)?;
+fn import_gguf_cmd(
+    file: &std::path::Path,
+    out: &std::path::Path,
+    output: &OutputArgs,
+) -> Result<()> {
+    let cfg = lorasft::model::gguf_import::import_with(file, out, output.mode())?;
     println!(
         "imported {} into {} ({} layers, hidden {}, vocab {})",
         file.display(),
@@ -224,7 +240,7 @@ fn data_cmd(d: DataCommand) -> Result<()> {
         DataCommand::Stats(a) => print!("{}", commands::stats_text(&a)?),
         DataCommand::Encode(a) => {
             let (n, skipped) = conversation::data_encode(&a)?;
-            eprintln!(
+            a.output.mode().message(&format!(
                 "wrote {n} examples to {}{}",
                 a.out.display(),
                 if skipped > 0 {
@@ -232,7 +248,7 @@ fn data_cmd(d: DataCommand) -> Result<()> {
                 } else {
                     String::new()
                 }
-            );
+            ));
         }
         DataCommand::Show(a) => print!("{}", conversation::data_show(&a, Style::for_stdout())?),
     }

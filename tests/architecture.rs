@@ -21,6 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "output",
             "thread_tuning",
             "alloc_tuning",
+            "progress",
         ],
     ),
     ("data", &["data", "chat", "tokenizer", "gguf"]),
