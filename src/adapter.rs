@@ -4,7 +4,7 @@
 //! reference's. Adapters written by Python PEFT load here, and ours load there.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,67 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::config::Projection;
 use crate::model::{Llama, LoraConfig};
+
+/// How an adapter names its base model: `adapter_config.json`'s `base_model_name_or_path`
+/// must be something PEFT can load (`AutoPeftModelForCausalLM.from_pretrained(adapter)`
+/// reads it), and the model card's `base_model` must be a hub id or absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseRef {
+    /// A Hugging Face hub repository id: PEFT downloads the base by it.
+    Hub(String),
+    /// A local Hugging Face-layout directory holding config.json and the weights, by its
+    /// absolute path (what PEFT writes for a local model), with the hub id it was published
+    /// under when its config.json or GGUF names one.
+    Dir {
+        /// The directory, absolute.
+        path: PathBuf,
+        /// Its hub repository id, when known.
+        hub_id: Option<String>,
+    },
+    /// Nothing PEFT could load: a generated fixture (`fixture:N`) has no directory, and a
+    /// GGUF kept quantized without a full import has no weights in Hugging Face layout.
+    /// `base_model_name_or_path` is then null.
+    Unloadable {
+        /// The hub repository id, when known.
+        hub_id: Option<String>,
+    },
+}
+
+impl BaseRef {
+    /// `adapter_config.json`'s `base_model_name_or_path`: the hub id or the directory.
+    pub fn name_or_path(&self) -> Option<String> {
+        match self {
+            BaseRef::Hub(id) => Some(id.clone()),
+            BaseRef::Dir { path, .. } => Some(path.display().to_string()),
+            BaseRef::Unloadable { .. } => None,
+        }
+    }
+
+    /// The model card's `base_model`: a hub repository id, when one is known.
+    pub fn hub_id(&self) -> Option<&str> {
+        match self {
+            BaseRef::Hub(id) => Some(id),
+            BaseRef::Dir { hub_id, .. } | BaseRef::Unloadable { hub_id } => hub_id.as_deref(),
+        }
+    }
+}
+
+/// `name` when it is a hub repository id with an owner (`owner/name`, the characters and
+/// rules the hub allows): a published name that can stand as a model card's `base_model`.
+/// Display names (`Smollm2 135M 8k`) and paths are not.
+pub fn owned_hub_id(name: &str) -> Option<&str> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+            && !p.contains("--")
+            && !p.contains("..")
+    };
+    let (owner, repo) = name.split_once('/')?;
+    (name.len() <= 96 && part_ok(owner) && part_ok(repo)).then_some(name)
+}
 
 /// PEFT's `target_modules`: a list of module names or a single string (`all-linear`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,8 +140,9 @@ fn yes() -> serde_json::Value {
 }
 
 impl AdapterConfig {
-    /// The config PEFT would write for `lora` on base model `base`.
-    pub fn from_lora(lora: &LoraConfig, base: &str) -> Self {
+    /// The config PEFT would write for `lora` on the base model `base` names (a hub id or
+    /// a directory; `None` when there is nothing PEFT could load).
+    pub fn from_lora(lora: &LoraConfig, base: Option<&str>) -> Self {
         Self {
             peft_type: "LORA".into(),
             task_type: Some("CAUSAL_LM".into()),
@@ -94,7 +156,7 @@ impl AdapterConfig {
             fan_in_fan_out: false,
             use_rslora: lora.use_rslora,
             use_dora: false,
-            base_model_name_or_path: Some(base.to_string()),
+            base_model_name_or_path: base.map(str::to_string),
             inference_mode: true,
             init_lora_weights: yes(),
             rank_pattern: BTreeMap::new(),
@@ -167,20 +229,25 @@ fn in_file(path: &Path, e: Error) -> Error {
     }
 }
 
-/// The model card's YAML front matter, key for key as the reference's.
-pub fn model_card_front_matter(base: &str) -> String {
-    format!(
-        "---\nbase_model: {base}\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- base_model:adapter:{base}\n- lora\n- transformers\n---\n"
-    )
+/// The model card's YAML front matter, key for key as the reference's. `base_model` and its
+/// `base_model:adapter:` tag are there only for a hub id: the hub reads them as a model id,
+/// so a display name or a local path would be a broken link.
+pub fn model_card_front_matter(hub_id: Option<&str>) -> String {
+    match hub_id {
+        Some(id) => format!(
+            "---\nbase_model: {id}\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- base_model:adapter:{id}\n- lora\n- transformers\n---\n"
+        ),
+        None => "---\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- lora\n- transformers\n---\n".into(),
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::sys::write_atomic(path, bytes).map_err(|(p, e)| Error::io(p, e))
 }
 
-/// Saves the model's adapters in PEFT's format into `dir`, with a model card whose body is
-/// `card_body` (markdown). Every file is written atomically.
-pub fn save(model: &Llama, dir: &Path, base: &str, card_body: &str) -> Result<()> {
+/// Saves the model's adapters in PEFT's format into `dir`, naming the base as `base` says,
+/// with a model card whose body is `card_body` (markdown). Every file is written atomically.
+pub fn save(model: &Llama, dir: &Path, base: &BaseRef, card_body: &str) -> Result<()> {
     let lora = model
         .lora_config()
         .ok_or_else(|| Error::Invalid("the model has no adapters to save".into()))?;
@@ -204,10 +271,12 @@ pub fn save(model: &Llama, dir: &Path, base: &str, card_body: &str) -> Result<()
     let st = dir.join("adapter_model.safetensors");
     crate::sys::sync_file(&st_tmp).map_err(|e| Error::io(&st_tmp, e))?;
     std::fs::rename(&st_tmp, &st).map_err(|e| Error::io(&st, e))?;
-    let cfg = serde_json::to_string_pretty(&AdapterConfig::from_lora(lora, base))
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let name_or_path = base.name_or_path();
+    let cfg =
+        serde_json::to_string_pretty(&AdapterConfig::from_lora(lora, name_or_path.as_deref()))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
     write_atomic(&dir.join("adapter_config.json"), (cfg + "\n").as_bytes())?;
-    let card = format!("{}\n{card_body}", model_card_front_matter(base));
+    let card = format!("{}\n{card_body}", model_card_front_matter(base.hub_id()));
     write_atomic(&dir.join("README.md"), card.as_bytes())
 }
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lorasft::cli::args::{
     BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs, ExportGgufArgs,
     GenerateArgs, InspectArgs, MergeArgs, OutputArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand,
@@ -84,6 +84,11 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         output: OutputArgs,
+    },
+    /// Print a shell completion script for lorasft (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Every argument that takes a path, one per line (for the hostile-input tests).
     #[command(hide = true)]
@@ -194,18 +199,39 @@ fn run(cli: Cli) -> Result<()> {
                 types.len()
             );
         }
-        Command::ImportGguf { file, out, output } => {
-            let cfg = lorasft::model::gguf_import::import_with(&file, &out, output.mode())?;
-            println!(
-                "imported {} into {} ({} layers, hidden {}, vocab {})",
-                file.display(),
-                out.display(),
-                cfg.num_hidden_layers,
-                cfg.hidden_size,
-                cfg.vocab_size
-            );
-        }
+        Command::Completions { shell } => completions_cmd(shell)?,
+        Command::ImportGguf { file, out, output } => import_gguf_cmd(&file, &out, &output)?,
     }
+    Ok(())
+}
+
+fn import_gguf_cmd(
+    file: &std::path::Path,
+    out: &std::path::Path,
+    output: &OutputArgs,
+) -> Result<()> {
+    let cfg = lorasft::model::gguf_import::import_with(file, out, output.mode())?;
+    println!(
+        "imported {} into {} ({} layers, hidden {}, vocab {})",
+        file.display(),
+        out.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.vocab_size
+    );
+    Ok(())
+}
+
+/// The completion script for `shell`, from the same clap definition as the flags. It is
+/// generated in memory first: clap_complete panics on a failed write, and a closed pipe or a
+/// full disk must be an error instead.
+fn completions_cmd(shell: clap_complete::Shell) -> Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "lorasft", &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -209,6 +209,9 @@ pub struct Manifest {
     pub tokenizer_sha256: String,
     /// The base model as named by the config.
     pub base_model: String,
+    /// The base's hub repository id, when one is known: the model card's `base_model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_hub_id: Option<String>,
     /// Its shape, as `lorasft inspect` prints it.
     pub model_shape: String,
     /// Digest of the SHA-256 of every base tensor.

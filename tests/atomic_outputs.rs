@@ -168,7 +168,13 @@ fn killed_exports_merges_and_imports_leave_no_partial_output() {
         .add_lora(&lorasft::model::LoraConfig::default(), 1)
         .unwrap();
     common::randomise_adapters(&llama, 2);
-    lorasft::adapter::save(&llama, &adapter, "fixture", "test adapter").unwrap();
+    lorasft::adapter::save(
+        &llama,
+        &adapter,
+        &lorasft::adapter::BaseRef::Unloadable { hub_id: None },
+        "test adapter",
+    )
+    .unwrap();
     let a = adapter.to_str().unwrap().to_string();
     kill_test("merge", &work, &|out: &Path| {
         let mut c = lorasft();

@@ -552,3 +552,25 @@ fn special_files_as_inputs_are_refused_without_hanging() {
         );
     }
 }
+
+#[test]
+fn completions_name_the_subcommands_and_flags_in_every_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = common::stdout_ok(lorasft().args(["completions", shell]));
+        // fish spells a long flag `-l preset`, the others `--preset`.
+        let flag = |f: &str| match shell {
+            "fish" => format!("-l {f}"),
+            _ => format!("--{f}"),
+        };
+        let words = ["train", "import-gguf", "completions"].map(String::from);
+        let flags = ["preset", "config", "set", "dry-run"].map(flag);
+        for word in words.iter().chain(&flags) {
+            assert!(
+                out.contains(word.as_str()),
+                "{shell} completions lack {word}:\n{out}"
+            );
+        }
+    }
+    let err = run_err(lorasft().args(["completions", "tcsh"]));
+    assert!(err.contains("tcsh") && err.contains("bash"), "{err}");
+}

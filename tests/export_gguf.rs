@@ -352,6 +352,18 @@ fn k_quant_exports_import_and_train_and_cards_name_the_hub_model() {
             "example-org/kquant-tiny"
         );
         assert_eq!(card_base(&run.join("REPORT.md")), "example-org/kquant-tiny");
+        // adapter_config.json names what PEFT can load: the import's directory, absolute.
+        let import = file.with_extension("hf");
+        assert_eq!(common::loadable_base(&run.join("adapter")), import);
+        assert_eq!(
+            common::import_provenance(&import),
+            (
+                format!("{ty}.gguf"),
+                file.display().to_string(),
+                common::sha256_hex(&file)
+            ),
+            "the import records the GGUF's file name, absolute path and SHA-256"
+        );
     }
 }
 
@@ -397,6 +409,75 @@ fn sources_are_named_by_their_published_name_never_by_a_cache_path() {
     assert_eq!(label(dir.to_str().unwrap()), "example-org/dir-model");
 }
 
+#[test]
+fn adapters_name_their_base_by_hub_id_or_directory_and_cards_only_by_hub_id() {
+    use common::gguf_writer::{Meta, fixture_meta, fixture_tensors, write_gguf};
+    use lorasft::adapter::{BaseRef, owned_hub_id};
+    use lorasft::model::source::resolve_model;
+    let tmp = tempfile::tempdir().unwrap();
+    let base_ref = |source: &str| {
+        resolve_model(source, &Device::Cpu, DType::F32)
+            .unwrap()
+            .base_ref
+    };
+    let gguf = |name: &str, key: &'static str, value: &str| {
+        let mut meta = fixture_meta();
+        meta.push((key, Meta::Str(value.into())));
+        let file = tmp.path().join(name);
+        write_gguf(&file, &meta, &fixture_tensors(2));
+        file
+    };
+    // A display name is no hub id: the card leaves base_model out; PEFT gets the directory.
+    let named = gguf(
+        "named.gguf",
+        "general.name",
+        "Smollm2 135M 8k Lc100K Mix1 Ep2",
+    );
+    let want = BaseRef::Dir {
+        path: tmp.path().join("named.hf"),
+        hub_id: None,
+    };
+    assert_eq!(base_ref(&format!("gguf:{}", named.display())), want);
+    assert_eq!(
+        want.name_or_path().unwrap(),
+        tmp.path().join("named.hf").display().to_string()
+    );
+    let repo = "general.source.huggingface.repository";
+    let from_repo = gguf("repo.gguf", repo, "example-org/tiny");
+    assert_eq!(
+        base_ref(&format!("gguf:{}", from_repo.display())),
+        BaseRef::Dir {
+            path: tmp.path().join("repo.hf"),
+            hub_id: Some("example-org/tiny".into()),
+        }
+    );
+    let fixture = base_ref("fixture:0");
+    assert_eq!(fixture, BaseRef::Unloadable { hub_id: None });
+    assert_eq!(fixture.name_or_path(), None);
+    let dir = model_dir(&FixtureSpec::default(), 1, &tmp.path().join("d"));
+    assert_eq!(
+        base_ref(dir.to_str().unwrap()),
+        BaseRef::Dir {
+            path: dir.clone(),
+            hub_id: None
+        },
+        "a directory's own path is no hub id"
+    );
+    for (name, ok) in [
+        ("example-org/model-1.5B", true),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", true),
+        ("gpt2", false),
+        ("Tiny Fixture 1M", false),
+        ("/abs/dir", false),
+        ("./rel/dir", false),
+        ("a/b/c", false),
+        ("org/-bad", false),
+        ("org/a..b", false),
+    ] {
+        assert_eq!(owned_hub_id(name).is_some(), ok, "{name}");
+    }
+}
+
 /// `lorasft eval`'s mean loss of `model` on `data`.
 fn eval_loss(model: &str, tokenizer: &Path, data: &Path) -> f64 {
     let out = common::output_ok(
@@ -431,7 +512,11 @@ fn merged_smollm2_keeps_its_eval_loss_through_q8_0() {
     model.add_lora(&lora, 1).unwrap();
     common::randomise_adapters(&model, 2);
     let adapter = tmp.path().join("adapter");
-    lorasft::adapter::save(&model, &adapter, "smollm2", "test adapter").unwrap();
+    let base_ref = lorasft::adapter::BaseRef::Dir {
+        path: base.clone(),
+        hub_id: None,
+    };
+    lorasft::adapter::save(&model, &adapter, &base_ref, "test adapter").unwrap();
     // The first 24 alpaca_en_demo records.
     let text = std::fs::read_to_string(assets.join("data/alpaca_en_demo.json")).unwrap();
     let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();

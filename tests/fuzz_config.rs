@@ -429,3 +429,147 @@ fn an_encoder_refuses_a_huge_pad_multiple_instead_of_panicking_in_collate() {
         assert!(err.contains("encode.padding.multiple_of"), "{err}");
     }
 }
+
+/// Each preset's printed config, as `--dry-run` prints it and a run records it.
+fn printed(preset: &str) -> String {
+    TrainConfig::preset(preset).unwrap().to_toml().unwrap()
+}
+
+/// `text` written to a file and resolved over `preset` (with `set` on top), as
+/// `lorasft train --preset PRESET --config FILE --set ...` does.
+fn resolve_file(text: &str, preset: &str, set: &[&str]) -> Result<TrainConfig> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    ConfigSource {
+        preset: preset.into(),
+        file: Some(path),
+        set: set.iter().map(|s| s.to_string()).collect(),
+        ..ConfigSource::default()
+    }
+    .resolve()
+}
+
+#[test]
+fn every_printed_preset_laid_over_every_preset_resolves_to_itself() {
+    for p in PRESETS {
+        let want = TrainConfig::preset(p).unwrap();
+        for q in PRESETS {
+            let got = resolve_file(&printed(p), q, &[]).unwrap();
+            assert_eq!(got, want, "{p}'s printed config over preset {q}");
+            assert_eq!(got.to_toml().unwrap(), printed(p), "{p} over {q}, as TOML");
+        }
+    }
+}
+
+/// A whole file is the config: an optional key it leaves out is unset, whatever the preset
+/// under it sets (here `train.max_steps` and `data.format`).
+#[test]
+fn a_whole_file_without_an_optional_key_leaves_it_unset() {
+    let text: String = printed("smoke")
+        .lines()
+        .filter(|l| !l.starts_with("max_steps ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let got = resolve_file(&text, "smollm2-chat", &[]).unwrap();
+    let mut want = TrainConfig::smoke();
+    want.train.max_steps = None;
+    assert_eq!(got, want);
+    assert_eq!(
+        got.data.format, None,
+        "smollm2-chat's sharegpt does not show through"
+    );
+}
+
+#[test]
+fn a_partial_file_replaces_variant_tables_whole_and_merges_sections_key_by_key() {
+    let fraction = "[data.validation]\nfraction = 0.1\n";
+    for preset in PRESETS {
+        let got = resolve_file(fraction, preset, &[]).unwrap();
+        let mut want = TrainConfig::preset(preset).unwrap();
+        want.data.validation = lorasft::data::dataset::SplitSpec::Fraction(0.1);
+        assert_eq!(got, want, "a fraction over {preset}");
+    }
+    let count = resolve_file("[data.validation]\ncount = 7\n", "day2", &[]).unwrap();
+    assert_eq!(
+        count.data.validation,
+        lorasft::data::dataset::SplitSpec::Count(7),
+        "a count over day2's fraction"
+    );
+    // smoke pads to the longest row rounded to 8; a file naming `longest` alone means no
+    // multiple, not smoke's 8 kept underneath.
+    let longest = resolve_file("[encode.padding]\nmode = \"longest\"\n", "smoke", &[]).unwrap();
+    assert_eq!(
+        longest.encode.padding,
+        Padding::Longest { multiple_of: None }
+    );
+    let text = "[train]\nmax_steps = 5\n[optim.adamw]\nweight_decay = 0.1\n";
+    let got = resolve_file(text, "smoke", &[]).unwrap();
+    let mut want = TrainConfig::smoke();
+    want.train.max_steps = Some(5);
+    want.optim.adamw.weight_decay = 0.1;
+    assert_eq!(got, want, "sections keep the keys the file does not give");
+}
+
+#[test]
+fn set_and_typed_flags_still_apply_on_top_of_a_config_file() {
+    let got = resolve_file(
+        &printed("smollm2-demo"),
+        "smoke",
+        &["optim.lr=5e-4", "data.validation={fraction=0.2}"],
+    )
+    .unwrap();
+    let mut want = TrainConfig::smollm2_demo();
+    want.optim.lr = 5e-4;
+    want.data.validation = lorasft::data::dataset::SplitSpec::Fraction(0.2);
+    assert_eq!(got, want);
+    let partial = resolve_file("[optim]\nlr = 0.5\n", "smoke", &["optim.lr=0.25"]).unwrap();
+    assert_eq!(partial.optim.lr, 0.25, "--set wins over the file");
+}
+
+/// Every table a preset prints is either a section (merged key by key) or a value that a
+/// partial file replaces whole; a new table must be put on one side on purpose.
+#[test]
+fn every_printed_table_is_a_section_or_a_known_value_table() {
+    use lorasft::train::config::SECTIONS;
+    const VALUE_TABLES: [&str; 5] = [
+        "data.validation",
+        "data.columns",
+        "encode.padding",
+        "optim.warmup",
+        "generate.sampling",
+    ];
+    fn walk(t: &toml::Table, at: &str, out: &mut Vec<String>) {
+        for (k, v) in t {
+            if let toml::Value::Table(inner) = v {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                walk(inner, &path, out);
+                out.push(path);
+            }
+        }
+    }
+    for p in PRESETS {
+        let mut tables = Vec::new();
+        let mut cfg = TrainConfig::preset(p).unwrap();
+        cfg.data
+            .columns
+            .insert("instruction".into(), "question".into());
+        walk(&toml::Table::try_from(&cfg).unwrap(), "", &mut tables);
+        for t in &tables {
+            assert!(
+                SECTIONS.contains(&t.as_str()) ^ VALUE_TABLES.contains(&t.as_str()),
+                "preset {p}: table `{t}` must be in exactly one of SECTIONS and VALUE_TABLES"
+            );
+        }
+        for s in SECTIONS {
+            assert!(
+                tables.iter().any(|t| t == s),
+                "SECTIONS names `{s}`, which {p} lacks"
+            );
+        }
+    }
+}

@@ -404,7 +404,11 @@ fn fuzz_safetensors_headers_of_models_and_adapters() {
     model
         .add_lora(&lorasft::model::LoraConfig::default(), 0)
         .unwrap();
-    lorasft::adapter::save(&model, &adapter_dir, "base", "").unwrap();
+    let base_ref = lorasft::adapter::BaseRef::Dir {
+        path: model_dir.clone(),
+        hub_id: None,
+    };
+    lorasft::adapter::save(&model, &adapter_dir, &base_ref, "").unwrap();
     let read = |p: PathBuf| std::fs::read(p).unwrap();
     let seeds = [
         safetensors_seed(
@@ -453,7 +457,7 @@ fn fuzz_model_config_json() {
 
 #[test]
 fn fuzz_adapter_config_json() {
-    let ours = lorasft::adapter::AdapterConfig::from_lora(&Default::default(), "base");
+    let ours = lorasft::adapter::AdapterConfig::from_lora(&Default::default(), Some("base"));
     let seeds = [
         Seed::json(
             "lorasft adapter_config.json",

@@ -110,11 +110,17 @@ fn real_smollm2_weights_import_and_answer_sensibly() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smollm2");
-    let cfg = gguf_import::import(
-        &assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        &out,
-    )
-    .unwrap();
+    let file = assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cfg = gguf_import::import(&file, &out).unwrap();
+    assert_eq!(
+        common::import_provenance(&out),
+        (
+            "SmolLM2-135M-Instruct.Q4_1.gguf".to_string(),
+            std::path::absolute(&file).unwrap().display().to_string(),
+            common::sha256_hex(&file)
+        ),
+        "the import records the GGUF's name, absolute path and SHA-256"
+    );
     assert_eq!(
         (
             cfg.num_hidden_layers,
@@ -147,6 +153,54 @@ fn real_smollm2_weights_import_and_answer_sensibly() {
         g.text.contains("Paris"),
         "un-permuted weights should answer Paris, got {:?}",
         g.text
+    );
+}
+
+/// The "done when": an adapter trained on the imported SmolLM2 names, as
+/// `base_model_name_or_path`, the import's directory (config.json and the weights), so PEFT's
+/// `AutoPeftModelForCausalLM` loads it by reference; its card names no display name.
+#[test]
+fn an_adapter_trained_on_imported_smollm2_names_the_import_directory() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(
+        assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &gguf,
+    )
+    .unwrap();
+    let runs = tmp.path().join("runs");
+    common::output_ok(
+        common::lorasft()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--preset", "smoke", "--max-steps", "1", "--quiet"])
+            .arg("--set")
+            .arg(format!("model.source=\"gguf:{}\"", gguf.display()))
+            .args(["--set", "encode.max_len=32", "--set", "train.batch_size=1"])
+            .args([
+                "--set",
+                "train.grad_accum=1",
+                "--set",
+                "generate.max_new_tokens=1",
+            ])
+            .arg("--out-dir")
+            .arg(&runs),
+    );
+    let adapter = runs.join("smoke/adapter");
+    let import = tmp.path().join("SmolLM2-135M-Instruct.Q4_1.hf");
+    assert_eq!(common::loadable_base(&adapter), import);
+    assert_eq!(
+        common::import_provenance(&import).2,
+        common::sha256_hex(&gguf)
+    );
+    let card = std::fs::read_to_string(adapter.join("README.md")).unwrap();
+    // The front matter names no display name as a hub id; the prose below it may.
+    let front = card.split("\n---\n").next().unwrap();
+    assert!(
+        !front.contains("base_model") && !front.contains("Smollm2"),
+        "{card}"
     );
 }
 

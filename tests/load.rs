@@ -315,7 +315,7 @@ fn adapter_config_errors_name_the_file() {
     let path = dir.path().join("adapter_config.json");
     let write =
         |c: &AdapterConfig| std::fs::write(&path, serde_json::to_string(c).unwrap()).unwrap();
-    let mut c = AdapterConfig::from_lora(&lora, "base");
+    let mut c = AdapterConfig::from_lora(&lora, Some("base"));
     c.r = 0;
     write(&c);
     let err = lorasft::adapter::read_config(dir.path())
@@ -325,7 +325,7 @@ fn adapter_config_errors_name_the_file() {
         err.contains(path.to_str().unwrap()) && err.contains("r must be"),
         "{err}"
     );
-    let mut c = AdapterConfig::from_lora(&lora, "base");
+    let mut c = AdapterConfig::from_lora(&lora, Some("base"));
     c.target_modules = TargetModules::List(vec!["q_proj".into(), "qkv".into()]);
     write(&c);
     let err = lorasft::adapter::read_config(dir.path())

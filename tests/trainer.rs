@@ -81,7 +81,14 @@ fn smoke_preset_learns_and_its_adapter_reloads_to_the_same_logits() {
         bits(&from_ckpt.forward(&x, None, &mut Mode::Eval).unwrap())
     );
     let card = std::fs::read_to_string(s.adapter_dir.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model: fixture:0\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- base_model:adapter:fixture:0\n- lora\n- transformers\n---\n"), "{card}");
+    // A generated fixture has no hub id and no directory: the card names no base_model and
+    // adapter_config.json's base_model_name_or_path is null, not a name nothing can load.
+    assert!(card.starts_with("---\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- lora\n- transformers\n---\n"), "{card}");
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft["base_model_name_or_path"], serde_json::Value::Null);
     assert!(s.run_dir.join("config.toml").exists() && s.run_dir.join("generations.json").exists());
     assert_eq!(s.generations.len(), 2);
 }
@@ -441,6 +448,8 @@ fn merge_eval_and_generate_from_the_command_line() {
     cfg.model.source = dir.display().to_string();
     cfg.model.tokenizer = None;
     let s = run(cfg, &RunOptions::default());
+    // PEFT loads the base by reference: the model directory the run resolved, absolute.
+    assert_eq!(common::loadable_base(&s.adapter_dir), dir);
     let merged = tmp.path().join("merged");
     common::stdout_ok(
         lorasft()
@@ -593,6 +602,47 @@ fn config_files_presets_and_overrides_resolve_and_are_saved() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("smollm2-demo"));
+}
+
+/// What `--dry-run` prints and what a run records in config.toml both come back through
+/// `--config` as the same configuration, whatever preset is named beside them.
+#[test]
+fn printed_and_recorded_configs_make_the_round_trip_through_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = |args: &[&std::ffi::OsStr]| {
+        common::stdout_ok(lorasft().current_dir(root()).arg("train").args(args))
+    };
+    let flags: [&std::ffi::OsStr; 8] = [
+        "--preset".as_ref(),
+        "smoke".as_ref(),
+        "--out-dir".as_ref(),
+        tmp.path().as_os_str(),
+        "--name".as_ref(),
+        "rt".as_ref(),
+        "--max-steps".as_ref(),
+        "2".as_ref(),
+    ];
+    let printed = train(&[&flags[..], &["--dry-run".as_ref()]].concat());
+    let file = tmp.path().join("run.toml");
+    std::fs::write(&file, &printed).unwrap();
+    train(&flags);
+    let recorded = std::fs::read_to_string(tmp.path().join("rt/config.toml")).unwrap();
+    assert_eq!(
+        recorded, printed,
+        "the run records the config --dry-run printed"
+    );
+    for path in [file, tmp.path().join("rt/config.toml")] {
+        for preset in lorasft::train::config::PRESETS {
+            let args: [&std::ffi::OsStr; 5] = [
+                "--preset".as_ref(),
+                preset.as_ref(),
+                "--config".as_ref(),
+                path.as_os_str(),
+                "--dry-run".as_ref(),
+            ];
+            assert_eq!(train(&args), printed, "{} over {preset}", path.display());
+        }
+    }
 }
 
 #[test]
@@ -865,7 +915,13 @@ fn a_failed_init_adapter_leaves_no_run_directory_and_touches_no_other_run() {
     .build(1, DType::F32, &Device::Cpu)
     .unwrap();
     other.add_lora(&LoraConfig::default(), 1).unwrap();
-    adapter::save(&other, &adapter_dir, "fixture:0", "test\n").unwrap();
+    adapter::save(
+        &other,
+        &adapter_dir,
+        &adapter::BaseRef::Unloadable { hub_id: None },
+        "test\n",
+    )
+    .unwrap();
     let out = tmp.path().join("runs");
     let attempt = |name: &str| {
         lorasft()

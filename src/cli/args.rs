@@ -72,7 +72,8 @@ const MAX_FIXTURE_PARAMS: u64 = 1 << 30;
 /// `lorasft train`.
 #[derive(Args)]
 pub struct TrainArgs {
-    /// TOML config; keys not given keep the preset's values.
+    /// TOML config: a whole one (as --dry-run prints it, or a run's config.toml) is used as
+    /// is; a partial one is laid over the preset, its keys replacing the preset's.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Preset the config starts from: day2, smoke, smollm2-demo.

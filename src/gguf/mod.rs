@@ -345,6 +345,21 @@ impl<R: Read> Cursor<'_, R> {
 }
 
 impl Gguf {
+    /// SHA-256 of the whole file (or of the bytes parsed), in hex: what an import records of
+    /// its source, so the weights can be traced to the exact file. Streams the file.
+    pub fn sha256(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        match &self.source {
+            Source::File(p) => {
+                let mut f = crate::input::open(p)?;
+                std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
+            }
+            Source::Bytes(b) => h.update(b),
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// Reads and parses a GGUF file's header (versions 2 and 3). Only the metadata and the
     /// tensor directory are read; tensor data stays on disk until a tensor is asked for.
     pub fn read(path: &Path) -> Result<Self> {

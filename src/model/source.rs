@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use crate::adapter::{BaseRef, owned_hub_id};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::model::config::LlamaConfig;
@@ -25,6 +26,9 @@ pub struct ResolvedModel {
     /// How to name the base model in adapters and reports: the hub id or published name when
     /// one is known (GGUF `general.*` metadata, config.json `_name_or_path`), else the path.
     pub label: String,
+    /// How an adapter trained on it names it: the hub id, or the directory's absolute path
+    /// when it holds the weights, or nothing PEFT could load (a fixture).
+    pub base_ref: BaseRef,
 }
 
 impl ResolvedModel {
@@ -76,6 +80,7 @@ fn fixture(source: &str, rest: &str, dev: &Device, dtype: DType) -> Result<Resol
         config: spec.config(),
         dir: None,
         label: source.to_string(),
+        base_ref: BaseRef::Unloadable { hub_id: None },
     })
 }
 
@@ -112,11 +117,20 @@ fn quantized_gguf(source: &str, dev: &Device, dtype: DType) -> Result<ResolvedMo
     } else {
         gguf_import::refresh_tokenizer_config(&g, &dir)?;
     }
+    let label = gguf_import::model_name(&g);
+    let hub_id = owned_hub_id(&label).map(str::to_string);
+    // The computed values equal the f32 import's, so a full import beside it is the base.
+    let base_ref = if dir.join("model.safetensors").exists() {
+        local_dir(&dir, hub_id)?
+    } else {
+        BaseRef::Unloadable { hub_id }
+    };
     Ok(ResolvedModel {
         model,
         config,
         dir: Some(dir),
-        label: gguf_import::model_name(&g),
+        label,
+        base_ref,
     })
 }
 
@@ -145,26 +159,32 @@ pub fn resolve_model_with(
         None => ModelSource::parse(source),
     };
     let (config, model, _) = load::load_model(&source, dtype, dev)?;
-    let (dir, label) = match &source {
+    let (dir, label, base_ref) = match &source {
         // The name the model was published under, when the file or config.json records one:
         // model cards name the hub model, not a local cache path.
-        ModelSource::Dir(d) => (
-            Some(d.clone()),
+        ModelSource::Dir(d) => {
             // An import records the GGUF's name as `_name_or_path`; a directory imported
             // before it did is named from the file's header.
-            match config.name_or_path.clone().filter(|n| !n.trim().is_empty()) {
-                Some(name) => name,
+            let published = match config.name_or_path.clone().filter(|n| !n.trim().is_empty()) {
+                Some(name) => Some(name),
                 None => match gguf_path {
-                    Some(path) => gguf_import::model_name(&Gguf::read(Path::new(path))?),
-                    None => d.display().to_string(),
+                    Some(path) => Some(gguf_import::model_name(&Gguf::read(Path::new(path))?)),
+                    None => None,
                 },
-            },
-        ),
+            };
+            let hub_id = published
+                .as_deref()
+                .and_then(owned_hub_id)
+                .map(str::to_string);
+            let label = published.unwrap_or_else(|| d.display().to_string());
+            (Some(d.clone()), label, local_dir(d, hub_id)?)
+        }
         ModelSource::Hub(id) => (
             load::resolve_config(&source)?
                 .parent()
                 .map(Path::to_path_buf),
             id.clone(),
+            BaseRef::Hub(id.clone()),
         ),
     };
     Ok(ResolvedModel {
@@ -172,5 +192,13 @@ pub fn resolve_model_with(
         config,
         dir,
         label,
+        base_ref,
     })
+}
+
+/// A local model directory as an adapter names it: its absolute path, as PEFT writes it for
+/// a model loaded from a directory (symbolic links are kept as the run named them).
+fn local_dir(dir: &Path, hub_id: Option<String>) -> Result<BaseRef> {
+    let path = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(BaseRef::Dir { path, hub_id })
 }

@@ -179,6 +179,30 @@ pub fn tokenizer_config(g: &Gguf) -> Result<Json> {
     }))
 }
 
+/// `cfg` with the source file's absolute path and SHA-256 beside its `converted_from` file
+/// name (`converted_from_path`, `converted_from_sha256`): which file exactly an import or a
+/// conversion came from.
+fn with_provenance(g: &Gguf, cfg: Json) -> Result<Json> {
+    let path = std::path::absolute(&g.path).map_err(|e| Error::io(&g.path, e))?;
+    let sha = g.sha256()?;
+    let Json::Object(fields) = cfg else {
+        return Ok(cfg);
+    };
+    let mut out = serde_json::Map::new();
+    for (k, v) in fields {
+        let here = k == "converted_from";
+        out.insert(k, v);
+        if here {
+            out.insert(
+                "converted_from_path".into(),
+                Json::String(path.display().to_string()),
+            );
+            out.insert("converted_from_sha256".into(), Json::String(sha.clone()));
+        }
+    }
+    Ok(Json::Object(out))
+}
+
 /// Converts the vocabulary of `gguf` into a `tokenizer.json` at `out` (and a
 /// `tokenizer_config.json` beside it); returns the vocabulary size.
 pub fn convert(gguf: &Path, out: &Path) -> Result<usize> {
@@ -195,7 +219,7 @@ pub fn convert_parsed(g: &Gguf, out: &Path) -> Result<usize> {
     crate::tokenizer::from_json(&text, gguf)
         .map_err(|e| Error::Invalid(format!("converted tokenizer does not load: {e}")))?;
     let cfg_path = out.with_file_name("tokenizer_config.json");
-    let cfg = serde_json::to_string_pretty(&tokenizer_config(g)?)
+    let cfg = serde_json::to_string_pretty(&with_provenance(g, tokenizer_config(g)?)?)
         .map_err(|e| Error::Invalid(e.to_string()))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

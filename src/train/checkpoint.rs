@@ -96,7 +96,7 @@ pub fn save(
     model: &Llama,
     opt: &AdamW,
     state: &LoopState,
-    base: &str,
+    base: &adapter::BaseRef,
     keep: usize,
 ) -> Result<PathBuf> {
     let root = dir.join("checkpoints");
@@ -131,7 +131,7 @@ fn write_contents(
     model: &Llama,
     opt: &AdamW,
     state: &LoopState,
-    base: &str,
+    base: &adapter::BaseRef,
 ) -> Result<()> {
     adapter::save(
         model,

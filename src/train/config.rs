@@ -388,18 +388,25 @@ impl TrainConfig {
         }
     }
 
-    /// Parses TOML; keys not given keep the values of `base` (a preset or the default).
+    /// Parses a config file laid over `base` (a preset or the default).
+    ///
+    /// A file that is a whole config by itself (it reads as a `TrainConfig` on its own, as
+    /// `--dry-run`'s output and every run's `config.toml` do) is the config: nothing of `base`
+    /// shows through, and an optional key it leaves out is unset. Any other file is partial:
+    /// its keys replace `base`'s under the rule of [`SECTIONS`], and keys it does not give
+    /// keep `base`'s values. So a printed config resolves to itself over every preset.
     pub fn from_toml(text: &str, base: Self, path: &std::path::Path) -> Result<Self> {
-        let mut merged = toml::Value::try_from(&base).map_err(|e| Error::Invalid(e.to_string()))?;
-        let user: toml::Value = toml::from_str(text).map_err(|e| Error::Json {
+        let syntax = |e: toml::de::Error| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
-        })?;
-        merge(&mut merged, user);
-        merged.try_into().map_err(|e: toml::de::Error| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+        };
+        let user: toml::Table = toml::from_str(text).map_err(syntax)?;
+        if let Ok(whole) = toml::Value::Table(user.clone()).try_into::<Self>() {
+            return Ok(whole);
+        }
+        let mut merged = toml::Table::try_from(&base).map_err(|e| Error::Invalid(e.to_string()))?;
+        merge(&mut merged, user, "");
+        toml::Value::Table(merged).try_into().map_err(syntax)
     }
 
     /// Applies `key=value` overrides (dotted keys, TOML values: `optim.lr=1e-4`,
@@ -620,7 +627,8 @@ fn finite(key: &str, value: f64, min: f64, range: &str) -> Result<()> {
 pub struct ConfigSource {
     /// Preset name (`day2`, `smoke`, `smollm2-demo`).
     pub preset: String,
-    /// A TOML file whose keys replace the preset's.
+    /// A TOML file: a whole config used as is, or a partial one laid over the preset
+    /// (`TrainConfig::from_toml`).
     pub file: Option<PathBuf>,
     /// `key=value` overrides in TOML syntax (`optim.lr=1e-4`).
     pub set: Vec<String>,
@@ -731,19 +739,44 @@ fn override_value(o: &str, raw: &str) -> Result<toml::Value> {
     Ok(value)
 }
 
-fn merge(base: &mut toml::Value, user: toml::Value) {
-    match (base, user) {
-        (toml::Value::Table(b), toml::Value::Table(u)) => {
-            for (k, v) in u {
-                match b.get_mut(&k) {
-                    Some(slot) if slot.is_table() && v.is_table() => merge(slot, v),
-                    _ => {
-                        b.insert(k, v);
-                    }
-                }
+/// The tables of a config file that are sections of named keys. A partial file's section
+/// merges into the base's key by key; every other value replaces the base's whole, a table
+/// included: one that picks a variant (`[data.validation]`, `[encode.padding]`,
+/// `[optim.warmup]`, `[generate.sampling]`) or maps the user's own names (`[data.columns]`).
+/// So `[data.validation] fraction = 0.1` over a preset's `count = 4` is a fraction, not both.
+pub const SECTIONS: [&str; 10] = [
+    "run",
+    "model",
+    "data",
+    "encode",
+    "lora",
+    "optim",
+    "optim.adamw",
+    "train",
+    "generate",
+    "report",
+];
+
+/// Lays `user` (the table at dotted path `at`) over `base`: a key naming a section in both
+/// merges into it, any other key replaces. Recursion goes only into [`SECTIONS`], so its
+/// depth is bounded whatever the file nests.
+fn merge(base: &mut toml::Table, user: toml::Table, at: &str) {
+    for (k, v) in user {
+        let path = if at.is_empty() {
+            k.clone()
+        } else {
+            format!("{at}.{k}")
+        };
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u))
+                if SECTIONS.contains(&path.as_str()) =>
+            {
+                merge(b, u, &path)
+            }
+            (_, v) => {
+                base.insert(k, v);
             }
         }
-        (b, u) => *b = u,
     }
 }
 

@@ -247,6 +247,7 @@ impl Prepared {
             tokenizer_path: self.tokenizer_path.clone(),
             tokenizer_sha256: sha256_file(&self.tokenizer_path)?,
             base_model: self.base.label.clone(),
+            base_model_hub_id: self.base.base_ref.hub_id().map(str::to_string),
             model_shape: format!(
                 "{} layers, hidden {}, intermediate {}, {} attention heads ({} key/value heads, head dim {}), vocabulary {}, max positions {}, RoPE theta {}, {} lm_head",
                 sh.layers,

@@ -449,7 +449,7 @@ impl<'o> Run<'o> {
             adapter::save(
                 &self.model,
                 &self.dir.join("best"),
-                &self.p.base.label,
+                &self.p.base.base_ref,
                 &card,
             )?;
             self.p.write_tokenizer_files(&self.dir.join("best"))?;
@@ -474,7 +474,7 @@ impl<'o> Run<'o> {
                 &self.model,
                 &self.updater.opt,
                 &self.state,
-                &self.p.base.label,
+                &self.p.base.base_ref,
                 KEEP_CHECKPOINTS,
             )?;
         }
@@ -506,7 +506,7 @@ impl<'o> Run<'o> {
         }
         let adapter_dir = self.dir.join("adapter");
         let card = self.p.card_body(self.state.step, eval_loss);
-        adapter::save(&self.model, &adapter_dir, &self.p.base.label, &card)?;
+        adapter::save(&self.model, &adapter_dir, &self.p.base.base_ref, &card)?;
         self.p.write_tokenizer_files(&adapter_dir)?;
         let after = self.p.generate_all(&self.model)?;
         let generations: Vec<(Generation, Generation)> = std::mem::take(&mut self.before)

@@ -389,3 +389,45 @@ pub fn output_ok(cmd: &mut std::process::Command) -> String {
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
+
+/// The base an adapter directory's `adapter_config.json` names, checked to be what PEFT can
+/// load by reference: an absolute directory holding config.json and model.safetensors.
+pub fn loadable_base(adapter_dir: &std::path::Path) -> std::path::PathBuf {
+    let path = adapter_dir.join("adapter_config.json");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let base = cfg["base_model_name_or_path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{} names no base: {cfg}", path.display()));
+    let base = std::path::PathBuf::from(base);
+    assert!(base.is_absolute(), "{}: {}", path.display(), base.display());
+    for f in ["config.json", "model.safetensors"] {
+        assert!(base.join(f).is_file(), "{} lacks {f}", base.display());
+    }
+    base
+}
+
+/// The provenance a GGUF import or conversion records in `tokenizer_config.json` in `dir`:
+/// the file name, the absolute path and the SHA-256 of the GGUF.
+pub fn import_provenance(dir: &std::path::Path) -> (String, String, String) {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let s = |k: &str| {
+        cfg[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {k}: {cfg}"))
+            .to_string()
+    };
+    (
+        s("converted_from"),
+        s("converted_from_path"),
+        s("converted_from_sha256"),
+    )
+}
+
+/// SHA-256 of a file, in hex.
+pub fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
