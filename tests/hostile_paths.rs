@@ -208,15 +208,16 @@ impl Fx {
                 return Some(substitute(v, a));
             }
             "bench --compare" => (
-                s(&["bench", "--shapes", "tiny", "--steps", "1", "--compare", "X"]),
+                s(&["bench", "--shapes", "tiny", "--steps", "1", "--threads", "1", "--compare", "X"]),
                 File,
             ),
             "bench --json" => (
-                s(&["bench", "--batching", "--data", &data, "--tokenizer", &tok, "--json", "X"]),
+                s(&["bench", "--shapes", "tiny", "--steps", "1", "--threads", "1", "--json", "X"]),
                 OutFile,
             ),
             "bench --data" | "bench --tokenizer" => {
-                let v = s(&["bench", "--batching", "--data", &data, "--tokenizer", &tok]);
+                let mut v = s(&["bench", "--shapes", "tiny", "--steps", "1", "--threads", "1"]);
+                v.extend(s(&["--data", &data, "--tokenizer", &tok]));
                 return Some(substitute(v, arg));
             }
             "bench --memory-gguf" => (

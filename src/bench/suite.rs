@@ -48,7 +48,12 @@ pub struct SuiteResult {
 impl Suite {
     /// Runs every round and reads the comparison files.
     pub fn run(&self) -> Result<SuiteResult> {
-        // Comparison files first: a bad one is refused before minutes of timing.
+        // Inputs first: a bad one is refused before minutes of timing.
+        let (data, tokenizer) = &self.encoding;
+        if data.exists() && tokenizer.exists() {
+            crate::input::open(data)?;
+            crate::input::open(tokenizer)?;
+        }
         let compared = self
             .compare
             .iter()
