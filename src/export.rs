@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::gguf_import::{gguf_name, permute_qk};
 use crate::model::{Llama, ModelShape};
+use crate::progress::Mode;
 use crate::tokenizer::to_gguf::GgufMeta;
 
 /// The file types `export-gguf` writes (`--type`).
@@ -187,10 +188,21 @@ pub fn model_metadata(
 
 /// The model's tensors as llama.cpp names and lays them out, quantized per [`tensor_type`].
 pub fn gguf_tensors(model: &Llama, ty: ExportType) -> Result<Vec<(String, QTensor)>> {
+    quantized_tensors(model, ty, Mode::Quiet)
+}
+
+/// [`gguf_tensors`], counting each tensor on an `export-gguf quantize` progress task.
+fn quantized_tensors(
+    model: &Llama,
+    ty: ExportType,
+    progress: Mode,
+) -> Result<Vec<(String, QTensor)>> {
     let shape = model.shape().clone();
     let tied = shape.tied;
+    let merged = model.merged_tensors()?;
+    let mut task = progress.task("export-gguf quantize", merged.len() as u64, "tensors");
     let mut out = Vec::new();
-    for (hf, t) in model.merged_tensors()? {
+    for (hf, t) in merged {
         let name = gguf_name(&hf)
             .ok_or_else(|| Error::Invalid(format!("tensor `{hf}` has no llama.cpp name")))?;
         let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -215,12 +227,15 @@ pub fn gguf_tensors(model: &Llama, ty: ExportType) -> Result<Vec<(String, QTenso
         };
         let q = QTensor::quantize(&t, tensor_type(ty, &name, &dims, shape.layers, tied))?;
         out.push((name, q));
+        task.advance(1);
     }
+    task.finish();
     Ok(out)
 }
 
 /// Writes `model` (adapters already merged or absent) to `out` as a GGUF file of type `ty`,
-/// named `name`, with `tokenizer` metadata; returns the tensors' types in file order.
+/// named `name`, with `tokenizer` metadata, showing progress per tensor quantized; returns
+/// the tensors' types in file order.
 pub fn write_gguf(
     model: &Llama,
     cfg: &LlamaConfig,
@@ -228,20 +243,24 @@ pub fn write_gguf(
     tokenizer: GgufMeta,
     ty: ExportType,
     out: &Path,
+    progress: Mode,
 ) -> Result<Vec<(String, GgmlDType)>> {
     let mut meta = model_metadata(cfg, model.shape(), name, ty);
     meta.extend(tokenizer);
-    let tensors = gguf_tensors(model, ty)?;
+    let tensors = quantized_tensors(model, ty, progress)?;
     let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     // Written under a temporary name and renamed when complete: a kill leaves no truncated
     // GGUF under the final name.
     let staged = crate::output::Staged::file(out)?;
     let file = std::fs::File::create(staged.path()).map_err(|e| Error::io(staged.path(), e))?;
+    let mut task = progress.task("export-gguf write", 1, "files");
     let mut w = std::io::BufWriter::new(file);
     gguf_file::write(&mut w, &meta_refs, &t_refs)?;
     std::io::Write::flush(&mut w).map_err(|e| Error::io(staged.path(), e))?;
     drop(w);
     staged.commit()?;
+    task.advance(1);
+    task.finish();
     Ok(tensors.into_iter().map(|(n, q)| (n, q.dtype())).collect())
 }

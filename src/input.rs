@@ -74,7 +74,11 @@ pub fn open(path: &Path) -> Result<File> {
 }
 
 /// Reads a whole input file of at most `ceiling` bytes; `what` names its kind in the error.
+/// An `embedded:` path ([`crate::embedded`]) is served from the binary.
 pub fn read(path: &Path, ceiling: u64, what: &str) -> Result<Vec<u8>> {
+    if let Some(embedded) = crate::embedded::get(path) {
+        return embedded.map(<[u8]>::to_vec).map_err(Error::Invalid);
+    }
     let f = open(path)?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let too_big = |len: u64| {
@@ -107,6 +111,9 @@ pub fn read_text(path: &Path, ceiling: u64, what: &str) -> Result<String> {
 /// SHA-256 of an input file, hex, read in 1 MiB pieces so memory stays flat whatever its size.
 pub fn sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
+    if let Some(embedded) = crate::embedded::get(path) {
+        return Ok(format!("{:x}", Sha256::digest(embedded.map_err(Error::Invalid)?)));
+    }
     let mut f = open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

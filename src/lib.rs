@@ -5,7 +5,8 @@
 //! layer or those below (`tests/architecture.rs` enforces it; `docs/ARCHITECTURE.md` maps
 //! every module):
 //!
-//! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`input`], [`output`], [`thread_tuning`], [`alloc_tuning`]
+//! 1. foundation: [`error`], [`rng`], [`device`], [`sys`], [`input`], [`output`], [`embedded`],
+//!    [`cache`], [`thread_tuning`], [`alloc_tuning`], [`progress`]
 //! 2. data: [`data`], [`chat`], [`tokenizer`], [`gguf`]
 //! 3. model: [`model`], [`adapter`], [`verify`], [`generate`], [`inspect`], [`export`]
 //! 4. run records: [`records`] (the typed files of a run directory)
@@ -14,10 +15,13 @@
 //! 7. the command line: [`cli`], [`assets`] (and `src/main.rs` on top)
 
 pub mod alloc_tuning;
+pub mod cache;
 pub mod device;
+pub mod embedded;
 pub mod error;
 pub mod input;
 pub mod output;
+pub mod progress;
 pub mod rng;
 pub mod sys;
 pub mod thread_tuning;

@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lorasft::cli::args::{
     BenchArgs, ChatRenderArgs, DataEncodeArgs, DataShowArgs, DeviceArgs, EvalArgs, ExportGgufArgs,
-    GenerateArgs, InspectArgs, MergeArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand, TrainArgs,
+    GenerateArgs, InspectArgs, MergeArgs, OutputArgs, StatsArgs, TinyLlamaArgs, TokenizerCommand,
+    TrainArgs,
 };
 use lorasft::cli::commands::{self, TrainOutcome};
 use lorasft::cli::conversation;
@@ -81,7 +82,12 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
     },
+    /// Every argument that takes a path, one per line (for the hostile-input tests).
+    #[command(hide = true)]
+    PathArgs,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +125,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::PathArgs => {
+            use clap::CommandFactory;
+            for line in lorasft::cli::introspect::path_args(&Cli::command()) {
+                println!("{line}");
+            }
+        }
         Command::Fixture(FixtureCommand::TinyLlama(a)) => {
             a.spec()?.write(a.seed, &a.out)?;
             println!("wrote {} (seed {})", a.out.display(), a.seed);
@@ -182,8 +194,8 @@ fn run(cli: Cli) -> Result<()> {
                 types.len()
             );
         }
-        Command::ImportGguf { file, out } => {
-            let cfg = lorasft::model::gguf_import::import(&file, &out)?;
+        Command::ImportGguf { file, out, output } => {
+            let cfg = lorasft::model::gguf_import::import_with(&file, &out, output.mode())?;
             println!(
                 "imported {} into {} ({} layers, hidden {}, vocab {})",
                 file.display(),
@@ -202,7 +214,7 @@ fn data_cmd(d: DataCommand) -> Result<()> {
         DataCommand::Stats(a) => print!("{}", commands::stats_text(&a)?),
         DataCommand::Encode(a) => {
             let (n, skipped) = conversation::data_encode(&a)?;
-            eprintln!(
+            a.output.mode().message(&format!(
                 "wrote {n} examples to {}{}",
                 a.out.display(),
                 if skipped > 0 {
@@ -210,7 +222,7 @@ fn data_cmd(d: DataCommand) -> Result<()> {
                 } else {
                     String::new()
                 }
-            );
+            ));
         }
         DataCommand::Show(a) => print!("{}", conversation::data_show(&a, Style::for_stdout())?),
     }

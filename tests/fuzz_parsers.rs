@@ -336,6 +336,7 @@ fn kquant_seed() -> Vec<u8> {
         Vec::new(),
         ExportType::Q4KM,
         &path,
+        lorasft::progress::Mode::Quiet,
     )
     .unwrap();
     std::fs::read(&path).unwrap()

@@ -120,6 +120,7 @@ pub fn ensure_gguf(shape: BenchShape, file: &Path, seed: u64) -> Result<()> {
         Vec::new(),
         ExportType::Q4KM,
         &tmp,
+        crate::progress::Mode::Quiet,
     )?;
     std::fs::rename(&tmp, file).map_err(|e| Error::io(file, e))
 }

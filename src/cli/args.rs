@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::fixture::{BenchShape, FixtureDtype, FixtureSpec};
 use crate::model::load::DEFAULT_HUB_ID;
 use crate::model::lora::LoraConfig;
+use crate::progress::{LogFormat, Mode};
 use crate::train::config::ConfigSource;
 
 /// A clap value parser for a count in `LO..=HI`: the error states the allowed range, and clap
@@ -133,9 +134,9 @@ pub struct TrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     pub dry_run: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 impl TrainArgs {
@@ -158,6 +159,26 @@ impl TrainArgs {
             no_validation: self.no_validation,
             tensorboard: self.tensorboard,
         }
+    }
+}
+
+/// How a long command shows its progress on stderr (`train`, `eval`, `data encode`,
+/// `import-gguf`, `export-gguf`).
+#[derive(Args, Clone, Copy)]
+pub struct OutputArgs {
+    /// No progress output (results, warnings and errors still print).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Progress as plain text or JSON lines (default: a bar on a terminal, text lines
+    /// elsewhere). `--quiet` wins.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl OutputArgs {
+    /// The progress mode for this process's stderr (terminal or not, `NO_COLOR`).
+    pub fn mode(self) -> Mode {
+        Mode::for_stderr(self.quiet, self.log_format)
     }
 }
 
@@ -186,7 +207,7 @@ pub struct ModelArgs {
     /// Device and precision.
     pub dev: DeviceArgs,
     /// Model directory, hub id, `gguf:PATH` or `fixture:SEED`.
-    #[arg(long)]
+    #[arg(long, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Adapter directory (PEFT format).
     #[arg(long)]
@@ -276,6 +297,9 @@ pub struct EvalArgs {
     /// Write per-record losses as JSON to this file.
     #[arg(long)]
     pub per_record: Option<PathBuf>,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 /// `lorasft generate`.
@@ -357,7 +381,7 @@ pub struct DataSourceArgs {
     #[arg(long = "column", value_name = "CANONICAL=NAME")]
     pub columns: Vec<String>,
     /// Model whose tokenizer (and chat template) to use: a directory, hub id or `gguf:PATH`.
-    #[arg(long, required_unless_present = "tokenizer")]
+    #[arg(long, required_unless_present = "tokenizer", value_hint = clap::ValueHint::AnyPath)]
     pub model: Option<String>,
     /// tokenizer.json (tokenizer_config.json beside it gives EOS/pad and the chat template).
     #[arg(long)]
@@ -393,6 +417,9 @@ pub struct DataEncodeArgs {
     /// Output JSONL: one `{"text", "input_ids", "labels"}` line per example.
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 /// `lorasft data show`.
@@ -419,7 +446,7 @@ pub struct MergeArgs {
     /// Device and precision.
     pub dev: DeviceArgs,
     /// Base model directory or hub id.
-    #[arg(long)]
+    #[arg(long, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Adapter directory.
     #[arg(long)]
@@ -433,7 +460,7 @@ pub struct MergeArgs {
 #[derive(Args)]
 pub struct ExportGgufArgs {
     /// Base model: directory, hub id, `gguf:PATH` or `fixture:...`.
-    #[arg(long)]
+    #[arg(long, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Adapter directory to merge into the base first.
     #[arg(long)]
@@ -447,6 +474,9 @@ pub struct ExportGgufArgs {
     /// The GGUF file to write.
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    /// Progress output.
+    pub output: OutputArgs,
 }
 
 /// `lorasft tokenizer ...`.
@@ -567,7 +597,7 @@ impl TinyLlamaArgs {
 #[derive(Args)]
 pub struct InspectArgs {
     /// A model directory (Hugging Face layout) or a hub id.
-    #[arg(long, default_value = DEFAULT_HUB_ID)]
+    #[arg(long, default_value = DEFAULT_HUB_ID, value_hint = clap::ValueHint::AnyPath)]
     pub model: String,
     /// Read config.json only; do not load weights.
     #[arg(long)]

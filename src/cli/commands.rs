@@ -85,7 +85,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
     } else {
         a.batch_size
     };
-    let sums = batch_loss_sums(&m.adapted, &enc, &examples, batch)?;
+    let sums = batch_loss_sums(&m.adapted, &enc, &examples, batch, a.output.mode())?;
     let (loss, targets) = mean_loss(&sums);
     if targets == 0 {
         return Err(Error::Invalid(format!(
@@ -255,6 +255,7 @@ pub fn export_gguf(a: &ExportGgufArgs) -> Result<Vec<(String, candle_core::quant
         meta,
         a.ty,
         &a.out,
+        a.output.mode(),
     )
 }
 
@@ -406,14 +407,14 @@ pub fn train(a: &TrainArgs, progress: &mut dyn std::io::Write) -> Result<TrainOu
     let opts = RunOptions {
         resume: a.resume,
         overwrite: a.overwrite,
-        progress: !a.quiet,
+        progress: a.output.mode(),
         stop: Some(stop_on_ctrl_c()?),
         stop_at_step: None,
         allow_config_change: a.allow_config_change,
     };
     let prepared = prepare(cfg)?;
-    writeln!(progress, "{}", startup_line(&prepared))
-        .map_err(|e| Error::io("standard error", e))?;
+    let startup = opts.progress.message_line(&startup_line(&prepared));
+    writeln!(progress, "{startup}").map_err(|e| Error::io("standard error", e))?;
     let summary = run_training(prepared, &opts)?;
     let report = write_report_locked(&summary.run_dir)?;
     Ok(TrainOutcome::Trained(Box::new(summary), report))
@@ -479,6 +480,8 @@ pub fn bench(a: &BenchArgs) -> Result<String> {
     }
     if a.batching {
         let b = a.batching_bench();
+        // The preset's assets are fetched here, once, not by each measuring child.
+        crate::assets::ensure(&crate::train::config::TrainConfig::preset(&b.preset)?)?;
         if a.one {
             return b.run_here()?.iter().map(json_line).collect();
         }

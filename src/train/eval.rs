@@ -10,27 +10,33 @@ use crate::data::batching::{self, Planner};
 use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 use crate::model::{Llama, Mode};
+use crate::progress;
 
 /// Summed loss and target count of each micro-batch of `batch_size` rows, planned in file
-/// order by the encoder's batching mode (no dropout).
+/// order by the encoder's batching mode (no dropout); progress is counted in examples.
 pub fn batch_loss_sums(
     model: &Llama,
     encoder: &Encoder,
     examples: &[Example],
     batch_size: usize,
+    progress: progress::Mode,
 ) -> Result<Vec<(f64, usize)>> {
     let lengths = examples.iter().map(|e| e.ids.len()).collect();
     let cfg = encoder.config();
-    Planner::new(cfg.batching, lengths, cfg.max_len, batch_size, 0, false)
+    let mut task = progress.task("eval", examples.len() as u64, "examples");
+    let sums = Planner::new(cfg.batching, lengths, cfg.max_len, batch_size, 0, false)
         .epoch(0)
         .iter()
         .map(|micro| {
             let rows = batching::collate(encoder, micro, examples);
             let b = Batch::from_rows(&rows, model.device())?;
             let l = model.batch_loss_sum(&b, &mut Mode::Eval)?;
+            task.advance(micro.examples() as u64);
             Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
         })
-        .collect()
+        .collect();
+    task.finish();
+    sums
 }
 
 /// Mean loss per target token and target count over (loss sum, targets) pairs; 0 without targets.
@@ -56,6 +62,10 @@ pub fn evaluate(
     batch_size: usize,
 ) -> Result<(f64, usize)> {
     Ok(mean_loss(&batch_loss_sums(
-        model, encoder, examples, batch_size,
+        model,
+        encoder,
+        examples,
+        batch_size,
+        progress::Mode::Quiet,
     )?))
 }

@@ -21,6 +21,7 @@ use crate::data::encode::Example;
 use crate::error::{Error, Result};
 use crate::generate::Generation;
 use crate::model::Llama;
+use crate::progress::{Mode, StepLine, Steps};
 use crate::records::{self, Metric, MetricKind, RunChecks, Summary, files};
 use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
 use crate::train::config::TrainConfig;
@@ -41,8 +42,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Replace another run's files in the run directory (cleared first) instead of refusing.
     pub overwrite: bool,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
+    /// How progress shows on stderr: a bar, text or JSON lines, or nothing (the default).
+    pub progress: Mode,
     /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
     /// Stop after this step exactly as Ctrl-C would (checkpoint, then return): for chunked runs
@@ -147,7 +148,7 @@ pub struct Run<'o> {
     checks: RunChecks,
     fingerprint_before: Fingerprint,
     before: Vec<Generation>,
-    bar: indicatif::ProgressBar,
+    progress: Steps,
     /// The TensorBoard event file, when `report.tensorboard` asks for one.
     tensorboard: Option<EventLog>,
     start: Instant,
@@ -212,7 +213,7 @@ impl<'o> Run<'o> {
         records::write_json(&dir.join(files::DATA), &p.data_record())?;
         let checks = initial_checks(&model, &fingerprint_before);
         let before = generations_before(&p, &model, &dir, resume_from.is_some())?;
-        let bar = progress_bar(opts.progress, total, state.step);
+        let progress = Steps::new(opts.progress, total, state.step);
         let plan = planner.epoch(state.epoch);
         let next_micro = micro_at(&plan, state.cursor)?;
         Ok(Self {
@@ -234,7 +235,7 @@ impl<'o> Run<'o> {
             checks,
             fingerprint_before,
             before,
-            bar,
+            progress,
             tensorboard,
             start: Instant::now(),
             first_loss: None,
@@ -260,6 +261,8 @@ impl<'o> Run<'o> {
             return Err(self.diverged("validation loss", loss, 0, 0));
         }
         self.append(&Metric::eval(0, loss, targets, 0.0))?;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        self.progress.eval(0, loss, elapsed);
         self.checks.eval_losses.push((0, loss));
         Ok(())
     }
@@ -308,7 +311,7 @@ impl<'o> Run<'o> {
         let trained = match report.outcome {
             StepOutcome::NoTargets => {
                 self.state.skipped_steps += 1;
-                self.bar.println(format!(
+                self.progress.message(&format!(
                     "step {next}: no trainable token in the batch; update skipped"
                 ));
                 None
@@ -327,7 +330,7 @@ impl<'o> Run<'o> {
             }
             StepOutcome::Overflowed => {
                 self.state.overflow_steps += 1;
-                self.bar.println(format!(
+                self.progress.message(&format!(
                     "step {next}: gradients overflowed in f16; update skipped, loss scale now {}",
                     self.state.loss_scaler.scale
                 ));
@@ -370,22 +373,29 @@ impl<'o> Run<'o> {
         Ok(())
     }
 
-    /// Progress, and a metrics line every `log_every` steps, on the first and on the last.
+    /// Progress, and a metrics line (and progress line) every `log_every` steps, on the first
+    /// and on the last.
     pub fn log(&mut self, trained: Option<Trained>) -> Result<()> {
         let elapsed = self.start.elapsed().as_secs_f64();
         let tps = (self.state.tokens_seen - self.tokens_at_start.0) as f64 / elapsed.max(1e-9);
         let padded_tps =
             (self.state.padded_tokens_seen - self.tokens_at_start.1) as f64 / elapsed.max(1e-9);
-        self.bar.set_position(self.state.step as u64);
+        self.progress.set_position(self.state.step);
         let Some(t) = trained else {
             return Ok(());
         };
-        self.bar.set_message(format!(
-            "loss {:.4} lr {:.2e} gn {:.3} {tps:.0} tok/s",
-            t.loss, t.lr, t.grad_norm
-        ));
         let step = self.state.step;
+        let line = StepLine {
+            step,
+            loss: t.loss,
+            lr: t.lr,
+            grad_norm: t.grad_norm,
+            tokens_per_s: tps,
+            elapsed_s: elapsed,
+        };
+        self.progress.update(&line);
         if step.is_multiple_of(self.p.cfg.train.log_every.max(1)) || self.finished() || step == 1 {
+            self.progress.log(&line);
             self.append(&Metric {
                 step,
                 kind: MetricKind::Train,
@@ -428,18 +438,11 @@ impl<'o> Run<'o> {
         if !loss.is_finite() {
             return Err(self.diverged("validation loss", loss, step, step));
         }
-        self.append(&Metric::eval(
-            step,
-            loss,
-            targets,
-            self.start.elapsed().as_secs_f64(),
-        ))?;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        self.append(&Metric::eval(step, loss, targets, elapsed))?;
         self.checks.eval_losses.push((step, loss));
         self.last_eval = Some((step, loss));
-        self.bar.println(format!(
-            "step {step}: eval loss {loss:.4} (ppl {:.2})",
-            loss.exp()
-        ));
+        self.progress.eval(step, loss, elapsed);
         if targets > 0 && self.state.best_eval.is_none_or(|b| loss < b) {
             self.state.best_eval = Some(loss);
             let card = self.p.card_body(step, Some(loss));
@@ -481,7 +484,7 @@ impl<'o> Run<'o> {
     /// Marks the run as stopped early (its checkpoint is written).
     pub fn interrupt(&mut self) {
         self.interrupted = true;
-        self.bar.println(format!(
+        self.progress.message(&format!(
             "interrupted: checkpoint written at step {}; continue with --resume",
             self.state.step
         ));
@@ -490,7 +493,7 @@ impl<'o> Run<'o> {
     /// Saves the final adapter, generates with it, checks the base against its fingerprint,
     /// and writes generations, checks and the summary.
     pub fn finish(mut self) -> Result<Summary> {
-        self.bar.finish_and_clear();
+        self.progress.finish();
         let wall_s = self.start.elapsed().as_secs_f64();
         let eval_loss = match self.last_eval {
             _ if !self.validating() => None,
@@ -710,23 +713,6 @@ fn generations_before(
     let g = p.generate_all(model)?;
     records::write_json(&path, &g)?;
     Ok(g)
-}
-
-/// A progress bar on stderr at `position` of `total` steps, or a hidden one.
-fn progress_bar(show: bool, total: usize, position: usize) -> indicatif::ProgressBar {
-    let bar = if show {
-        indicatif::ProgressBar::new(total as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_position(position as u64);
-    bar
 }
 
 #[cfg(test)]
