@@ -112,7 +112,10 @@ pub fn read_text(path: &Path, ceiling: u64, what: &str) -> Result<String> {
 pub fn sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     if let Some(embedded) = crate::embedded::get(path) {
-        return Ok(format!("{:x}", Sha256::digest(embedded.map_err(Error::Invalid)?)));
+        return Ok(format!(
+            "{:x}",
+            Sha256::digest(embedded.map_err(Error::Invalid)?)
+        ));
     }
     let mut f = open(path)?;
     let mut h = Sha256::new();

@@ -12,6 +12,7 @@ use lorasft::cli::args::{
 };
 use lorasft::cli::commands::{self, TrainOutcome};
 use lorasft::cli::conversation;
+use lorasft::cli::introspect::path_args;
 use lorasft::data::show::Style;
 
 #[derive(Parser)]
@@ -130,7 +131,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::PathArgs => path_args_cmd(),
+        Command::PathArgs => print!("{}", path_args(&<Cli as clap::CommandFactory>::command())),
         Command::Fixture(FixtureCommand::TinyLlama(a)) => {
             a.spec()?.write(a.seed, &a.out)?;
             println!("wrote {} (seed {})", a.out.display(), a.seed);
@@ -220,13 +221,6 @@ fn import_gguf_cmd(
 /// The completion script for `shell`, from the same clap definition as the flags. It is
 /// generated in memory first: clap_complete panics on a failed write, and a closed pipe or a
 /// full disk must be an error instead.
-fn path_args_cmd() {
-    use clap::CommandFactory;
-    for line in lorasft::cli::introspect::path_args(&Cli::command()) {
-        println!("{line}");
-    }
-}
-
 fn completions_cmd(shell: clap_complete::Shell) -> Result<()> {
     use std::io::Write;
     let mut script = Vec::new();

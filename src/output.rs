@@ -363,7 +363,12 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let err = write(&fifo, b"x").unwrap_err().to_string();
         assert!(err.contains("special file"), "{err}");
-        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(
+            std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
         let err = Staged::file(dir.path()).unwrap_err().to_string();
         assert!(err.contains("is a directory"), "{err}");
         let file = dir.path().join("f");

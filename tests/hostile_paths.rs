@@ -66,8 +66,11 @@ impl Fx {
         };
         let model = fx.p("model");
         common::output_ok(lorasft().args(["fixture", "tiny-llama", "--out", &model]));
-        std::fs::copy(common::fixture_tokenizer(), Path::new(&model).join("tokenizer.json"))
-            .unwrap();
+        std::fs::copy(
+            common::fixture_tokenizer(),
+            Path::new(&model).join("tokenizer.json"),
+        )
+        .unwrap();
         common::output_ok(lorasft().args([
             "export-gguf",
             "--model",
@@ -118,11 +121,24 @@ impl Fx {
                 File,
             ),
             "tokenizer from-gguf --out" => (
-                s(&["tokenizer", "from-gguf", &self.p("model.gguf"), "--out", "X"]),
+                s(&[
+                    "tokenizer",
+                    "from-gguf",
+                    &self.p("model.gguf"),
+                    "--out",
+                    "X",
+                ]),
                 OutFile,
             ),
             "tokenizer train-fixture --data" => (
-                s(&["tokenizer", "train-fixture", "--data", "X", "--out", &o("t.json")]),
+                s(&[
+                    "tokenizer",
+                    "train-fixture",
+                    "--data",
+                    "X",
+                    "--out",
+                    &o("t.json"),
+                ]),
                 File,
             ),
             "tokenizer train-fixture --out" => (
@@ -130,22 +146,54 @@ impl Fx {
                 OutFile,
             ),
             "chat render --template" => (
-                s(&["chat", "render", "--template", "X", "--messages", &self.p("messages.json")]),
+                s(&[
+                    "chat",
+                    "render",
+                    "--template",
+                    "X",
+                    "--messages",
+                    &self.p("messages.json"),
+                ]),
                 File,
             ),
             "chat render --messages" => (
-                s(&["chat", "render", "--template", &self.p("chat.jinja"), "--messages", "X"]),
+                s(&[
+                    "chat",
+                    "render",
+                    "--template",
+                    &self.p("chat.jinja"),
+                    "--messages",
+                    "X",
+                ]),
                 File,
             ),
             "train --config" => (
-                s(&["train", "--preset", "smoke", "--max-steps", "1", "--quiet", "--config", "X"])
-                    .into_iter()
-                    .chain(s(&["--out-dir", &o("runs")]))
-                    .collect(),
+                s(&[
+                    "train",
+                    "--preset",
+                    "smoke",
+                    "--max-steps",
+                    "1",
+                    "--quiet",
+                    "--config",
+                    "X",
+                ])
+                .into_iter()
+                .chain(s(&["--out-dir", &o("runs")]))
+                .collect(),
                 File,
             ),
             "train --out-dir" => (
-                s(&["train", "--preset", "smoke", "--max-steps", "1", "--quiet", "--out-dir", "X"]),
+                s(&[
+                    "train",
+                    "--preset",
+                    "smoke",
+                    "--max-steps",
+                    "1",
+                    "--quiet",
+                    "--out-dir",
+                    "X",
+                ]),
                 OutDir,
             ),
             "train --init-adapter" => (
@@ -175,7 +223,12 @@ impl Fx {
                     v.extend(s(&["--out", &o("enc.jsonl")]));
                 }
                 if a.ends_with("--chat-template") {
-                    v.extend(s(&["--template", "chat", "--chat-template", &self.p("chat.jinja")]));
+                    v.extend(s(&[
+                        "--template",
+                        "chat",
+                        "--chat-template",
+                        &self.p("chat.jinja"),
+                    ]));
                 }
                 if a.ends_with("--model") {
                     v.retain(|x| x != "--tokenizer" && x != &tok);
@@ -185,9 +238,21 @@ impl Fx {
             }
             a if a.starts_with("eval ") => {
                 let mut v = s(&["eval", "--model", &model, "--adapter", &adapter]);
-                v.extend(s(&["--tokenizer", &tok, "--data", &data, "--per-record", &o("p.json")]));
+                v.extend(s(&[
+                    "--tokenizer",
+                    &tok,
+                    "--data",
+                    &data,
+                    "--per-record",
+                    &o("p.json"),
+                ]));
                 if a.ends_with("--chat-template") {
-                    v.extend(s(&["--template", "chat", "--chat-template", &self.p("chat.jinja")]));
+                    v.extend(s(&[
+                        "--template",
+                        "chat",
+                        "--chat-template",
+                        &self.p("chat.jinja"),
+                    ]));
                 }
                 return Some(substitute(v, a));
             }
@@ -204,26 +269,58 @@ impl Fx {
             }
             a if a.starts_with("export-gguf ") => {
                 let mut v = s(&["export-gguf", "--model", &model, "--adapter", &adapter]);
-                v.extend(s(&["--tokenizer", &tok, "--type", "f32", "--out", &o("e.gguf")]));
+                v.extend(s(&[
+                    "--tokenizer",
+                    &tok,
+                    "--type",
+                    "f32",
+                    "--out",
+                    &o("e.gguf"),
+                ]));
                 return Some(substitute(v, a));
             }
             "bench --compare" => (
-                s(&["bench", "--shapes", "tiny", "--steps", "1", "--threads", "1", "--compare", "X"]),
+                s(&[
+                    "bench",
+                    "--shapes",
+                    "tiny",
+                    "--steps",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--compare",
+                    "X",
+                ]),
                 File,
             ),
             "bench --json" => (
-                s(&["bench", "--shapes", "tiny", "--steps", "1", "--threads", "1", "--json", "X"]),
+                s(&[
+                    "bench",
+                    "--shapes",
+                    "tiny",
+                    "--steps",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--json",
+                    "X",
+                ]),
                 OutFile,
             ),
             "bench --data" | "bench --tokenizer" => {
-                let mut v = s(&["bench", "--shapes", "tiny", "--steps", "1", "--threads", "1"]);
+                let mut v = s(&[
+                    "bench",
+                    "--shapes",
+                    "tiny",
+                    "--steps",
+                    "1",
+                    "--threads",
+                    "1",
+                ]);
                 v.extend(s(&["--data", &data, "--tokenizer", &tok]));
                 return Some(substitute(v, arg));
             }
-            "bench --memory-gguf" => (
-                s(&["bench", "--memory", "--memory-gguf", "X"]),
-                File,
-            ),
+            "bench --memory-gguf" => (s(&["bench", "--memory", "--memory-gguf", "X"]), File),
             _ => return None,
         };
         Some((args, role))
@@ -369,13 +466,21 @@ fn every_path_argument_refuses_special_files_without_hanging_or_reading_without_
             }
             if !problems.is_empty() {
                 let tail: String = e.stderr.chars().take(400).collect();
-                failures.push(format!("{arg} = {kind}: {}\n    stderr: {tail}", problems.join("; ")));
+                failures.push(format!(
+                    "{arg} = {kind}: {}\n    stderr: {tail}",
+                    problems.join("; ")
+                ));
             }
         }
     }
     eprintln!("{} path arguments, {ran} cases", args.lines().count());
     assert!(ran > 150, "only {ran} cases ran");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Whether `p` is still a FIFO, socket or device.
@@ -410,12 +515,26 @@ fn inputs_one_byte_past_their_ceiling_are_refused_before_they_are_read() {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let cases = [
         (
-            s(&["data", "stats", "--data", &data, "--tokenizer", &fixtures("fixtures/tokenizer.json")]),
+            s(&[
+                "data",
+                "stats",
+                "--data",
+                &data,
+                "--tokenizer",
+                &fixtures("fixtures/tokenizer.json"),
+            ]),
             data.clone(),
             "4096 MiB",
         ),
         (
-            s(&["data", "stats", "--data", &fixtures("fixtures/instructions.json"), "--tokenizer", &tok]),
+            s(&[
+                "data",
+                "stats",
+                "--data",
+                &fixtures("fixtures/instructions.json"),
+                "--tokenizer",
+                &tok,
+            ]),
             tok.clone(),
             "1024 MiB",
         ),
@@ -449,9 +568,7 @@ fn inputs_one_byte_past_their_ceiling_are_refused_before_they_are_read() {
 #[test]
 fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
     let fx = Fx::new();
-    let dry = |set: &str| {
-        s_vec(&["train", "--preset", "smoke", "--dry-run", "--set", set])
-    };
+    let dry = |set: &str| s_vec(&["train", "--preset", "smoke", "--dry-run", "--set", set]);
     for (set, expect) in [
         ("run.name=\"x\"\n[optim]\nlr=5", "--set"),
         ("optim.lr=0.5\noptim.schedule=\"constant\"", "left over"),
@@ -472,7 +589,15 @@ fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
     common::output_ok(lorasft().args(["fixture", "tiny-llama", "--vocab", "16", "--out", &small]));
     let tok = Fx::root("fixtures/tokenizer.json");
     let data = Fx::root("fixtures/instructions.json");
-    let e = run_child(&s_vec(&["eval", "--model", &small, "--tokenizer", &tok, "--data", &data]));
+    let e = run_child(&s_vec(&[
+        "eval",
+        "--model",
+        &small,
+        "--tokenizer",
+        &tok,
+        "--data",
+        &data,
+    ]));
     assert!(
         e.code == Some(1) && e.stderr.contains(&tok) && e.stderr.contains(&small),
         "{}",
@@ -483,7 +608,15 @@ fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
     common::output_ok(lorasft().args(["fixture", "tiny-llama", "--hidden", "96", "--out", &wide]));
     let adapter = fx.p("runs/smoke/adapter");
     let e = run_child(&s_vec(&[
-        "eval", "--model", &wide, "--adapter", &adapter, "--tokenizer", &tok, "--data", &data,
+        "eval",
+        "--model",
+        &wide,
+        "--adapter",
+        &adapter,
+        "--tokenizer",
+        &tok,
+        "--data",
+        &data,
     ]));
     assert!(
         e.code == Some(1) && e.stderr.contains(&adapter) && e.stderr.contains(&wide),
@@ -493,7 +626,11 @@ fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
     // Weights that disagree with their config.json.
     let cfg_path = Path::new(&wide).join("config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, text.replace("\"hidden_size\": 96", "\"hidden_size\": 64")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("\"hidden_size\": 96", "\"hidden_size\": 64"),
+    )
+    .unwrap();
     let e = run_child(&s_vec(&["inspect", "--model", &wide]));
     assert!(
         e.code == Some(1)

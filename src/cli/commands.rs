@@ -71,6 +71,12 @@ pub struct EvalOutput {
 /// is written there (the totals are summed from those same losses).
 pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
     let cfg = a.encode.config()?;
+    // The output is checked before the evaluation, not after it.
+    let per_record = a
+        .per_record
+        .as_deref()
+        .map(crate::output::Staged::file)
+        .transpose()?;
     let m = load(&a.m)?;
     let enc = Encoder::from_file(&m.tokenizer, cfg)?;
     enc.check_vocab(&m.tokenizer, &a.m.model, m.base.model.shape().vocab)?;
@@ -96,7 +102,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
             a.encode.max_len
         )));
     }
-    if let Some(path) = &a.per_record {
+    if let Some(staged) = per_record {
         let per: Vec<serde_json::Value> = examples
             .iter()
             .zip(&sums)
@@ -106,7 +112,8 @@ pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {
             })
             .collect();
         let text = serde_json::to_string_pretty(&per).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::output::write(path, text.as_bytes())?;
+        std::fs::write(staged.path(), text).map_err(|e| Error::io(staged.path(), e))?;
+        staged.commit()?;
     }
     Ok(EvalOutput {
         records: examples.len(),

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-/// One argument that takes a path: the subcommand path (`data stats`), and the flag
+/// One line per argument that takes a path: the subcommand path (`data stats`), and the flag
 /// (`--data`) or, for a positional argument, its value name in angle brackets (`<FILE>`).
-pub fn path_args(root: &clap::Command) -> Vec<String> {
+pub fn path_args(root: &clap::Command) -> String {
     let mut out = Vec::new();
     walk("", root, &mut out);
-    out
+    out.iter().map(|l| format!("{l}\n")).collect()
 }
 
 fn walk(prefix: &str, cmd: &clap::Command, out: &mut Vec<String>) {
@@ -67,7 +67,7 @@ mod tests {
         );
         assert_eq!(
             path_args(&cmd),
-            ["data stats --data", "data stats --model", "data stats <FILE>"]
+            "data stats --data\ndata stats --model\ndata stats <FILE>\n"
         );
     }
 }
