@@ -15,7 +15,7 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::lorasft;
@@ -375,6 +375,8 @@ struct Ended {
 }
 
 /// Runs `args` in a child with the guard timeout; its status, stderr and peak RSS.
+// The child is reaped by `wait4`, which also gives its rusage, not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run_child(args: &[String]) -> Ended {
     let errfile = tempfile::NamedTempFile::new().unwrap();
     let mut child = lorasft()
@@ -417,12 +419,12 @@ fn run_child(args: &[String]) -> Ended {
 /// Whether `kind` is hostile where `role` is expected (a regular file is fine where a file
 /// belongs, a directory where a directory belongs); devices are never offered as outputs.
 fn hostile(kind: &str, role: Role) -> bool {
-    match (kind, role) {
-        ("a regular file", Role::File | Role::OutFile) => false,
-        ("a directory", Role::Dir | Role::OutDir) => false,
-        ("a device", Role::OutFile | Role::OutDir) => false,
-        _ => true,
-    }
+    !matches!(
+        (kind, role),
+        ("a regular file", Role::File | Role::OutFile)
+            | ("a directory", Role::Dir | Role::OutDir)
+            | ("a device", Role::OutFile | Role::OutDir)
+    )
 }
 
 #[test]
