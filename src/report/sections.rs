@@ -516,10 +516,14 @@ pub fn verification(c: &Ctx, r: &mut String) {
 /// Curves, the step-0 validation loss and the per-step table.
 pub fn results(c: &Ctx, r: &mut String, loss_svg: &str, lr_svg: &str) {
     let metrics = &c.rec.metrics;
+    let validation = c.rec.data.has_validation();
     let _ = writeln!(r, "## Results\n");
     let _ = writeln!(r, "![loss]({loss_svg})\n\n![learning rate]({lr_svg})\n");
-    if !c.rec.data.has_validation() {
-        return train_only_results(c, r);
+    if !validation {
+        let _ = writeln!(
+            r,
+            "There was no validation set (data.validation = \"none\"): every record trained, nothing was evaluated, and the adapter is the final one.\n"
+        );
     }
     if let Some(m0) = metrics.iter().find(|m| m.is_eval() && m.step == 0) {
         let _ = writeln!(
@@ -529,38 +533,32 @@ pub fn results(c: &Ctx, r: &mut String, loss_svg: &str, lr_svg: &str) {
             m0.loss.exp()
         );
     }
-    let _ = writeln!(
-        r,
-        "| step | train loss | validation loss | lr | grad norm |\n|---|---|---|---|---|"
-    );
+    // A run with no validation set has no validation column.
+    let (head, rule) = if validation {
+        (
+            "| step | train loss | validation loss | lr | grad norm |",
+            "|---|---|---|---|---|",
+        )
+    } else {
+        (
+            "| step | train loss | lr | grad norm |",
+            "|---|---|---|---|",
+        )
+    };
+    let _ = writeln!(r, "{head}\n{rule}");
     for m in metrics.iter().filter(|m| m.is_train()) {
         let ev = metrics
             .iter()
             .find(|e| e.is_eval() && e.step == m.step)
-            .map_or(String::new(), |e| format!("{:.4}", e.loss));
+            .map_or(String::new(), |e| format!("{:.4} | ", e.loss));
+        let ev = if validation && ev.is_empty() {
+            " | ".to_string()
+        } else {
+            ev
+        };
         let _ = writeln!(
             r,
-            "| {} | {:.4} | {ev} | {:.3e} | {:.3} |",
-            m.step,
-            m.loss,
-            m.lr.unwrap_or(0.0),
-            m.grad_norm.unwrap_or(0.0)
-        );
-    }
-    let _ = writeln!(r, "{RULE}");
-}
-
-/// The per-step table of a run with no validation set, which says so in place of the
-/// validation column.
-fn train_only_results(c: &Ctx, r: &mut String) {
-    let _ = writeln!(
-        r,
-        "There was no validation set (data.validation = \"none\"): every record trained, nothing was evaluated, and the adapter is the final one.\n\n| step | train loss | lr | grad norm |\n|---|---|---|---|"
-    );
-    for m in c.rec.metrics.iter().filter(|m| m.is_train()) {
-        let _ = writeln!(
-            r,
-            "| {} | {:.4} | {:.3e} | {:.3} |",
+            "| {} | {:.4} | {ev}{:.3e} | {:.3} |",
             m.step,
             m.loss,
             m.lr.unwrap_or(0.0),
