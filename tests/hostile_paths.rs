@@ -646,3 +646,33 @@ fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
 fn s_vec(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
+
+#[test]
+fn a_hub_cache_whose_snapshot_files_are_symlinks_into_blobs_still_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::output_ok(
+        lorasft()
+            .args(["fixture", "tiny-llama", "--seed", "2", "--out"])
+            .arg(&model),
+    );
+    // The hf-hub layout: snapshots/REV/FILE -> ../../blobs/HASH.
+    let repo = tmp.path().join("hub/models--org--tiny");
+    let (blobs, snap) = (repo.join("blobs"), repo.join("snapshots/rev1"));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "rev1").unwrap();
+    for (i, f) in ["config.json", "model.safetensors"].iter().enumerate() {
+        let blob = format!("blob{i}");
+        std::fs::copy(model.join(f), blobs.join(&blob)).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(f)).unwrap();
+    }
+    let out = common::stdout_ok(
+        lorasft()
+            .args(["inspect", "--model", "org/tiny"])
+            .env("HF_HOME", tmp.path())
+            .env("HF_HUB_OFFLINE", "1"),
+    );
+    assert!(out.contains("counted from loaded tensors"), "{out}");
+}
