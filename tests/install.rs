@@ -32,8 +32,23 @@ fn run_in(exe: &Path, cwd: &Path, home: &Path) -> Command {
     c
 }
 
+/// Runs `c` and waits for it. A child another test thread forks while this thread's copy of
+/// the binary is still open for writing inherits that descriptor until its own exec, and an
+/// exec of the copy meanwhile fails with ETXTBSY ("text file busy"): that is retried.
+fn output(c: &mut Command) -> std::process::Output {
+    for _ in 0..50 {
+        match c.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.unwrap(),
+        }
+    }
+    c.output().unwrap()
+}
+
 fn ok(c: &mut Command) -> (String, String) {
-    let out = c.output().unwrap();
+    let out = output(c);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -101,11 +116,10 @@ fn the_smoke_preset_trains_from_an_empty_directory_on_its_embedded_fixtures() {
     );
 
     // A misspelt embedded file is an error naming the ones there are.
-    let out = run_in(&exe, &cwd, &home)
-        .args(["train", "--preset", "smoke", "--quiet", "--overwrite"])
-        .args(["--set", "data.path=\"embedded:fixtures/nope.json\""])
-        .output()
-        .unwrap();
+    let mut out = run_in(&exe, &cwd, &home);
+    out.args(["train", "--preset", "smoke", "--quiet", "--overwrite"])
+        .args(["--set", "data.path=\"embedded:fixtures/nope.json\""]);
+    let out = output(&mut out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
