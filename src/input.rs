@@ -30,7 +30,7 @@ pub const CONFIG_CEILING: u64 = 16 << 20;
 pub const ADAPTER_CEILING: u64 = 16 << 30;
 
 /// What a file type is, in words, for errors.
-fn kind(ft: &std::fs::FileType) -> &'static str {
+pub(crate) fn kind(ft: &std::fs::FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
@@ -108,7 +108,7 @@ pub fn read_text(path: &Path, ceiling: u64, what: &str) -> Result<String> {
         .map_err(|_| Error::Invalid(format!("{}: not UTF-8 text", path.display())))
 }
 
-/// SHA-256 of an input file, hex, read in 1 MiB pieces so memory stays flat whatever its size.
+/// SHA-256 of an input file, hex, streamed so memory stays flat whatever its size.
 pub fn sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     if let Some(embedded) = crate::embedded::get(path) {
@@ -117,16 +117,8 @@ pub fn sha256(path: &Path) -> Result<String> {
             Sha256::digest(embedded.map_err(Error::Invalid)?)
         ));
     }
-    let mut f = open(path)?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    std::io::copy(&mut open(path)?, &mut h).map_err(|e| Error::io(path, e))?;
     Ok(format!("{:x}", h.finalize()))
 }
 

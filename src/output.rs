@@ -165,11 +165,11 @@ fn refuse_other_kind(target: &Path, is_dir: bool) -> Result<()> {
     };
     let t = meta.file_type();
     let what = if t.is_file() {
-        "a regular file"
+        "a regular file".to_string()
     } else if t.is_dir() {
-        "a directory"
+        "a directory".to_string()
     } else {
-        "a special file (a FIFO, socket or device)"
+        format!("{} (a special file)", crate::input::kind(&t))
     };
     let fits = if is_dir { t.is_dir() } else { t.is_file() };
     if fits {

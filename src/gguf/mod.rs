@@ -349,15 +349,10 @@ impl Gguf {
     /// its source, so the weights can be traced to the exact file. Streams the file.
     pub fn sha256(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
         match &self.source {
-            Source::File(p) => {
-                let mut f = crate::input::open(p)?;
-                std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
-            }
-            Source::Bytes(b) => h.update(b),
+            Source::File(p) => crate::input::sha256(p),
+            Source::Bytes(b) => Ok(format!("{:x}", Sha256::digest(b))),
         }
-        Ok(format!("{:x}", h.finalize()))
     }
 
     /// Reads and parses a GGUF file's header (versions 2 and 3). Only the metadata and the

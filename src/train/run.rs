@@ -185,13 +185,10 @@ impl<'o> Run<'o> {
         let owned = RunDir::claim(&dir, claim(&p.cfg, &dir, opts, resume_from.is_some())?)?;
         // Base tensors only: the adapter attached above does not enter it.
         let fingerprint_before = Fingerprint::of(&model)?;
+        // Built once: it hashes the data and tokenizer files, which may be gigabytes.
+        let manifest = p.manifest(&fingerprint_before)?;
         let changes = match resume_from {
-            Some(_) => continuation::check(
-                &dir,
-                &p.cfg,
-                &p.manifest(&fingerprint_before)?,
-                opts.allow_config_change,
-            )?,
+            Some(_) => continuation::check(&dir, &p.cfg, &manifest, opts.allow_config_change)?,
             None => Vec::new(),
         };
         let config_path = dir.join(files::CONFIG);
@@ -206,10 +203,7 @@ impl<'o> Run<'o> {
             updater.opt.restore(step, m, v)?;
         }
         continuation::record(&dir, state.step, changes)?;
-        records::write_json(
-            &dir.join(files::MANIFEST),
-            &p.manifest(&fingerprint_before)?,
-        )?;
+        records::write_json(&dir.join(files::MANIFEST), &manifest)?;
         records::write_json(&dir.join(files::DATA), &p.data_record())?;
         let checks = initial_checks(&model, &fingerprint_before);
         let before = generations_before(&p, &model, &dir, resume_from.is_some())?;
