@@ -163,6 +163,17 @@ pub enum Error {
         /// The newest checkpoint whose adapter is good (`latest` points at it), or "none".
         checkpoint: String,
     },
+    /// The ranks of a data-parallel job hold different values where they must be equal: the
+    /// job stops rather than train on.
+    #[error(
+        "rank {rank}'s {what} differs from rank 0's: the ranks no longer compute the same run; the job stops (the last checkpoint is intact; resume from it)"
+    )]
+    RanksDisagree {
+        /// The first rank that differs.
+        rank: usize,
+        /// What differs ("adapter after step 12", "config and data").
+        what: String,
+    },
     /// A LoRA hyper-parameter or target is invalid; the message quotes the value given.
     #[error("invalid LoRA config: {0}")]
     LoraConfig(String),

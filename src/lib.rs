@@ -25,6 +25,7 @@ pub mod progress;
 pub mod rng;
 pub mod sys;
 pub mod thread_tuning;
+pub mod world;
 
 pub mod chat;
 pub mod data;

@@ -14,6 +14,7 @@ use lorasft::cli::commands::{self, TrainOutcome};
 use lorasft::cli::conversation;
 use lorasft::cli::introspect::path_args;
 use lorasft::data::show::Style;
+use lorasft::world::{Single, World};
 
 #[derive(Parser)]
 #[command(
@@ -123,13 +124,15 @@ fn main() {
     // SAFETY: first thing in main; no other thread exists yet.
     unsafe { lorasft::thread_tuning::park_idle_workers() };
     lorasft::alloc_tuning::keep_freed_memory();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let cli = Cli::parse();
+    let world = lorasft::world::init().unwrap_or_else(|e| commands::fail(&Single, &e.to_string()));
+    if let Err(e) = run(cli, world.as_ref()) {
+        commands::fail(world.as_ref(), &format!("{e:#}"));
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, world: &dyn World) -> Result<()> {
+    commands::only_train_on_ranks(world, matches!(cli.command, Command::Train(_)))?;
     match cli.command {
         Command::PathArgs => print!("{}", path_args(&<Cli as clap::CommandFactory>::command())),
         Command::Fixture(FixtureCommand::TinyLlama(a)) => {
@@ -156,7 +159,7 @@ fn run(cli: Cli) -> Result<()> {
             out.write_all(text.as_bytes())?;
             out.flush()?;
         }
-        Command::Train(a) => train_cmd(&a)?,
+        Command::Train(a) => train_cmd(&a, world)?,
         Command::Eval(a) => {
             let e = commands::eval(&a)?;
             println!(
@@ -251,12 +254,13 @@ fn data_cmd(d: DataCommand) -> Result<()> {
     Ok(())
 }
 
-fn train_cmd(a: &TrainArgs) -> Result<()> {
-    match commands::train(a, &mut std::io::stderr())? {
+fn train_cmd(a: &TrainArgs, world: &dyn World) -> Result<()> {
+    match commands::train(a, world, &mut std::io::stderr())? {
         TrainOutcome::DryRun(toml) => print!("{toml}"),
         TrainOutcome::Trained(summary, report) => {
             print!("{}", commands::summary_text(&summary, &report))
         }
+        TrainOutcome::Shared => {}
     }
     Ok(())
 }

@@ -42,6 +42,20 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// This generator moved on by `draws` values of [`Rng::next_u64`] without drawing them.
+    ///
+    /// SplitMix64 is counter-based: each draw adds one constant to the state, so jumping is
+    /// one multiply. This is how the dropout stream is shared out: the mask of global
+    /// micro-batch k of a step starts at the step's state moved on by every draw of micro-batches
+    /// 0..k, whichever rank or thread computes it, and the bits are those of one serial stream.
+    pub fn jumped(&self, draws: u64) -> Self {
+        Self {
+            state: self
+                .state
+                .wrapping_add(0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(draws)),
+        }
+    }
+
     /// A uniform float in [0, 1) with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -111,6 +125,26 @@ mod tests {
             let u = r.uniform(-0.5, 0.25);
             assert!((-0.5..0.25).contains(&u));
         }
+    }
+
+    #[test]
+    fn a_jump_lands_where_the_draws_would_have() {
+        let start = Rng::derive(5, "dropout");
+        let mut serial = start.clone();
+        for n in [0u64, 1, 7, 1000] {
+            let jumped = start.jumped(n);
+            let mut walked = start.clone();
+            for _ in 0..n {
+                walked.next_u64();
+            }
+            assert_eq!(jumped, walked, "{n} draws");
+        }
+        // Jumps compose: 3 then 4 is 7.
+        assert_eq!(start.jumped(3).jumped(4), start.jumped(7));
+        for _ in 0..7 {
+            serial.next_u64();
+        }
+        assert_eq!(serial, start.jumped(7));
     }
 
     #[test]

@@ -27,9 +27,10 @@ use crate::train::eval::{batch_loss_sums, mean_loss};
 use crate::train::prepare::Prepared;
 use crate::train::prepare::prepare;
 use crate::train::reproduce::Reproduction;
-use crate::train::run::{RunOptions, train as run_training};
+use crate::train::run::{RunOptions, train_on};
 use crate::train::run_dir::{Claim, RunDir};
 use crate::verify::trainable_params_line;
+use crate::world::{self, World};
 
 /// A model as a command runs it: with the adapter attached (if any), the base beside it, and
 /// the tokenizer to use.
@@ -370,8 +371,8 @@ pub fn startup_line(p: &Prepared) -> String {
     line
 }
 
-/// A flag Ctrl-C sets: the run stops after its current step with a checkpoint. A second
-/// Ctrl-C exits at once with status 130.
+/// A flag Ctrl-C and SIGTERM (Slurm's preemption signal) set: the run stops after its
+/// current step with a checkpoint. A second signal exits at once with status 130.
 pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -380,11 +381,45 @@ pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
             std::process::exit(130);
         }
         eprintln!(
-            "\nCtrl-C: finishing the current step and writing a checkpoint (press again to abort)"
+            "\nCtrl-C or SIGTERM: finishing the current step and writing a checkpoint (press again to abort)"
         );
     })
     .map_err(|e| Error::Invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
     Ok(stop)
+}
+
+/// Ends the process after `message`: one process exits with status 1. A rank of a
+/// data-parallel job names itself and ends the whole job (`MPI_Abort`), so no rank waits
+/// forever; a rank other than 0 first gives rank 0 a few seconds to finish what it is writing
+/// (rolling back a checkpoint after a non-finite loss, which every rank meets at once).
+pub fn fail(world: &dyn World, message: &str) -> ! {
+    if world.size() == 1 {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+    eprintln!(
+        "error: rank {} of {}: {message}",
+        world.rank(),
+        world.size()
+    );
+    if !world::is_writer(world) {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
+    world.abort(1)
+}
+
+/// Refuses every command but `train` on several ranks: nothing else is data-parallel, and N
+/// copies of it would do the same work N times (or write one file N times).
+pub fn only_train_on_ranks(world: &dyn World, is_train: bool) -> Result<()> {
+    if world.size() == 1 || is_train {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "this command runs in one process; only `lorasft train` runs on several ranks \
+         (this is rank {} of {})",
+        world.rank(),
+        world.size()
+    )))
 }
 
 /// Writes REPORT.md of a finished run while holding the run directory's lock, as the run
@@ -400,17 +435,29 @@ pub enum TrainOutcome {
     DryRun(String),
     /// The run's summary and its report.
     Trained(Box<Summary>, PathBuf),
+    /// A rank other than 0 of a data-parallel job trained its share; rank 0 reports.
+    Shared,
 }
 
 /// `lorasft train`: resolves the config, fetches missing demo assets, prepares, says what it
 /// prepared on `progress` (before the long part), trains and writes the report.
-pub fn train(a: &TrainArgs, progress: &mut dyn std::io::Write) -> Result<TrainOutcome> {
+///
+/// On several ranks, rank 0 fetches and prepares first (importing a GGUF base, say) while the
+/// others wait, then they prepare from what it left; only rank 0 prints and writes.
+pub fn train(
+    a: &TrainArgs,
+    world: &dyn World,
+    progress: &mut dyn std::io::Write,
+) -> Result<TrainOutcome> {
+    let writer = world::is_writer(world);
     let mut cfg = a.config_source().resolve()?;
     if a.dry_run {
         crate::train::prepare::adopt_init_adapter(&mut cfg)?;
         return Ok(TrainOutcome::DryRun(cfg.to_toml()?));
     }
-    crate::assets::ensure(&cfg)?;
+    if writer {
+        crate::assets::ensure(&cfg)?;
+    }
     let opts = RunOptions {
         resume: a.resume,
         overwrite: a.overwrite,
@@ -419,10 +466,17 @@ pub fn train(a: &TrainArgs, progress: &mut dyn std::io::Write) -> Result<TrainOu
         stop_at_step: None,
         allow_config_change: a.allow_config_change,
     };
-    let prepared = prepare(cfg)?;
+    let prepared = match writer {
+        true => prepare(cfg).and_then(|p| world.broadcast(Vec::new()).map(|_| p))?,
+        false => world.broadcast(Vec::new()).and_then(|_| prepare(cfg))?,
+    };
+    if !writer {
+        train_on(world, prepared, &opts)?;
+        return Ok(TrainOutcome::Shared);
+    }
     let startup = opts.progress.message_line(&startup_line(&prepared));
     writeln!(progress, "{startup}").map_err(|e| Error::io("standard error", e))?;
-    let summary = run_training(prepared, &opts)?;
+    let summary = train_on(world, prepared, &opts)?;
     let report = write_report_locked(&summary.run_dir)?;
     Ok(TrainOutcome::Trained(Box::new(summary), report))
 }

@@ -342,6 +342,26 @@ impl Llama {
         self.lora = None;
     }
 
+    /// How many values of the seeded generator one training forward of `tokens` positions
+    /// draws for its dropout masks: one per input element of every adapter with dropout, on
+    /// the CPU (an accelerator draws its masks on the device, none from the generator). The
+    /// trainer jumps the dropout stream by this much per micro-batch, so any rank or thread can
+    /// start a micro-batch's masks where one serial run would.
+    pub fn dropout_draws(&self, tokens: usize) -> u64 {
+        if !self.device().is_cpu() {
+            return 0;
+        }
+        let per_token: u64 = self
+            .layers
+            .iter()
+            .flat_map(|l| l.proj.iter())
+            .filter_map(Linear::lora)
+            .filter(|l| l.dropout > 0.0)
+            .map(|l| l.a.dims()[1] as u64)
+            .sum();
+        per_token * tokens as u64
+    }
+
     /// Every adapter tensor with its PEFT name
     /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), A before B.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {

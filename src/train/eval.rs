@@ -11,6 +11,7 @@ use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 use crate::model::{Llama, Mode};
 use crate::progress;
+use crate::world::{Single, World};
 
 /// Summed loss and target count of each micro-batch of `batch_size` rows, planned in file
 /// order by the encoder's batching mode (no dropout); progress is counted in examples.
@@ -21,11 +22,25 @@ pub fn batch_loss_sums(
     batch_size: usize,
     progress: progress::Mode,
 ) -> Result<Vec<(f64, usize)>> {
+    batch_loss_sums_on(&Single, model, encoder, examples, batch_size, progress)
+}
+
+/// [`batch_loss_sums`] sharded over the ranks: each computes its block of the batches, and every
+/// rank gets every batch's pair, in batch order (so the mean folds as one process folds it).
+pub fn batch_loss_sums_on(
+    world: &dyn World,
+    model: &Llama,
+    encoder: &Encoder,
+    examples: &[Example],
+    batch_size: usize,
+    progress: progress::Mode,
+) -> Result<Vec<(f64, usize)>> {
     let lengths = examples.iter().map(|e| e.ids.len()).collect();
     let cfg = encoder.config();
+    let plan = Planner::new(cfg.batching, lengths, cfg.max_len, batch_size, 0, false).epoch(0);
+    let mine = crate::world::owned(world.rank(), world.size(), plan.len());
     let mut task = progress.task("eval", examples.len() as u64, "examples");
-    let sums = Planner::new(cfg.batching, lengths, cfg.max_len, batch_size, 0, false)
-        .epoch(0)
+    let sums: Result<Vec<(f64, usize)>> = plan[mine]
         .iter()
         .map(|micro| {
             let rows = batching::collate(encoder, micro, examples);
@@ -36,7 +51,15 @@ pub fn batch_loss_sums(
         })
         .collect();
     task.finish();
-    sums
+    let local: Vec<u64> = sums?
+        .into_iter()
+        .flat_map(|(sum, targets)| [sum.to_bits(), targets as u64])
+        .collect();
+    let all = crate::world::gather_items(world, plan.len(), 2, &local)?;
+    Ok(all
+        .chunks_exact(2)
+        .map(|w| (f64::from_bits(w[0]), w[1] as usize))
+        .collect())
 }
 
 /// Mean loss per target token and target count over (loss sum, targets) pairs; 0 without targets.
@@ -61,7 +84,19 @@ pub fn evaluate(
     examples: &[Example],
     batch_size: usize,
 ) -> Result<(f64, usize)> {
-    Ok(mean_loss(&batch_loss_sums(
+    evaluate_on(&Single, model, encoder, examples, batch_size)
+}
+
+/// [`evaluate`] sharded over the ranks.
+pub fn evaluate_on(
+    world: &dyn World,
+    model: &Llama,
+    encoder: &Encoder,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<(f64, usize)> {
+    Ok(mean_loss(&batch_loss_sums_on(
+        world,
         model,
         encoder,
         examples,

@@ -26,13 +26,14 @@ use crate::records::{self, Metric, MetricKind, RunChecks, Summary, files};
 use crate::train::checkpoint::{self, KEEP_CHECKPOINTS, LoopState};
 use crate::train::config::TrainConfig;
 use crate::train::continuation;
-use crate::train::eval::evaluate;
+use crate::train::eval::evaluate_on;
 use crate::train::prepare::Prepared;
 use crate::train::run_dir::{Claim, RunDir};
 use crate::train::schedule::lambda;
-use crate::train::step::{StepOutcome, Updater, nonzero_grads};
+use crate::train::step::{StepBatches, StepOutcome, Updater, nonzero_grads};
 use crate::train::tensorboard::EventLog;
 use crate::verify::{Fingerprint, trainable_params_line};
+use crate::world::{self, Single, World};
 
 /// How a run is started.
 #[derive(Debug, Clone, Default)]
@@ -99,13 +100,21 @@ fn micro_at(plan: &[MicroBatch], cursor: usize) -> Result<usize> {
 /// Runs training for a prepared run; writes metrics, checkpoints, the adapter, generations,
 /// checks and the summary into the run directory.
 pub fn train(p: Prepared, opts: &RunOptions) -> Result<Summary> {
-    let mut run = Run::open(p, opts)?;
+    train_on(&Single, p, opts)
+}
+
+/// [`train`] as one rank of a data-parallel job: every rank runs this loop on its share of
+/// each step's micro-batches and of each evaluation, and rank 0 alone writes (it returns the
+/// summary it wrote; the others return theirs unwritten). The result is bit-identical to one
+/// process for any number of ranks that divides `train.grad_accum`.
+pub fn train_on(world: &dyn World, p: Prepared, opts: &RunOptions) -> Result<Summary> {
+    let mut run = Run::open(world, p, opts)?;
     run.evaluate_baseline()?;
     while !run.finished() {
         let micro = run.next_batch()?;
         let trained = run.step(&micro)?;
         run.log(trained)?;
-        let stop = run.stop_requested();
+        let stop = run.stop_requested()?;
         run.evaluate_if_due()?;
         run.checkpoint_if_due(stop)?;
         if stop && !run.finished() {
@@ -134,8 +143,11 @@ pub struct Trained {
 pub struct Run<'o> {
     p: Prepared,
     opts: &'o RunOptions,
+    /// The job's ranks; rank 0 writes.
+    world: &'o dyn World,
     dir: PathBuf,
-    _owned: RunDir,
+    /// The directory's lock, held by the writing rank.
+    _owned: Option<RunDir>,
     model: Llama,
     updater: Updater,
     state: LoopState,
@@ -166,48 +178,61 @@ impl<'o> Run<'o> {
     /// Opens the run directory, then resumes from its latest checkpoint or starts fresh
     /// (a new adapter, or the configured starting adapter); writes the manifest and data
     /// records and the generations with the starting adapter.
-    pub fn open(p: Prepared, opts: &'o RunOptions) -> Result<Self> {
+    pub fn open(world: &'o dyn World, p: Prepared, opts: &'o RunOptions) -> Result<Self> {
         let dir = run_dir(&p.cfg);
+        let writer = world::is_writer(world);
+        check_world(world, &p.cfg)?;
         let planner = planner(&p.cfg, &p.train);
         let total = total_steps(&p.cfg, planner.micro_per_epoch());
         let mut model = p.base.model.clone();
         model.set_recompute(p.cfg.train.gradient_checkpointing);
-        let resume_from = if opts.resume {
-            checkpoint::latest(&dir)?
-        } else {
-            None
+        // Base tensors only: the adapter attached below does not enter it.
+        let fingerprint_before = Fingerprint::of(&model)?;
+        // The writer decides, claims and records; the other ranks learn what it found.
+        let opened = match writer {
+            true => Some(open_as_writer(
+                &p,
+                opts,
+                &dir,
+                &fingerprint_before,
+                &mut model,
+            )?),
+            false => None,
         };
-        // The starting adapter is attached before the directory is touched, so a bad one
-        // leaves nothing behind; the claim then locks the directory for this run alone.
-        if resume_from.is_none() {
+        let resume_from = share_path(world, opened.as_ref().and_then(|o| o.resume_from.clone()))?;
+        if !writer && resume_from.is_none() {
             start_adapter(&p.cfg, &mut model)?;
         }
-        let owned = RunDir::claim(&dir, claim(&p.cfg, &dir, opts, resume_from.is_some())?)?;
-        // Base tensors only: the adapter attached above does not enter it.
-        let fingerprint_before = Fingerprint::of(&model)?;
-        // Built once: it hashes the data and tokenizer files, which may be gigabytes.
-        let manifest = p.manifest(&fingerprint_before)?;
-        let changes = match resume_from {
-            Some(_) => continuation::check(&dir, &p.cfg, &manifest, opts.allow_config_change)?,
-            None => Vec::new(),
-        };
-        let config_path = dir.join(files::CONFIG);
-        crate::sys::write_atomic(&config_path, p.cfg.to_toml()?.as_bytes())
-            .map_err(|(path, e)| Error::io(path, e))?;
         let (mut state, opt_state) =
-            restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model)?;
-        let tensorboard = open_tensorboard(&p.cfg, &dir, &mut state)?;
+            restore_or_start(&p.cfg, &dir, resume_from.as_deref(), &mut model, writer)?;
+        let tensorboard = match writer {
+            true => open_tensorboard(&p.cfg, &dir, &mut state)?,
+            false => None,
+        };
         let mut updater =
             Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
         if let Some((step, m, v)) = opt_state {
             updater.opt.restore(step, m, v)?;
         }
-        continuation::record(&dir, state.step, changes)?;
-        records::write_json(&dir.join(files::MANIFEST), &manifest)?;
-        records::write_json(&dir.join(files::DATA), &p.data_record())?;
+        let owned = match opened {
+            Some(o) => Some(write_open_records(&p, &dir, o, state.step)?),
+            None => None,
+        };
+        world::agree(
+            world,
+            "config, data and starting adapter",
+            &start_digest(&p, &model, &state)?,
+        )?;
         let checks = initial_checks(&model, &fingerprint_before);
-        let before = generations_before(&p, &model, &dir, resume_from.is_some())?;
-        let progress = Steps::new(opts.progress, total, state.step);
+        let before = match writer {
+            true => generations_before(&p, &model, &dir, resume_from.is_some())?,
+            false => Vec::new(),
+        };
+        let progress = Steps::new(
+            if writer { opts.progress } else { Mode::Quiet },
+            total,
+            state.step,
+        );
         let plan = planner.epoch(state.epoch);
         let next_micro = micro_at(&plan, state.cursor)?;
         Ok(Self {
@@ -217,6 +242,7 @@ impl<'o> Run<'o> {
             tokens_at_start: (state.tokens_seen, state.padded_tokens_seen),
             p,
             opts,
+            world,
             dir,
             _owned: owned,
             model,
@@ -261,11 +287,13 @@ impl<'o> Run<'o> {
         Ok(())
     }
 
-    /// The next `grad_accum` micro-batches, continuing across epochs.
-    pub fn next_batch(&mut self) -> Result<Vec<Batch>> {
-        let cfg = &self.p.cfg;
-        let mut micro = Vec::with_capacity(cfg.train.grad_accum);
-        for _ in 0..cfg.train.grad_accum {
+    /// The next `grad_accum` micro-batches, continuing across epochs: every rank walks the
+    /// same plan, collates only the block it owns and learns every micro-batch's counts.
+    pub fn next_batch(&mut self) -> Result<StepBatches> {
+        let n = self.p.cfg.train.grad_accum;
+        let mine = world::owned(self.world.rank(), self.world.size(), n);
+        let mut owned = Vec::with_capacity(mine.len());
+        for k in 0..n {
             if self.next_micro >= self.plan.len() {
                 self.state.epoch += 1;
                 self.state.cursor = 0;
@@ -275,20 +303,23 @@ impl<'o> Run<'o> {
             let planned = &self.plan[self.next_micro];
             self.next_micro += 1;
             self.state.cursor += planned.examples();
-            let rows = batching::collate(&self.p.encoder, planned, &self.p.train);
-            micro.push(Batch::from_rows(&rows, self.model.device())?);
+            if mine.contains(&k) {
+                let rows = batching::collate(&self.p.encoder, planned, &self.p.train);
+                owned.push(Batch::from_rows(&rows, self.model.device())?);
+            }
         }
-        Ok(micro)
+        StepBatches::shard(self.world, &self.model, n, owned)
     }
 
     /// One optimizer step (`train::step`). A step without loss targets or with overflowed f16
     /// gradients is skipped and counted; a non-finite loss or gradient norm ends the run,
     /// naming the last checkpoint.
-    pub fn step(&mut self, micro: &[Batch]) -> Result<Option<Trained>> {
+    pub fn step(&mut self, micro: &StepBatches) -> Result<Option<Trained>> {
         let cfg = &self.p.cfg;
         let lr =
             cfg.optim.lr * lambda(cfg.optim.schedule, self.state.step, self.warmup, self.total);
-        let report = self.updater.step(
+        let report = self.updater.step_on(
+            self.world,
             &self.model,
             micro,
             &mut self.state.loss_scaler,
@@ -296,10 +327,7 @@ impl<'o> Run<'o> {
             lr,
         )?;
         self.state.tokens_seen += report.real_tokens as u64;
-        self.state.padded_tokens_seen += micro
-            .iter()
-            .map(|b| b.input_ids.elem_count() as u64)
-            .sum::<u64>();
+        self.state.padded_tokens_seen += micro.padded_tokens() as u64;
         let (loss, targets) = (report.loss(), report.targets);
         let next = self.state.step + 1;
         let trained = match report.outcome {
@@ -408,13 +436,16 @@ impl<'o> Run<'o> {
         Ok(())
     }
 
-    /// Whether Ctrl-C (or `stop_at_step`) asks the run to stop after this step.
-    pub fn stop_requested(&self) -> bool {
-        self.opts
+    /// Whether Ctrl-C or SIGTERM (or `stop_at_step`) asks the run to stop after this step, on
+    /// any rank: the ranks vote, so all stop after the same step.
+    pub fn stop_requested(&self) -> Result<bool> {
+        let here = self
+            .opts
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::SeqCst))
-            || self.opts.stop_at_step == Some(self.state.step)
+            || self.opts.stop_at_step == Some(self.state.step);
+        world::any(self.world, here)
     }
 
     /// The validation loss every `eval_every` steps and at the end; a new best is saved as
@@ -439,6 +470,9 @@ impl<'o> Run<'o> {
         self.progress.eval(step, loss, elapsed);
         if targets > 0 && self.state.best_eval.is_none_or(|b| loss < b) {
             self.state.best_eval = Some(loss);
+            if !world::is_writer(self.world) {
+                return Ok(());
+            }
             let card = self.p.card_body(step, Some(loss));
             adapter::save(
                 &self.model,
@@ -455,6 +489,11 @@ impl<'o> Run<'o> {
     pub fn checkpoint_if_due(&mut self, stop: bool) -> Result<()> {
         let every = self.p.cfg.train.save_every;
         if (every > 0 && self.state.step.is_multiple_of(every)) || self.finished() || stop {
+            self.check_ranks_agree()?;
+            crate::sys::crash_point(&format!("rank{}-checkpoint", self.world.rank()));
+            if !world::is_writer(self.world) {
+                return Ok(());
+            }
             // The metrics a checkpoint counts are on disk before the checkpoint is.
             let metrics = self.dir.join(files::METRICS);
             if metrics.exists() {
@@ -499,6 +538,10 @@ impl<'o> Run<'o> {
             return Err(self.diverged("validation loss", loss, step, step));
         }
         let adapter_dir = self.dir.join("adapter");
+        self.check_ranks_agree()?;
+        if !world::is_writer(self.world) {
+            return Ok(self.summary(adapter_dir, eval_loss, wall_s, Vec::new()));
+        }
         let card = self.p.card_body(self.state.step, eval_loss);
         adapter::save(&self.model, &adapter_dir, &self.p.base.base_ref, &card)?;
         self.p.write_tokenizer_files(&adapter_dir)?;
@@ -509,7 +552,30 @@ impl<'o> Run<'o> {
             .collect();
         records::write_json(&self.dir.join(files::GENERATIONS), &generations)?;
         self.final_checks()?;
-        let summary = Summary {
+        let summary = self.summary(adapter_dir, eval_loss, wall_s, generations);
+        records::write_json(&self.dir.join(files::SUMMARY), &summary)?;
+        let updates = summary.steps - summary.skipped_steps - summary.overflow_steps;
+        if updates == 0 && !summary.interrupted {
+            return Err(Error::Invalid(format!(
+                "{}: nothing was trained: none of the {} steps applied an update ({} had no loss target, {} overflowed); check encode.labels and encode.max_len against the data (the run's records are written: `lorasft report --run` shows them)",
+                self.dir.display(),
+                summary.steps,
+                summary.skipped_steps,
+                summary.overflow_steps
+            )));
+        }
+        Ok(summary)
+    }
+
+    /// The run's summary as it stands.
+    fn summary(
+        &self,
+        adapter_dir: PathBuf,
+        eval_loss: Option<f64>,
+        wall_s: f64,
+        generations: Vec<(Generation, Generation)>,
+    ) -> Summary {
+        Summary {
             run_dir: self.dir.clone(),
             adapter_dir,
             steps: self.state.step,
@@ -526,26 +592,28 @@ impl<'o> Run<'o> {
             clipped_steps: self.state.clipped_steps,
             interrupted: self.interrupted,
             generations,
-        };
-        records::write_json(&self.dir.join(files::SUMMARY), &summary)?;
-        let updates = summary.steps - summary.skipped_steps - summary.overflow_steps;
-        if updates == 0 && !summary.interrupted {
-            return Err(Error::Invalid(format!(
-                "{}: nothing was trained: none of the {} steps applied an update ({} had no loss target, {} overflowed); check encode.labels and encode.max_len against the data (the run's records are written: `lorasft report --run` shows them)",
-                self.dir.display(),
-                summary.steps,
-                summary.skipped_steps,
-                summary.overflow_steps
-            )));
         }
-        Ok(summary)
+    }
+
+    /// Stops the job when some rank's adapter differs from rank 0's (one process: nothing to
+    /// compare, and nothing is hashed).
+    fn check_ranks_agree(&self) -> Result<()> {
+        if self.world.size() == 1 {
+            return Ok(());
+        }
+        let what = format!("adapter after step {}", self.state.step);
+        world::agree(self.world, &what, &adapter_digest(&self.model)?)
     }
 
     /// The error of a run that met a non-finite `what` at `step`: checkpoints from `bad_from` on
     /// are removed, `latest` points at the newest good one, and the error names it. When the
     /// roll-back itself fails, the error says both.
     fn diverged(&self, what: &'static str, value: f64, step: usize, bad_from: usize) -> Error {
-        match checkpoint::roll_back(&self.dir, bad_from) {
+        let rolled_back = match world::is_writer(self.world) {
+            true => checkpoint::roll_back(&self.dir, bad_from),
+            false => checkpoint::latest(&self.dir),
+        };
+        match rolled_back {
             Ok(good) => Error::Diverged {
                 what,
                 value,
@@ -580,7 +648,8 @@ impl<'o> Run<'o> {
 
     /// Mean validation loss and its target count with the current adapter.
     fn evaluate(&self) -> Result<(f64, usize)> {
-        evaluate(
+        evaluate_on(
+            self.world,
             &self.model,
             &self.p.encoder,
             &self.p.val,
@@ -590,14 +659,134 @@ impl<'o> Run<'o> {
 
     /// Appends a metrics line and counts it (a resume truncates to the count).
     fn append(&mut self, m: &Metric) -> Result<()> {
-        records::append_metric(&self.dir.join(files::METRICS), m)?;
         self.state.metrics_lines += 1;
+        if !world::is_writer(self.world) {
+            return Ok(());
+        }
+        records::append_metric(&self.dir.join(files::METRICS), m)?;
         if let Some(tb) = &mut self.tensorboard {
             tb.metric(m)?;
             self.state.tensorboard = Some(tb.mark().clone());
         }
         Ok(())
     }
+}
+
+/// The writing rank's part of opening a run: finds the checkpoint to resume from (or attaches
+/// the starting adapter), claims the directory, checks a resume's settings, and writes the
+/// config, manifest, data record and continuation record.
+fn open_as_writer(
+    p: &Prepared,
+    opts: &RunOptions,
+    dir: &Path,
+    fingerprint: &Fingerprint,
+    model: &mut Llama,
+) -> Result<Opened> {
+    let resume_from = if opts.resume {
+        checkpoint::latest(dir)?
+    } else {
+        None
+    };
+    // The starting adapter is attached before the directory is touched, so a bad one leaves
+    // nothing behind; the claim then locks the directory for this run alone.
+    if resume_from.is_none() {
+        start_adapter(&p.cfg, model)?;
+    }
+    let owned = RunDir::claim(dir, claim(&p.cfg, dir, opts, resume_from.is_some())?)?;
+    // Built once: it hashes the data and tokenizer files, which may be gigabytes.
+    let manifest = p.manifest(fingerprint)?;
+    let changes = match resume_from {
+        Some(_) => continuation::check(dir, &p.cfg, &manifest, opts.allow_config_change)?,
+        None => Vec::new(),
+    };
+    let config_path = dir.join(files::CONFIG);
+    crate::sys::write_atomic(&config_path, p.cfg.to_toml()?.as_bytes())
+        .map_err(|(path, e)| Error::io(path, e))?;
+    Ok(Opened {
+        owned,
+        resume_from,
+        changes,
+        manifest,
+    })
+}
+
+/// What the writing rank found and holds after [`open_as_writer`].
+struct Opened {
+    owned: RunDir,
+    resume_from: Option<PathBuf>,
+    changes: Vec<continuation::Change>,
+    manifest: records::Manifest,
+}
+
+/// The writing rank's records of a run that is open and restored: the continuation record
+/// (at the step the run continues from), the manifest and the data record.
+fn write_open_records(p: &Prepared, dir: &Path, opened: Opened, step: usize) -> Result<RunDir> {
+    continuation::record(dir, step, opened.changes)?;
+    records::write_json(&dir.join(files::MANIFEST), &opened.manifest)?;
+    records::write_json(&dir.join(files::DATA), &p.data_record())?;
+    Ok(opened.owned)
+}
+
+/// Refuses a world the run cannot be split over: `train.grad_accum` micro-batches per step must
+/// divide among the ranks.
+fn check_world(world: &dyn World, cfg: &TrainConfig) -> Result<()> {
+    let (n, size) = (cfg.train.grad_accum, world.size());
+    if n.is_multiple_of(size) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "train.grad_accum = {n} micro-batches per step cannot be shared by {size} ranks: it          must be a multiple of the number of ranks (it stays the global count, so the run is          the same run on any number of ranks)"
+    )))
+}
+
+/// Rank 0's checkpoint path (or `None`) on every rank.
+fn share_path(world: &dyn World, path: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    if world.size() == 1 {
+        return Ok(path);
+    }
+    let bytes = path
+        .map(|p| p.into_os_string().into_encoded_bytes())
+        .unwrap_or_default();
+    let got = world.broadcast(bytes)?;
+    Ok((!got.is_empty()).then(|| {
+        // SAFETY: the bytes are rank 0's `OsString::into_encoded_bytes` on the same platform.
+        PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(got) })
+    }))
+}
+
+/// SHA-256 of the adapter's tensors, in order, as their f32 bytes.
+fn adapter_digest(model: &Llama) -> Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, v) in model.lora_vars() {
+        h.update(name.as_bytes());
+        for x in v
+            .as_tensor()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+        {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().into())
+}
+
+/// What every rank must start from alike: the resolved config, the training and validation
+/// examples, the adapter and the loop state. Ranks that differ stop before the first step.
+fn start_digest(p: &Prepared, model: &Llama, state: &LoopState) -> Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(p.cfg.to_toml()?.as_bytes());
+    for e in p.train.iter().chain(&p.val) {
+        for id in &e.ids {
+            h.update(id.to_le_bytes());
+        }
+        h.update(format!(";{};{:?};", e.prompt_tokens, e.trained));
+    }
+    h.update(adapter_digest(model)?);
+    h.update(serde_json::to_vec(state).map_err(|e| Error::Invalid(e.to_string()))?);
+    Ok(h.finalize().into())
 }
 
 /// How this run claims its directory. A resume with no checkpoint to continue restarts the run
@@ -647,14 +836,19 @@ fn restore_or_start(
     dir: &Path,
     resume_from: Option<&Path>,
     model: &mut Llama,
+    writer: bool,
 ) -> Result<(LoopState, Option<checkpoint::OptimState>)> {
     let metrics = dir.join(files::METRICS);
     if let Some(ckpt) = resume_from {
         let (state, opt) = checkpoint::load(ckpt, model)?;
-        records::truncate_metrics(&metrics, state.metrics_lines)?;
+        if writer {
+            records::truncate_metrics(&metrics, state.metrics_lines)?;
+        }
         return Ok((state, Some(opt)));
     }
-    let _ = std::fs::remove_file(&metrics);
+    if writer {
+        let _ = std::fs::remove_file(&metrics);
+    }
     Ok((LoopState::start(cfg.run.seed, cfg.run.precision), None))
 }
 

@@ -12,13 +12,115 @@ use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Mode};
 use crate::rng::Rng;
+use crate::train::exchange;
 use crate::train::loss_scale::{LossScaler, ScaleDecision};
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads, grad_norm};
+use crate::world::{Single, World};
+
+/// One micro-batch's integer counts. Every rank knows every micro-batch's counts before the
+/// forward (they are gathered as integers): the loss of each is divided by the targets of the
+/// whole step, and its dropout masks start after the draws of the micro-batches before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MicroCounts {
+    /// Loss targets.
+    pub targets: u64,
+    /// Real (non-pad) tokens.
+    pub real: u64,
+    /// Token positions, padding included.
+    pub padded: u64,
+    /// Values the dropout masks of its forward draw from the seeded generator.
+    pub draws: u64,
+}
+
+impl MicroCounts {
+    /// The counts of `b` for `model`.
+    pub fn of(model: &Llama, b: &Batch) -> Self {
+        let padded = b.input_ids.elem_count();
+        Self {
+            targets: b.targets as u64,
+            real: b.real_tokens as u64,
+            padded: padded as u64,
+            draws: model.dropout_draws(padded),
+        }
+    }
+
+    fn words(&self) -> [u64; 4] {
+        [self.targets, self.real, self.padded, self.draws]
+    }
+}
+
+/// The micro-batches of one optimizer step as one rank holds them: its own, a contiguous
+/// block of the step's global micro-batches, and every micro-batch's counts.
+pub struct StepBatches {
+    /// The global index of this rank's first micro-batch.
+    pub first: usize,
+    /// This rank's micro-batches, global indices `first..first + owned.len()`.
+    pub owned: Vec<Batch>,
+    /// Every micro-batch's counts, in global order.
+    pub counts: Vec<MicroCounts>,
+}
+
+impl StepBatches {
+    /// One process's step: it owns every micro-batch.
+    pub fn whole(model: &Llama, micro: &[Batch]) -> Self {
+        Self {
+            first: 0,
+            counts: micro.iter().map(|b| MicroCounts::of(model, b)).collect(),
+            owned: micro.to_vec(),
+        }
+    }
+
+    /// This rank's share of a step of `n` micro-batches (`owned` are the ones
+    /// [`crate::world::owned`] gives it); the counts of all are gathered from the ranks.
+    pub fn shard(world: &dyn World, model: &Llama, n: usize, owned: Vec<Batch>) -> Result<Self> {
+        let mine = crate::world::owned(world.rank(), world.size(), n);
+        let local: Vec<u64> = owned
+            .iter()
+            .flat_map(|b| MicroCounts::of(model, b).words())
+            .collect();
+        let all = crate::world::gather_items(world, n, 4, &local)?;
+        let counts = all
+            .chunks_exact(4)
+            .map(|w| MicroCounts {
+                targets: w[0],
+                real: w[1],
+                padded: w[2],
+                draws: w[3],
+            })
+            .collect();
+        Ok(Self {
+            first: mine.start,
+            owned,
+            counts,
+        })
+    }
+
+    /// Loss targets of the whole step.
+    pub fn targets(&self) -> usize {
+        self.counts.iter().map(|c| c.targets as usize).sum()
+    }
+
+    /// Real tokens of the whole step.
+    pub fn real_tokens(&self) -> usize {
+        self.counts.iter().map(|c| c.real as usize).sum()
+    }
+
+    /// Token positions of the whole step, padding included.
+    pub fn padded_tokens(&self) -> usize {
+        self.counts.iter().map(|c| c.padded as usize).sum()
+    }
+
+    /// Dropout draws of the whole step.
+    pub fn draws(&self) -> u64 {
+        self.counts.iter().map(|c| c.draws).sum()
+    }
+}
 
 /// Forward and backward over the micro-batches of one optimizer step, each loss divided by
 /// `targets` (the loss targets of the whole step). The backward runs on the loss times
 /// `loss_scale` (f16 loss scaling; 1 otherwise) and the gradients are divided by it again.
-/// Returns the summed loss, the summed gradients (in `vars` order) and the real tokens seen.
+/// Dropout masks continue from `rng`, which ends where the step's draws leave it. Returns the
+/// summed loss, the summed gradients (in `vars` order) and the real tokens seen.
 pub fn forward_backward(
     model: &Llama,
     vars: &[(String, Var)],
@@ -27,18 +129,65 @@ pub fn forward_backward(
     loss_scale: f64,
     rng: &mut Rng,
 ) -> Result<(f64, Vec<Tensor>, usize)> {
-    let mut loss_sum = 0.0;
-    let mut real = 0;
-    let mut grads: Option<Vec<Tensor>> = None;
-    for b in micro {
-        let l = model.batch_loss_sum(b, &mut Mode::Train(rng))?;
-        real += b.real_tokens;
+    let batches = StepBatches::whole(model, micro);
+    let out = forward_backward_on(&Single, model, vars, &batches, targets, loss_scale, rng)?;
+    *rng = rng.jumped(batches.draws());
+    Ok(out)
+}
+
+/// [`forward_backward`] over one rank's share of a step. Micro-batch k's dropout masks start
+/// at `rng` moved on by the draws of micro-batches 0..k, and the gradients are summed as one
+/// process sums them, ((g0 + g1) + g2) + …, over the global micro-batches, whichever rank
+/// computed each (`sum_in_order`): the result is bit-identical for any number of ranks.
+pub fn forward_backward_on(
+    world: &dyn World,
+    model: &Llama,
+    vars: &[(String, Var)],
+    batches: &StepBatches,
+    targets: usize,
+    loss_scale: f64,
+    rng: &Rng,
+) -> Result<(f64, Vec<Tensor>, usize)> {
+    let mut local = Vec::with_capacity(batches.owned.len());
+    for (i, b) in batches.owned.iter().enumerate() {
+        let k = batches.first + i;
+        let before: u64 = batches.counts[..k].iter().map(|c| c.draws).sum();
+        let mut r = rng.jumped(before);
+        let l = model.batch_loss_sum(b, &mut Mode::Train(&mut r))?;
+        if r != rng.jumped(before + batches.counts[k].draws) {
+            return Err(Error::Invalid(format!(
+                "micro-batch {k}: its forward drew a different number of dropout values than                  the {} the model's adapters account for",
+                batches.counts[k].draws
+            )));
+        }
         if l.tokens == 0 {
+            local.push(None);
             continue;
         }
-        loss_sum += l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss = l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let scaled = (l.sum * (loss_scale / targets.max(1) as f64))?;
-        let g = collect_grads(vars, &scaled.backward()?)?;
+        local.push(Some((loss, collect_grads(vars, &scaled.backward()?)?)));
+    }
+    let all = exchange::gather(world, vars, batches.counts.len(), local)?;
+    let (loss_sum, grads) = sum_in_order(all)?;
+    let mut grads =
+        grads.ok_or_else(|| Error::Invalid("no micro-batch had a loss target".into()))?;
+    if loss_scale != 1.0 {
+        grads = grads
+            .iter()
+            .map(|g| g / loss_scale)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+    }
+    Ok((loss_sum, grads, batches.real_tokens()))
+}
+
+/// The left fold of every micro-batch's loss and gradients in global order, skipping those
+/// without a loss target: the one reduction, for one process and for many.
+fn sum_in_order(all: Vec<Option<(f64, Vec<Tensor>)>>) -> Result<(f64, Option<Vec<Tensor>>)> {
+    let mut loss_sum = 0.0;
+    let mut grads: Option<Vec<Tensor>> = None;
+    for (loss, g) in all.into_iter().flatten() {
+        loss_sum += loss;
         grads = Some(match grads {
             None => g,
             Some(acc) => acc
@@ -48,15 +197,7 @@ pub fn forward_backward(
                 .collect::<candle_core::Result<Vec<_>>>()?,
         });
     }
-    let mut grads =
-        grads.ok_or_else(|| Error::Invalid("no micro-batch had a loss target".into()))?;
-    if loss_scale != 1.0 {
-        grads = grads
-            .iter()
-            .map(|g| g / loss_scale)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-    }
-    Ok((loss_sum, grads, real))
+    Ok((loss_sum, grads))
 }
 
 /// How one step ended.
@@ -140,7 +281,22 @@ impl Updater {
         rng: &mut Rng,
         lr: f64,
     ) -> Result<StepReport> {
-        let targets: usize = micro.iter().map(|b| b.targets).sum();
+        let batches = StepBatches::whole(model, micro);
+        self.step_on(&Single, model, &batches, scaler, rng, lr)
+    }
+
+    /// [`Updater::step`] over one rank's share of the step: every rank computes the same
+    /// update from the same gathered gradients, so the adapters stay equal.
+    pub fn step_on(
+        &mut self,
+        world: &dyn World,
+        model: &Llama,
+        batches: &StepBatches,
+        scaler: &mut LossScaler,
+        rng: &mut Rng,
+        lr: f64,
+    ) -> Result<StepReport> {
+        let targets = batches.targets();
         let mut report = StepReport {
             loss_sum: 0.0,
             targets,
@@ -150,8 +306,16 @@ impl Updater {
         if targets == 0 {
             return Ok(report);
         }
-        let (loss_sum, mut grads, real) =
-            forward_backward(model, &self.vars, micro, targets, scaler.scale, rng)?;
+        let (loss_sum, mut grads, real) = forward_backward_on(
+            world,
+            model,
+            &self.vars,
+            batches,
+            targets,
+            scaler.scale,
+            rng,
+        )?;
+        *rng = rng.jumped(batches.draws());
         (report.loss_sum, report.real_tokens) = (loss_sum, real);
         report.outcome = self.update(&mut grads, scaler, report.loss(), lr)?;
         if let StepOutcome::Updated { grads: kept, .. } = &mut report.outcome {
