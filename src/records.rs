@@ -234,6 +234,49 @@ pub struct Manifest {
     pub host: String,
     /// Start time, seconds since the Unix epoch.
     pub started_at: u64,
+    /// How the run was spread over processes (one, for runs recorded before lorasft trained
+    /// on several).
+    #[serde(default)]
+    pub parallelism: Parallelism,
+}
+
+/// How a run was spread over processes, and what that means for its numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parallelism {
+    /// Processes (MPI ranks) that trained it; `threads` in the manifest is per rank.
+    pub ranks: usize,
+    /// What carried the collectives ("single process", "MPI (Open MPI v4.1.4), 2 ranks").
+    pub transport: String,
+    /// How the micro-batch gradients of a step were summed.
+    pub reduction: String,
+    /// Whether the losses and adapter are bit-identical to one process with the same config
+    /// and threads per process.
+    pub bit_identical_to_one_process: bool,
+}
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Self {
+            ranks: 1,
+            transport: "single process".into(),
+            reduction: REDUCTION.into(),
+            bit_identical_to_one_process: true,
+        }
+    }
+}
+
+/// The one reduction lorasft does, on one process or many.
+pub const REDUCTION: &str = "exact: every micro-batch's gradients summed in global micro-batch order (a left fold), whichever rank computed them";
+
+impl Parallelism {
+    /// The parallelism of a run on `world`.
+    pub fn of(world: &dyn crate::world::World) -> Self {
+        Self {
+            ranks: world.size(),
+            transport: world.transport(),
+            ..Self::default()
+        }
+    }
 }
 
 /// Runs recorded before the manifest named its precision were all fp32.

@@ -447,16 +447,41 @@ fn evaluation_strategy(c: &Ctx) -> String {
     }
 }
 
+/// The report lines on a run's processes: none for one process; else the ranks, the
+/// transport, the reduction and whether the numbers are one process's.
+fn processes(p: &crate::records::Parallelism) -> String {
+    if p.ranks == 1 {
+        return String::new();
+    }
+    format!(
+        "- Processes: {} ranks, {}; peak memory below is rank 0's\n- Gradient reduction: {}\n- Bit-identical to one process with the same config and threads per process: {}\n",
+        p.ranks,
+        p.transport,
+        p.reduction,
+        if p.bit_identical_to_one_process {
+            "yes"
+        } else {
+            "no"
+        }
+    )
+}
+
 /// Hardware and environment.
 pub fn hardware(c: &Ctx, r: &mut String) {
     let (m, s) = (&c.rec.manifest, &c.rec.summary);
     let _ = writeln!(r, "## Hardware & Environment\n");
     let _ = writeln!(
         r,
-        "- Device: {} ({}, {} threads)\n- Base weights in memory: {}\n- Activations: {}\n- Operating system: {}\n- Host: {}\n- Frameworks:\n  - lorasft {} (commit {})\n  - candle-core {}\n  - tokenizers {}\n  - safetensors {}\n- Wall time of the training loop: {} s\n- Throughput: {} tokens/s\n- Peak memory (RSS): {} MiB\n{RULE}",
+        "- Device: {} ({}, {} threads{})\n{}- Base weights in memory: {}\n- Activations: {}\n- Operating system: {}\n- Host: {}\n- Frameworks:\n  - lorasft {} (commit {})\n  - candle-core {}\n  - tokenizers {}\n  - safetensors {}\n- Wall time of the training loop: {} s\n- Throughput: {} tokens/s\n- Peak memory (RSS): {} MiB\n{RULE}",
         m.device,
         c.v(m.cpu.clone()),
         c.v(m.threads.to_string()),
+        if m.parallelism.ranks > 1 {
+            " per rank"
+        } else {
+            ""
+        },
+        processes(&m.parallelism),
         if m.base_format.is_empty() {
             "not recorded (run written before lorasft recorded it)"
         } else {

@@ -79,6 +79,15 @@ pub fn check(dir: &Path, cfg: &TrainConfig, now: &Manifest, allow: bool) -> Resu
             breaks_continuity: true,
         });
     }
+    if before.parallelism.ranks != now.parallelism.ranks {
+        // The same run on another number of ranks: bit-identical, so not a break.
+        changes.push(Change {
+            key: "ranks".into(),
+            before: before.parallelism.ranks.to_string(),
+            after: now.parallelism.ranks.to_string(),
+            breaks_continuity: false,
+        });
+    }
     check_identity(dir, &before, now, &changes)?;
     let breaking: Vec<&Change> = changes.iter().filter(|c| c.breaks_continuity).collect();
     if !breaking.is_empty() && !allow {

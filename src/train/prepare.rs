@@ -270,6 +270,7 @@ impl Prepared {
             os: crate::sys::os_name(),
             host: crate::sys::host_name(),
             started_at: crate::sys::unix_time(),
+            parallelism: crate::records::Parallelism::default(),
         })
     }
 

@@ -191,9 +191,9 @@ impl<'o> Run<'o> {
         // The writer decides, claims and records; the other ranks learn what it found.
         let opened = match writer {
             true => Some(open_as_writer(
+                world,
                 &p,
                 opts,
-                &dir,
                 &fingerprint_before,
                 &mut model,
             )?),
@@ -676,12 +676,13 @@ impl<'o> Run<'o> {
 /// the starting adapter), claims the directory, checks a resume's settings, and writes the
 /// config, manifest, data record and continuation record.
 fn open_as_writer(
+    world: &dyn World,
     p: &Prepared,
     opts: &RunOptions,
-    dir: &Path,
     fingerprint: &Fingerprint,
     model: &mut Llama,
 ) -> Result<Opened> {
+    let dir = &run_dir(&p.cfg);
     let resume_from = if opts.resume {
         checkpoint::latest(dir)?
     } else {
@@ -694,7 +695,8 @@ fn open_as_writer(
     }
     let owned = RunDir::claim(dir, claim(&p.cfg, dir, opts, resume_from.is_some())?)?;
     // Built once: it hashes the data and tokenizer files, which may be gigabytes.
-    let manifest = p.manifest(fingerprint)?;
+    let mut manifest = p.manifest(fingerprint)?;
+    manifest.parallelism = records::Parallelism::of(world);
     let changes = match resume_from {
         Some(_) => continuation::check(dir, &p.cfg, &manifest, opts.allow_config_change)?,
         None => Vec::new(),
