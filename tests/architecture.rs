@@ -22,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "embedded",
             "cache",
             "thread_tuning",
+            "world",
             "alloc_tuning",
             "progress",
         ],

@@ -209,15 +209,10 @@ impl<'o> Run<'o> {
             true => open_tensorboard(&p.cfg, &dir, &mut state)?,
             false => None,
         };
-        let mut updater =
-            Updater::new(&model, p.cfg.optim.adamw.clone(), p.cfg.optim.max_grad_norm)?;
-        if let Some((step, m, v)) = opt_state {
-            updater.opt.restore(step, m, v)?;
-        }
-        let owned = match opened {
-            Some(o) => Some(write_open_records(&p, &dir, o, state.step)?),
-            None => None,
-        };
+        let updater = updater(&p.cfg, &model, opt_state)?;
+        let owned = opened
+            .map(|o| write_open_records(&p, &dir, o, state.step))
+            .transpose()?;
         world::agree(
             world,
             "config, data and starting adapter",
@@ -228,11 +223,8 @@ impl<'o> Run<'o> {
             true => generations_before(&p, &model, &dir, resume_from.is_some())?,
             false => Vec::new(),
         };
-        let progress = Steps::new(
-            if writer { opts.progress } else { Mode::Quiet },
-            total,
-            state.step,
-        );
+        let shown = if writer { opts.progress } else { Mode::Quiet };
+        let progress = Steps::new(shown, total, state.step);
         let plan = planner.epoch(state.epoch);
         let next_micro = micro_at(&plan, state.cursor)?;
         Ok(Self {
@@ -727,6 +719,19 @@ fn write_open_records(p: &Prepared, dir: &Path, opened: Opened, step: usize) -> 
     records::write_json(&dir.join(files::MANIFEST), &opened.manifest)?;
     records::write_json(&dir.join(files::DATA), &p.data_record())?;
     Ok(opened.owned)
+}
+
+/// The optimizer of the adapter on `model`, with a checkpoint's moments when resuming.
+fn updater(
+    cfg: &TrainConfig,
+    model: &Llama,
+    opt_state: Option<checkpoint::OptimState>,
+) -> Result<Updater> {
+    let mut updater = Updater::new(model, cfg.optim.adamw.clone(), cfg.optim.max_grad_norm)?;
+    if let Some((step, m, v)) = opt_state {
+        updater.opt.restore(step, m, v)?;
+    }
+    Ok(updater)
 }
 
 /// Refuses a world the run cannot be split over: `train.grad_accum` micro-batches per step must
