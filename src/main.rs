@@ -125,7 +125,9 @@ fn main() {
     unsafe { lorasft::thread_tuning::park_idle_workers() };
     lorasft::alloc_tuning::keep_freed_memory();
     let cli = Cli::parse();
-    let world = lorasft::world::init().unwrap_or_else(|e| commands::fail(&Single, &e.to_string()));
+    // SAFETY: still before any thread (MPI's start begins some).
+    let world = unsafe { lorasft::world::init() };
+    let world = world.unwrap_or_else(|e| commands::fail(&Single, &e.to_string()));
     if let Err(e) = run(cli, world.as_ref()) {
         commands::fail(world.as_ref(), &format!("{e:#}"));
     }
@@ -160,19 +162,7 @@ fn run(cli: Cli, world: &dyn World) -> Result<()> {
             out.flush()?;
         }
         Command::Train(a) => train_cmd(&a, world)?,
-        Command::Eval(a) => {
-            let e = commands::eval(&a)?;
-            println!(
-                "records: {}, loss targets: {}, mean loss: {:.6}, perplexity: {:.4}",
-                e.records,
-                e.targets,
-                e.loss,
-                e.loss.exp()
-            );
-            if let Some(path) = &a.per_record {
-                println!("per-record losses: {}", path.display());
-            }
-        }
+        Command::Eval(a) => print!("{}", commands::eval_text(&a, &commands::eval(&a)?)),
         Command::Generate(a) => generate_cmd(&a)?,
         Command::Merge(a) => {
             commands::merge(&a)?;

@@ -269,11 +269,14 @@ impl Default for Parallelism {
 pub const REDUCTION: &str = "exact: every micro-batch's gradients summed in global micro-batch order (a left fold), whichever rank computed them";
 
 impl Parallelism {
-    /// The parallelism of a run on `world`.
-    pub fn of(world: &dyn crate::world::World) -> Self {
+    /// The parallelism of a run on `world`. `device_dropout` says that dropout masks come
+    /// from an accelerator's own generator (dropout on, off the CPU): each rank then draws its
+    /// own, and several ranks are not one process bit for bit.
+    pub fn of(world: &dyn crate::world::World, device_dropout: bool) -> Self {
         Self {
             ranks: world.size(),
             transport: world.transport(),
+            bit_identical_to_one_process: world.size() == 1 || !device_dropout,
             ..Self::default()
         }
     }

@@ -49,6 +49,27 @@ fn first_value(path: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.trim().trim_matches('"').to_string())
 }
 
+/// The CPUs this process may run on (its affinity mask), or the online CPUs where the mask
+/// cannot be read.
+pub fn allowed_cpus() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it for pid 0
+    // (this thread) and CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            return libc::CPU_COUNT(&set) as usize;
+        }
+    }
+    online_cpus()
+}
+
+/// The machine's online CPUs (logical).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
 /// The CPU model name, or the architecture where /proc/cpuinfo does not say.
 pub fn cpu_name() -> String {
     first_value("/proc/cpuinfo", "model name").unwrap_or_else(|| std::env::consts::ARCH.into())

@@ -36,9 +36,66 @@ pub unsafe fn park_idle_workers() {
     }
 }
 
+/// The variables launchers set to the number of ranks on this node: Open MPI's, and
+/// MPICH/Hydra's.
+pub const LOCAL_SIZE_VARS: [&str; 2] = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"];
+
+/// The worker threads for one of `local_ranks` processes on a node whose `cores` physical cores
+/// (candle's default thread count) it shares, when the process may run on `allowed` of the
+/// machine's `online` CPUs: the CPUs it is bound to when a launcher or Slurm bound it to fewer
+/// than all, else the cores shared out between the node's ranks (at least one each).
+pub fn threads_per_rank(allowed: usize, online: usize, cores: usize, local_ranks: usize) -> usize {
+    if allowed < online {
+        return allowed.max(1);
+    }
+    (cores / local_ranks.max(1)).max(1)
+}
+
+/// For a process started by an MPI launcher as one of several: sets `RAYON_NUM_THREADS` (which
+/// candle and rayon read) to [`threads_per_rank`] unless the user set it or
+/// `CANDLE_NUM_THREADS`. candle counts the machine's physical cores and ignores CPU binding,
+/// so without this two ranks on two cores would each run two threads. Returns the count set.
+///
+/// # Safety
+/// Writes the process environment: call it first thing in `main`, before any thread starts
+/// (MPI's initialisation starts some).
+pub unsafe fn share_cores_between_ranks(launched_ranks: usize) -> Option<usize> {
+    let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    if launched_ranks <= 1 || set("RAYON_NUM_THREADS") || set("CANDLE_NUM_THREADS") {
+        return None;
+    }
+    let local = LOCAL_SIZE_VARS
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+        .unwrap_or(1);
+    let n = threads_per_rank(
+        crate::sys::allowed_cpus(),
+        crate::sys::online_cpus(),
+        candle_core::utils::get_num_threads(),
+        local,
+    );
+    // SAFETY: the caller guarantees no concurrent access to the environment.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    Some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_rank_uses_its_cpus_and_an_unbound_one_its_share_of_the_cores() {
+        // mpirun -np 2 binds each rank to one core of two.
+        assert_eq!(threads_per_rank(1, 2, 2, 2), 1);
+        // srun --cpus-per-task=4 on a 16-CPU node.
+        assert_eq!(threads_per_rank(4, 16, 16, 4), 4);
+        // --oversubscribe (no binding): 4 ranks share 2 cores, one thread each at least.
+        assert_eq!(threads_per_rank(2, 2, 2, 4), 1);
+        // Unbound, 2 ranks on 16 cores.
+        assert_eq!(threads_per_rank(16, 16, 16, 2), 8);
+        // An empty affinity read (0) still gives one thread.
+        assert_eq!(threads_per_rank(0, 8, 8, 1), 1);
+    }
 
     #[test]
     fn a_user_setting_stands_and_an_absent_or_empty_one_gets_ours() {

@@ -16,7 +16,7 @@ use lorasft::train::run::{RunOptions, train_on};
 use lorasft::world::{Local, Single};
 
 /// A short smoke run with 4 micro-batches of 2 rows per step, dropout on, evaluated and
-/// checkpointed every 3 steps.
+/// checkpointed every 3 steps, TensorBoard events on.
 fn config(out: &Path, batching: Batching) -> TrainConfig {
     let mut c = smoke(out, 7);
     c.train.grad_accum = 4;
@@ -25,6 +25,8 @@ fn config(out: &Path, batching: Batching) -> TrainConfig {
     c.train.save_every = 3;
     c.encode.batching = batching;
     c.prompts.truncate(1);
+    // Rank 0 alone writes events; the ranks must still agree on where they start.
+    c.report.tensorboard = true;
     assert!(c.lora.dropout > 0.0);
     c
 }

@@ -311,3 +311,24 @@ fn other_commands_refuse_to_run_on_several_ranks() {
         "{err}"
     );
 }
+
+#[test]
+fn launched_ranks_share_the_cores_unless_told_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (set, want) in [(None, 1), (Some("2"), 2)] {
+        let out = tmp.path().join(format!("t{want}"));
+        let mut c = launch(2, &train_args(&out, 1, "padded"));
+        // candle would count both cores for each of the 2 ranks.
+        c.env_remove("RAYON_NUM_THREADS");
+        if let Some(n) = set {
+            c.env("RAYON_NUM_THREADS", n);
+        }
+        ok(&finish(c, Duration::from_secs(300)), "threads");
+        let m: lorasft::records::Manifest = serde_json::from_str(
+            &std::fs::read_to_string(run_dir(&out).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m.threads, want, "RAYON_NUM_THREADS {set:?}");
+        assert_eq!(m.parallelism.ranks, 2);
+    }
+}

@@ -68,6 +68,21 @@ pub struct EvalOutput {
     pub loss: f64,
 }
 
+/// What `eval` prints: the totals, and where the per-record losses went.
+pub fn eval_text(a: &EvalArgs, e: &EvalOutput) -> String {
+    let mut text = format!(
+        "records: {}, loss targets: {}, mean loss: {:.6}, perplexity: {:.4}\n",
+        e.records,
+        e.targets,
+        e.loss,
+        e.loss.exp()
+    );
+    if let Some(path) = &a.per_record {
+        text.push_str(&format!("per-record losses: {}\n", path.display()));
+    }
+    text
+}
+
 /// Mean loss over a dataset; with `--per-record`, every record is its own batch and its loss
 /// is written there (the totals are summed from those same losses).
 pub fn eval(a: &EvalArgs) -> Result<EvalOutput> {

@@ -688,7 +688,8 @@ fn open_as_writer(
     let owned = RunDir::claim(dir, claim(&p.cfg, dir, opts, resume_from.is_some())?)?;
     // Built once: it hashes the data and tokenizer files, which may be gigabytes.
     let mut manifest = p.manifest(fingerprint)?;
-    manifest.parallelism = records::Parallelism::of(world);
+    let device_dropout = !model.device().is_cpu() && p.cfg.lora.dropout > 0.0;
+    manifest.parallelism = records::Parallelism::of(world, device_dropout);
     let changes = match resume_from {
         Some(_) => continuation::check(dir, &p.cfg, &manifest, opts.allow_config_change)?,
         None => Vec::new(),
@@ -742,7 +743,7 @@ fn check_world(world: &dyn World, cfg: &TrainConfig) -> Result<()> {
         return Ok(());
     }
     Err(Error::Invalid(format!(
-        "train.grad_accum = {n} micro-batches per step cannot be shared by {size} ranks: it          must be a multiple of the number of ranks (it stays the global count, so the run is          the same run on any number of ranks)"
+        "train.grad_accum = {n} micro-batches per step cannot be shared by {size} ranks: it must be a multiple of the number of ranks (it stays the global count, so the run is the same run on any number of ranks)"
     )))
 }
 
@@ -792,7 +793,12 @@ fn start_digest(p: &Prepared, model: &Llama, state: &LoopState) -> Result<[u8; 3
         h.update(format!(";{};{:?};", e.prompt_tokens, e.trained));
     }
     h.update(adapter_digest(model)?);
-    h.update(serde_json::to_vec(state).map_err(|e| Error::Invalid(e.to_string()))?);
+    // The TensorBoard mark is the writer's alone (only rank 0 writes events).
+    let state = LoopState {
+        tensorboard: None,
+        ..state.clone()
+    };
+    h.update(serde_json::to_vec(&state).map_err(|e| Error::Invalid(e.to_string()))?);
     Ok(h.finalize().into())
 }
 

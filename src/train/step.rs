@@ -156,7 +156,7 @@ pub fn forward_backward_on(
         let l = model.batch_loss_sum(b, &mut Mode::Train(&mut r))?;
         if r != rng.jumped(before + batches.counts[k].draws) {
             return Err(Error::Invalid(format!(
-                "micro-batch {k}: its forward drew a different number of dropout values than                  the {} the model's adapters account for",
+                "micro-batch {k}: its forward drew a different number of dropout values than the {} the model's adapters account for",
                 batches.counts[k].draws
             )));
         }

@@ -9,8 +9,15 @@ use super::{Single, World};
 use crate::error::{Error, Result};
 
 /// The variables launchers set to the number of processes they started, checked in order:
-/// Open MPI's `mpirun`, MPICH/Intel MPI's Hydra (PMI), and Slurm's `srun`.
-pub const SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"];
+/// Open MPI's `mpirun`, MPICH/Intel MPI's Hydra (PMI), and Slurm: `srun` sets the step's
+/// task count, which wins over the allocation's (`SLURM_NTASKS`, also set in a batch
+/// script's own shell, where `srun -n 1 lorasft ...` is then one process).
+pub const SIZE_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_NTASKS",
+];
 
 /// A launch by an MPI launcher, as the environment tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,9 +56,17 @@ pub fn refusal(launch: &Launch) -> Error {
 }
 
 /// The world of this process: MPI's when the `mpi` feature is built and a launcher started it,
-/// one process otherwise. A launch of several processes without the feature is refused.
-pub fn init() -> Result<Box<dyn World>> {
+/// one process otherwise. A launch of several processes without the feature is refused. A
+/// launched rank's threads are set first
+/// ([`crate::thread_tuning::share_cores_between_ranks`]).
+///
+/// # Safety
+/// May write the process environment: call it in `main` before any thread starts.
+pub unsafe fn init() -> Result<Box<dyn World>> {
     let launch = Launch::of_process();
+    let ranks = launch.as_ref().map_or(1, |l| l.size);
+    // SAFETY: the caller guarantees no other thread exists yet.
+    unsafe { crate::thread_tuning::share_cores_between_ranks(ranks) };
     #[cfg(feature = "mpi")]
     if launch.is_some() {
         return Ok(Box::new(super::Mpi::init()?));
@@ -85,6 +100,12 @@ mod tests {
                 var: "OMPI_COMM_WORLD_SIZE",
                 size: 2
             })
+        );
+        let one = Launch::detect(env(&[("SLURM_NTASKS", "4"), ("SLURM_STEP_NUM_TASKS", "1")]));
+        assert_eq!(
+            one.map(|l| l.size),
+            Some(1),
+            "srun -n 1 inside a 4-task allocation"
         );
         let l = Launch::detect(env(&[("SLURM_NTASKS", " 8 ")])).unwrap();
         assert_eq!(l.size, 8);

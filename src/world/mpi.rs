@@ -92,6 +92,6 @@ impl World for Mpi {
     fn transport(&self) -> String {
         let version = mpi::environment::library_version().unwrap_or_default();
         let first = version.split([',', '\n']).next().unwrap_or("").trim();
-        format!("MPI ({first}), {} ranks", self.size)
+        format!("MPI ({first})")
     }
 }
