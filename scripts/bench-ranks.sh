@@ -25,10 +25,11 @@ run() {
   local name=$1 threads=$2 ranks=$3 out="$tmp/$1"
   local args=(train --preset smollm2-demo --max-steps "$steps" --no-validation --quiet --overwrite
     --set train.save_every=0 --set 'prompts=[]' --set "run.out_dir=\"$out\"")
-  if [ "$ranks" = 1 ]; then
-    RAYON_NUM_THREADS=$threads "$bin" "${args[@]}" >/dev/null
-  else
-    mpirun -np "$ranks" --bind-to core -x RAYON_NUM_THREADS="$threads" "$bin" "${args[@]}" >/dev/null
+  local launch=(env RAYON_NUM_THREADS="$threads")
+  [ "$ranks" = 1 ] || launch=(mpirun -np "$ranks" --bind-to core -x RAYON_NUM_THREADS="$threads")
+  if ! "${launch[@]}" "$bin" "${args[@]}" >/dev/null 2>"$tmp/$name.log"; then
+    cat "$tmp/$name.log" >&2
+    exit 1
   fi
   # tokens_seen and elapsed_s of the first and the last metrics line.
   awk -F'[,:}]' '

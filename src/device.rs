@@ -134,6 +134,27 @@ pub fn describe(dev: &Device) -> String {
     }
 }
 
+/// The instruction set the CPU kernels run with on this machine: gemm's products use AVX-512F
+/// where the CPU has it and the build has the `avx512` feature (gemm's `x86-v4` kernels),
+/// else AVX2 + FMA; lorasft's own kernels use AVX2 + FMA. Kernels of different widths round
+/// differently, so the manifest records this beside the thread count: bit-identity holds for
+/// a given pair.
+pub fn cpu_kernels() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if cfg!(feature = "avx512") && is_x86_feature_detected!("avx512f") {
+            return "products: AVX-512F; element-wise: AVX2+FMA".into();
+        }
+        if avx2 {
+            return "products and element-wise: AVX2+FMA".into();
+        }
+        "x86-64 without AVX2 (scalar and SSE kernels)".into()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    std::env::consts::ARCH.to_string()
+}
+
 /// The dtype adapters, optimizer state and the loss use for a base in `dtype`: f64 for f64
 /// (the exactness tests), f32 otherwise.
 pub fn master_dtype(dtype: DType) -> DType {

@@ -228,6 +228,10 @@ pub struct Manifest {
     pub cpu: String,
     /// Worker threads candle uses.
     pub threads: usize,
+    /// The instruction set of the CPU kernels ([`crate::device::cpu_kernels`]); empty in runs
+    /// recorded before lorasft wrote it.
+    #[serde(default)]
+    pub cpu_kernels: String,
     /// Operating system.
     pub os: String,
     /// Host name.

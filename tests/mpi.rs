@@ -83,8 +83,11 @@ fn ok(out: &Output, what: &str) {
     );
 }
 
-/// (step, kind, loss bits, gradient norm bits) of every metrics line, and the adapter bytes.
-fn result(dir: &Path) -> (Vec<(usize, String, u64, Option<u64>)>, Vec<u8>) {
+/// (step, kind, loss bits, gradient norm bits) of one metrics line.
+type Line = (usize, String, u64, Option<u64>);
+
+/// Every metrics line, and the adapter bytes.
+fn result(dir: &Path) -> (Vec<Line>, Vec<u8>) {
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     let lines = metrics
         .lines()

@@ -185,35 +185,68 @@ pub fn step_gflop(shape: BenchShape) -> Result<f64> {
     Ok(per_token * (b * s) as f64 / 1e9)
 }
 
-/// One core's peak f32 FMA rate in GFLOP/s, measured: 12 independent chains of 256-bit FMAs
-/// (enough to cover the FMA units' latency), best of 5 runs of about 40 ms. `None` where the
-/// CPU has no AVX2 FMA.
-pub fn fma_peak_gflops() -> Option<f64> {
+/// One core's peak f32 FMA rates in GFLOP/s, measured at each vector width the CPU has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FmaPeak {
+    /// With 256-bit FMAs (AVX2 + FMA); `None` without them.
+    pub avx2: Option<f64>,
+    /// With 512-bit FMAs (AVX-512F); `None` without them. A core with one 512-bit FMA port
+    /// (or 512-bit FMAs split in two, as Zen 4 does) gets about the 256-bit rate; one with two
+    /// ports, about twice it.
+    pub avx512: Option<f64>,
+}
+
+impl FmaPeak {
+    /// The peak at the widest width the CPU has: what a step's efficiency is measured against.
+    pub fn widest(&self) -> Option<f64> {
+        self.avx512.or(self.avx2)
+    }
+}
+
+/// One core's peak f32 FMA rates, measured: 12 independent chains of FMAs (enough to cover
+/// the FMA units' latency), best of 5 runs of 20 M rounds, at 256 and 512 bits where the CPU
+/// has them.
+pub fn fma_peak() -> FmaPeak {
     #[cfg(target_arch = "x86_64")]
     {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            return None;
-        }
         const ITERS: u64 = 20_000_000;
-        let best = (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                // SAFETY: AVX2 and FMA were detected above.
-                std::hint::black_box(unsafe { fma_chains(std::hint::black_box(ITERS)) });
-                t.elapsed().as_secs_f64()
+        let best = |lanes: u64, run: &dyn Fn() -> f32| {
+            let secs = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(run());
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            // 12 chains × lanes × 2 FLOPs per FMA.
+            (ITERS * 12 * lanes * 2) as f64 / secs / 1e9
+        };
+        let avx2 =
+            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then(|| {
+                // SAFETY: AVX2 and FMA were detected.
+                best(8, &|| unsafe {
+                    fma_chains_256(std::hint::black_box(ITERS))
+                })
+            });
+        let avx512 = is_x86_feature_detected!("avx512f").then(|| {
+            // SAFETY: AVX-512F was detected.
+            best(16, &|| unsafe {
+                fma_chains_512(std::hint::black_box(ITERS))
             })
-            .fold(f64::INFINITY, f64::min);
-        // 12 chains × 8 lanes × 2 FLOPs per FMA.
-        Some((ITERS * 12 * 8 * 2) as f64 / best / 1e9)
+        });
+        FmaPeak { avx2, avx512 }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    None
+    FmaPeak {
+        avx2: None,
+        avx512: None,
+    }
 }
 
 /// `iters` rounds of one FMA on each of 12 independent 8-lane accumulators; their sum.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains(iters: u64) -> f32 {
+unsafe fn fma_chains_256(iters: u64) -> f32 {
     use std::arch::x86_64::{
         _mm256_add_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
@@ -232,6 +265,27 @@ unsafe fn fma_chains(iters: u64) -> f32 {
     // SAFETY: `out` holds the 8 lanes the store writes.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
     out.iter().sum()
+}
+
+/// `iters` rounds of one FMA on each of 12 independent 16-lane accumulators; their sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_512(iters: u64) -> f32 {
+    use std::arch::x86_64::{
+        _mm512_add_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    };
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_setzero_ps(); 12];
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut sum = _mm512_setzero_ps();
+    for x in acc {
+        sum = _mm512_add_ps(sum, x);
+    }
+    _mm512_reduce_add_ps(sum)
 }
 
 /// Encoding a dataset with the reference encoder (template, tokenizer, max length 512):

@@ -211,11 +211,15 @@ pub fn render(suite: &Suite, result: &SuiteResult) -> String {
 /// Each lorasft row's step efficiency: GFLOP per step over the median step time, as a share
 /// of `threads` × one core's FMA peak, measured here and now.
 fn efficiency(rows: &[BenchRow]) -> String {
-    let Some(peak) = super::fma_peak_gflops() else {
+    let peaks = super::fma_peak();
+    let Some(peak) = peaks.widest() else {
         return String::new();
     };
+    let show = |p: Option<f64>| p.map_or("none".to_string(), |g| format!("{g:.1} GFLOP/s"));
     let mut out = format!(
-        "\nstep efficiency (GFLOP per step counted as 4 N + 12 L s h per token; one core's FMA peak measured now: {peak:.1} GFLOP/s):\n"
+        "\none core's FMA peak measured now: 256-bit {}, 512-bit {}\nstep efficiency (GFLOP per step counted as 4 N + 12 L s h per token; against the widest peak, {peak:.1} GFLOP/s):\n",
+        show(peaks.avx2),
+        show(peaks.avx512)
     );
     for r in rows.iter().filter(|r| r.impl_name == "lorasft") {
         let Some(gflop) = BenchShape::ALL

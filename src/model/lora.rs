@@ -178,6 +178,17 @@ impl Mode<'_> {
         }
         let keep = match self {
             Mode::Eval => return Ok(x.clone()),
+            // The common case, in one pass: the scaled mask drawn straight as f32.
+            Mode::Train(rng) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                let scale = (1.0 / (1.0 - p)) as f32;
+                let mask = draw(
+                    x.elem_count(),
+                    p,
+                    rng,
+                    |keep| if keep { scale } else { 0.0 },
+                );
+                return Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?);
+            }
             Mode::Train(rng) => keep_mask(x, p, rng)?,
             Mode::Record(rng, tape) => {
                 let keep = keep_mask(x, p, rng)?;
@@ -304,13 +315,40 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
 /// The 0/1 keep mask (u8, `x`'s shape) of [`dropout`].
 fn keep_mask(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     Ok(if x.device().is_cpu() {
-        let keep: Vec<u8> = (0..x.elem_count())
-            .map(|_| u8::from(rng.next_f64() >= p))
-            .collect();
+        let keep = draw(x.elem_count(), p, rng, u8::from);
         Tensor::from_vec(keep, x.shape(), x.device())?
     } else {
         Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?
     })
+}
+
+/// `n` mask values: element i is `value(keep)` with keep when the i-th draw of `rng` is at
+/// least `p`; `rng` ends past the n draws. The draws are made in chunks across candle's
+/// threads, each chunk starting where a serial walk would be (`Rng::jumped`), so the mask is
+/// the same on any number of threads, the one serial stream's.
+pub fn draw<T: Send + Default + Clone>(
+    n: usize,
+    p: f64,
+    rng: &mut Rng,
+    value: impl Fn(bool) -> T + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    let start = rng.clone();
+    let mut out = vec![T::default(); n];
+    let fill = |(c, chunk): (usize, &mut [T])| {
+        let mut r = start.jumped((c * CHUNK) as u64);
+        for v in chunk {
+            *v = value(r.next_f64() >= p);
+        }
+    };
+    if n > CHUNK && candle_core::utils::get_num_threads() > 1 {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(CHUNK).enumerate().for_each(fill);
+    }
+    *rng = start.jumped(n as u64);
+    out
 }
 
 /// `x` times `keep / (1 - p)`.

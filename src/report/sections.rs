@@ -472,7 +472,7 @@ pub fn hardware(c: &Ctx, r: &mut String) {
     let _ = writeln!(r, "## Hardware & Environment\n");
     let _ = writeln!(
         r,
-        "- Device: {} ({}, {} threads{})\n{}- Base weights in memory: {}\n- Activations: {}\n- Operating system: {}\n- Host: {}\n- Frameworks:\n  - lorasft {} (commit {})\n  - candle-core {}\n  - tokenizers {}\n  - safetensors {}\n- Wall time of the training loop: {} s\n- Throughput: {} tokens/s\n- Peak memory (RSS): {} MiB\n{RULE}",
+        "- Device: {} ({}, {} threads{}{})\n{}- Base weights in memory: {}\n- Activations: {}\n- Operating system: {}\n- Host: {}\n- Frameworks:\n  - lorasft {} (commit {})\n  - candle-core {}\n  - tokenizers {}\n  - safetensors {}\n- Wall time of the training loop: {} s\n- Throughput: {} tokens/s\n- Peak memory (RSS): {} MiB\n{RULE}",
         m.device,
         c.v(m.cpu.clone()),
         c.v(m.threads.to_string()),
@@ -480,6 +480,11 @@ pub fn hardware(c: &Ctx, r: &mut String) {
             " per rank"
         } else {
             ""
+        },
+        if m.cpu_kernels.is_empty() || !m.device.starts_with("cpu") {
+            String::new()
+        } else {
+            format!("; kernels: {}", c.v(m.cpu_kernels.clone()))
         },
         processes(&m.parallelism),
         if m.base_format.is_empty() {

@@ -267,6 +267,7 @@ impl Prepared {
             precision: self.cfg.run.precision.to_string(),
             cpu: crate::sys::cpu_name(),
             threads: candle_core::utils::get_num_threads(),
+            cpu_kernels: device::cpu_kernels(),
             os: crate::sys::os_name(),
             host: crate::sys::host_name(),
             started_at: crate::sys::unix_time(),
