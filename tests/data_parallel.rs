@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::smoke;
+use common::{run_bits as result, smoke};
 use lorasft::data::batching::Batching;
 use lorasft::records::Summary;
 use lorasft::train::config::TrainConfig;
@@ -38,28 +38,6 @@ fn train_ranks(ranks: usize, cfg: &TrainConfig, opts: &RunOptions) -> Summary {
         assert!(s.is_ok(), "rank {r}: {:?}", s.as_ref().err());
     }
     all.swap_remove(0).unwrap()
-}
-
-/// (step, kind, loss bits, gradient norm bits) of one metrics line.
-type Line = (usize, String, u64, Option<u64>);
-
-/// Every metrics line, and the adapter bytes.
-fn result(dir: &Path) -> (Vec<Line>, Vec<u8>) {
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines = metrics
-        .lines()
-        .map(|l| {
-            let m: lorasft::records::Metric = serde_json::from_str(l).unwrap();
-            (
-                m.step,
-                format!("{:?}", m.kind),
-                m.loss.to_bits(),
-                m.grad_norm.map(f64::to_bits),
-            )
-        })
-        .collect();
-    let adapter = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
-    (lines, adapter)
 }
 
 #[test]

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::run_bits as result;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -81,28 +83,6 @@ fn ok(out: &Output, what: &str) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// (step, kind, loss bits, gradient norm bits) of one metrics line.
-type Line = (usize, String, u64, Option<u64>);
-
-/// Every metrics line, and the adapter bytes.
-fn result(dir: &Path) -> (Vec<Line>, Vec<u8>) {
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines = metrics
-        .lines()
-        .map(|l| {
-            let m: lorasft::records::Metric = serde_json::from_str(l).unwrap();
-            (
-                m.step,
-                format!("{:?}", m.kind),
-                m.loss.to_bits(),
-                m.grad_norm.map(f64::to_bits),
-            )
-        })
-        .collect();
-    let adapter = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
-    (lines, adapter)
 }
 
 fn run_dir(out: &Path) -> PathBuf {

@@ -431,3 +431,25 @@ pub fn sha256_hex(path: &std::path::Path) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
+
+/// (step, kind, loss bits, gradient norm bits) of one metrics line.
+pub type MetricBits = (usize, String, u64, Option<u64>);
+
+/// A finished run's numbers to compare bit for bit: every metrics line, and the adapter bytes.
+pub fn run_bits(dir: &std::path::Path) -> (Vec<MetricBits>, Vec<u8>) {
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines = metrics
+        .lines()
+        .map(|l| {
+            let m: lorasft::records::Metric = serde_json::from_str(l).unwrap();
+            (
+                m.step,
+                format!("{:?}", m.kind),
+                m.loss.to_bits(),
+                m.grad_norm.map(f64::to_bits),
+            )
+        })
+        .collect();
+    let adapter = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    (lines, adapter)
+}
