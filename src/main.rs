@@ -128,8 +128,11 @@ fn main() {
     // SAFETY: still before any thread (MPI's start begins some).
     let world = unsafe { lorasft::world::init() };
     let world = world.unwrap_or_else(|e| commands::fail(&Single, &e.to_string()));
-    if let Err(e) = run(cli, world.as_ref()) {
-        commands::fail(world.as_ref(), &format!("{e:#}"));
+    // A panic on one rank must end the job too: unwinding into MPI_Finalize would wait forever.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli, world.as_ref()))) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => commands::fail(world.as_ref(), &format!("{e:#}")),
+        Err(_) => commands::fail(world.as_ref(), "panicked (the message is above)"),
     }
 }
 

@@ -249,7 +249,7 @@ pub struct Manifest {
 pub struct Parallelism {
     /// Processes (MPI ranks) that trained it; `threads` in the manifest is per rank.
     pub ranks: usize,
-    /// What carried the collectives ("single process", "MPI (Open MPI v4.1.4), 2 ranks").
+    /// What carried the collectives ("single process", "MPI (Open MPI v4.1.4)").
     pub transport: String,
     /// How the micro-batch gradients of a step were summed.
     pub reduction: String,

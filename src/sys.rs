@@ -52,6 +52,7 @@ fn first_value(path: &str, key: &str) -> Option<String> {
 /// The CPUs this process may run on (its affinity mask), or the online CPUs where the mask
 /// cannot be read.
 pub fn allowed_cpus() -> usize {
+    #[cfg(target_os = "linux")]
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it for pid 0
     // (this thread) and CPU_COUNT only reads it.
     unsafe {

@@ -42,26 +42,27 @@ pub const LOCAL_SIZE_VARS: [&str; 2] = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCAL
 
 /// The worker threads for one of `local_ranks` processes on a node whose `cores` physical cores
 /// (candle's default thread count) it shares, when the process may run on `allowed` of the
-/// machine's `online` CPUs: the CPUs it is bound to when a launcher or Slurm bound it to fewer
-/// than all, else the cores shared out between the node's ranks (at least one each).
+/// machine's `online` CPUs: its share of the cores (at least one), and no more than the CPUs a
+/// launcher or Slurm bound it to (ranks bound to one socket each share that socket).
 pub fn threads_per_rank(allowed: usize, online: usize, cores: usize, local_ranks: usize) -> usize {
+    let share = (cores / local_ranks.max(1)).max(1);
     if allowed < online {
-        return allowed.max(1);
+        return share.min(allowed).max(1);
     }
-    (cores / local_ranks.max(1)).max(1)
+    share
 }
 
 /// For a process started by an MPI launcher as one of several: sets `RAYON_NUM_THREADS` (which
-/// candle and rayon read) to [`threads_per_rank`] unless the user set it or
-/// `CANDLE_NUM_THREADS`. candle counts the machine's physical cores and ignores CPU binding,
-/// so without this two ranks on two cores would each run two threads. Returns the count set.
+/// candle's thread count and rayon's pool both read) to [`threads_per_rank`] unless the user
+/// set it. candle counts the machine's physical cores and ignores CPU binding, so without this
+/// two ranks on two cores would each run two threads. Returns the count set.
 ///
 /// # Safety
 /// Writes the process environment: call it first thing in `main`, before any thread starts
 /// (MPI's initialisation starts some).
 pub unsafe fn share_cores_between_ranks(launched_ranks: usize) -> Option<usize> {
     let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
-    if launched_ranks <= 1 || set("RAYON_NUM_THREADS") || set("CANDLE_NUM_THREADS") {
+    if launched_ranks <= 1 || set("RAYON_NUM_THREADS") {
         return None;
     }
     let local = LOCAL_SIZE_VARS
@@ -89,6 +90,10 @@ mod tests {
         assert_eq!(threads_per_rank(1, 2, 2, 2), 1);
         // srun --cpus-per-task=4 on a 16-CPU node.
         assert_eq!(threads_per_rank(4, 16, 16, 4), 4);
+        // 4 ranks bound to the same 8-core socket of a 16-core node: 4 each, not 8.
+        assert_eq!(threads_per_rank(8, 16, 16, 4), 4);
+        // srun sets no local-rank count: the binding decides.
+        assert_eq!(threads_per_rank(4, 16, 16, 1), 4);
         // --oversubscribe (no binding): 4 ranks share 2 cores, one thread each at least.
         assert_eq!(threads_per_rank(2, 2, 2, 4), 1);
         // Unbound, 2 ranks on 16 cores.

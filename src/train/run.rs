@@ -753,12 +753,15 @@ fn share_path(world: &dyn World, path: Option<PathBuf>) -> Result<Option<PathBuf
         return Ok(path);
     }
     let bytes = path
-        .map(|p| p.into_os_string().into_encoded_bytes())
+        .map(|p| {
+            use std::os::unix::ffi::OsStringExt;
+            p.into_os_string().into_vec()
+        })
         .unwrap_or_default();
     let got = world.broadcast(bytes)?;
     Ok((!got.is_empty()).then(|| {
-        // SAFETY: the bytes are rank 0's `OsString::into_encoded_bytes` on the same platform.
-        PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(got) })
+        use std::os::unix::ffi::OsStringExt;
+        PathBuf::from(std::ffi::OsString::from_vec(got))
     }))
 }
 

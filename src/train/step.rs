@@ -138,7 +138,7 @@ pub fn forward_backward(
 /// [`forward_backward`] over one rank's share of a step. Micro-batch k's dropout masks start
 /// at `rng` moved on by the draws of micro-batches 0..k, and the gradients are summed as one
 /// process sums them, ((g0 + g1) + g2) + …, over the global micro-batches, whichever rank
-/// computed each (`sum_in_order`): the result is bit-identical for any number of ranks.
+/// computed each (`InOrder`): the result is bit-identical for any number of ranks.
 pub fn forward_backward_on(
     world: &dyn World,
     model: &Llama,
@@ -148,6 +148,10 @@ pub fn forward_backward_on(
     loss_scale: f64,
     rng: &Rng,
 ) -> Result<(f64, Vec<Tensor>, usize)> {
+    // One process folds each micro-batch as soon as its backward is done (one gradient set in
+    // memory beside the sum); several ranks gather theirs first. The fold is the same.
+    let streaming = world.size() == 1;
+    let mut fold = InOrder::default();
     let mut local = Vec::with_capacity(batches.owned.len());
     for (i, b) in batches.owned.iter().enumerate() {
         let k = batches.first + i;
@@ -166,12 +170,24 @@ pub fn forward_backward_on(
         }
         let loss = l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let scaled = (l.sum * (loss_scale / targets.max(1) as f64))?;
-        local.push(Some((loss, collect_grads(vars, &scaled.backward()?)?)));
+        let grads = collect_grads(vars, &scaled.backward()?)?;
+        match streaming {
+            true => fold.add(loss, grads)?,
+            false => local.push(Some((loss, grads))),
+        }
     }
-    let all = exchange::gather(world, vars, batches.counts.len(), local)?;
-    let (loss_sum, grads) = sum_in_order(all)?;
-    let mut grads =
-        grads.ok_or_else(|| Error::Invalid("no micro-batch had a loss target".into()))?;
+    if !streaming {
+        for (loss, g) in exchange::gather(world, vars, batches.counts.len(), local)?
+            .into_iter()
+            .flatten()
+        {
+            fold.add(loss, g)?;
+        }
+    }
+    let loss_sum = fold.loss_sum;
+    let mut grads = fold
+        .grads
+        .ok_or_else(|| Error::Invalid("no micro-batch had a loss target".into()))?;
     if loss_scale != 1.0 {
         grads = grads
             .iter()
@@ -181,14 +197,20 @@ pub fn forward_backward_on(
     Ok((loss_sum, grads, batches.real_tokens()))
 }
 
-/// The left fold of every micro-batch's loss and gradients in global order, skipping those
-/// without a loss target: the one reduction, for one process and for many.
-fn sum_in_order(all: Vec<Option<(f64, Vec<Tensor>)>>) -> Result<(f64, Option<Vec<Tensor>>)> {
-    let mut loss_sum = 0.0;
-    let mut grads: Option<Vec<Tensor>> = None;
-    for (loss, g) in all.into_iter().flatten() {
-        loss_sum += loss;
-        grads = Some(match grads {
+/// The left fold of the micro-batches' losses and gradients, fed in global micro-batch order
+/// (those without a loss target left out): ((g0 + g1) + g2) + …, the one reduction for one
+/// process and for many.
+#[derive(Default)]
+struct InOrder {
+    loss_sum: f64,
+    grads: Option<Vec<Tensor>>,
+}
+
+impl InOrder {
+    /// Adds the next micro-batch.
+    fn add(&mut self, loss: f64, g: Vec<Tensor>) -> Result<()> {
+        self.loss_sum += loss;
+        self.grads = Some(match self.grads.take() {
             None => g,
             Some(acc) => acc
                 .iter()
@@ -196,8 +218,8 @@ fn sum_in_order(all: Vec<Option<(f64, Vec<Tensor>)>>) -> Result<(f64, Option<Vec
                 .map(|(a, b)| a + b)
                 .collect::<candle_core::Result<Vec<_>>>()?,
         });
+        Ok(())
     }
-    Ok((loss_sum, grads))
 }
 
 /// How one step ended.
