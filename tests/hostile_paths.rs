@@ -591,39 +591,35 @@ fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
     common::output_ok(lorasft().args(["fixture", "tiny-llama", "--vocab", "16", "--out", &small]));
     let tok = Fx::root("fixtures/tokenizer.json");
     let data = Fx::root("fixtures/instructions.json");
-    let e = run_child(&s_vec(&[
-        "eval",
-        "--model",
-        &small,
-        "--tokenizer",
-        &tok,
-        "--data",
-        &data,
-    ]));
-    assert!(
-        e.code == Some(1) && e.stderr.contains(&tok) && e.stderr.contains(&small),
-        "{}",
-        e.stderr
+    refused_naming(
+        &[
+            "eval",
+            "--model",
+            &small,
+            "--tokenizer",
+            &tok,
+            "--data",
+            &data,
+        ],
+        &[&tok, &small],
     );
     // An adapter trained on another shape.
     let wide = fx.p("wide");
     common::output_ok(lorasft().args(["fixture", "tiny-llama", "--hidden", "96", "--out", &wide]));
     let adapter = fx.p("runs/smoke/adapter");
-    let e = run_child(&s_vec(&[
-        "eval",
-        "--model",
-        &wide,
-        "--adapter",
-        &adapter,
-        "--tokenizer",
-        &tok,
-        "--data",
-        &data,
-    ]));
-    assert!(
-        e.code == Some(1) && e.stderr.contains(&adapter) && e.stderr.contains(&wide),
-        "{}",
-        e.stderr
+    refused_naming(
+        &[
+            "eval",
+            "--model",
+            &wide,
+            "--adapter",
+            &adapter,
+            "--tokenizer",
+            &tok,
+            "--data",
+            &data,
+        ],
+        &[&adapter, &wide],
     );
     // Weights that disagree with their config.json.
     let cfg_path = Path::new(&wide).join("config.json");
@@ -633,12 +629,18 @@ fn set_values_carry_one_value_and_two_input_mismatches_name_both_inputs() {
         text.replace("\"hidden_size\": 96", "\"hidden_size\": 64"),
     )
     .unwrap();
-    let e = run_child(&s_vec(&["inspect", "--model", &wide]));
+    refused_naming(
+        &["inspect", "--model", &wide],
+        &["model.safetensors", cfg_path.to_str().unwrap()],
+    );
+}
+
+/// Runs `args`, which must fail with status 1 and an error naming every one of `names`.
+fn refused_naming(args: &[&str], names: &[&str]) {
+    let e = run_child(&s_vec(args));
     assert!(
-        e.code == Some(1)
-            && e.stderr.contains("model.safetensors")
-            && e.stderr.contains(cfg_path.to_str().unwrap()),
-        "{}",
+        e.code == Some(1) && names.iter().all(|n| e.stderr.contains(n)),
+        "{args:?} should fail naming {names:?}: {}",
         e.stderr
     );
 }

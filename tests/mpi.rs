@@ -24,9 +24,14 @@ fn launch(ranks: usize, args: &[String]) -> Command {
             .arg(env!("CARGO_BIN_EXE_lorasft"));
         c
     };
-    c.args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        // Open MPI in CI containers: root, and no cross-memory attach.
+    c.args(args);
+    with_test_env(c)
+}
+
+/// One thread per process, and Open MPI as CI containers need it: root, and no cross-memory
+/// attach.
+fn with_test_env(mut c: Command) -> Command {
+    c.env("RAYON_NUM_THREADS", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
@@ -236,12 +241,8 @@ fn a_rank_that_differs_stops_the_job_naming_it() {
         .args(&args)
         .args([":", "-np", "1", env!("CARGO_BIN_EXE_lorasft")])
         .args(&args)
-        .args(["--set", "run.seed=99"])
-        .env("RAYON_NUM_THREADS", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
-    let o = finish(c, Duration::from_secs(120));
+        .args(["--set", "run.seed=99"]);
+    let o = finish(with_test_env(c), Duration::from_secs(120));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(

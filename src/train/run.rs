@@ -194,6 +194,7 @@ impl<'o> Run<'o> {
                 world,
                 &p,
                 opts,
+                &dir,
                 &fingerprint_before,
                 &mut model,
             )?),
@@ -213,11 +214,9 @@ impl<'o> Run<'o> {
         let owned = opened
             .map(|o| write_open_records(&p, &dir, o, state.step))
             .transpose()?;
-        world::agree(
-            world,
-            "config, data and starting adapter",
-            &start_digest(&p, &model, &state)?,
-        )?;
+        world::agree(world, "config, data and starting adapter", || {
+            start_digest(&p, &model, &state)
+        })?;
         let checks = initial_checks(&model, &fingerprint_before);
         let before = match writer {
             true => generations_before(&p, &model, &dir, resume_from.is_some())?,
@@ -590,11 +589,8 @@ impl<'o> Run<'o> {
     /// Stops the job when some rank's adapter differs from rank 0's (one process: nothing to
     /// compare, and nothing is hashed).
     fn check_ranks_agree(&self) -> Result<()> {
-        if self.world.size() == 1 {
-            return Ok(());
-        }
         let what = format!("adapter after step {}", self.state.step);
-        world::agree(self.world, &what, &adapter_digest(&self.model)?)
+        world::agree(self.world, &what, || adapter_digest(&self.model))
     }
 
     /// The error of a run that met a non-finite `what` at `step`: checkpoints from `bad_from` on
@@ -671,10 +667,10 @@ fn open_as_writer(
     world: &dyn World,
     p: &Prepared,
     opts: &RunOptions,
+    dir: &Path,
     fingerprint: &Fingerprint,
     model: &mut Llama,
 ) -> Result<Opened> {
-    let dir = &run_dir(&p.cfg);
     let resume_from = if opts.resume {
         checkpoint::latest(dir)?
     } else {
@@ -765,20 +761,13 @@ fn share_path(world: &dyn World, path: Option<PathBuf>) -> Result<Option<PathBuf
     }))
 }
 
-/// SHA-256 of the adapter's tensors, in order, as their f32 bytes.
+/// SHA-256 of the adapter: each tensor's name and `verify::tensor_sha256`, in order.
 fn adapter_digest(model: &Llama) -> Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for (name, v) in model.lora_vars() {
         h.update(name.as_bytes());
-        for x in v
-            .as_tensor()
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-        {
-            h.update(x.to_le_bytes());
-        }
+        h.update(crate::verify::tensor_sha256(v.as_tensor())?);
     }
     Ok(h.finalize().into())
 }

@@ -21,13 +21,6 @@ pub struct Mpi {
     _universe: Universe,
 }
 
-// SAFETY: the communicator is a handle that lorasft only ever uses from the main thread (MPI
-// is initialised FUNNELED); the trait needs Send + Sync so that `&dyn World` can be held
-// where candle's thread pool is visible.
-unsafe impl Send for Mpi {}
-// SAFETY: as above.
-unsafe impl Sync for Mpi {}
-
 impl Mpi {
     /// Initialises MPI and joins its world.
     pub fn init() -> Result<Self> {
