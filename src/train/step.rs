@@ -12,6 +12,7 @@ use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Mode};
 use crate::rng::Rng;
+use crate::thread_tuning::on_host_workers;
 use crate::train::exchange;
 use crate::train::loss_scale::{LossScaler, ScaleDecision};
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, collect_grads, grad_norm};
@@ -157,20 +158,25 @@ pub fn forward_backward_on(
         let k = batches.first + i;
         let before: u64 = batches.counts[..k].iter().map(|c| c.draws).sum();
         let mut r = rng.jumped(before);
-        let l = model.batch_loss_sum(b, &mut Mode::Train(&mut r))?;
+        let (l, grads) = on_host_workers(model.device(), || -> Result<_> {
+            let l = model.batch_loss_sum(b, &mut Mode::Train(&mut r))?;
+            if l.tokens == 0 {
+                return Ok((l, None));
+            }
+            let scaled = (&l.sum * (loss_scale / targets.max(1) as f64))?;
+            Ok((l, Some(collect_grads(vars, &scaled.backward()?)?)))
+        })?;
         if r != rng.jumped(before + batches.counts[k].draws) {
             return Err(Error::Invalid(format!(
                 "micro-batch {k}: its forward drew a different number of dropout values than the {} the model's adapters account for",
                 batches.counts[k].draws
             )));
         }
-        if l.tokens == 0 {
+        let Some(grads) = grads else {
             local.push(None);
             continue;
-        }
+        };
         let loss = l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let scaled = (l.sum * (loss_scale / targets.max(1) as f64))?;
-        let grads = collect_grads(vars, &scaled.backward()?)?;
         match streaming {
             true => fold.add(loss, grads)?,
             false => local.push(Some((loss, grads))),
