@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::model::llama::KvCache;
 use crate::rng::Rng;
+use crate::thread_tuning::on_host_workers;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -197,23 +198,24 @@ pub fn generate_ids(
     let mut cache = KvCache::new();
     let mut input = Tensor::from_vec(ids.clone(), (1, ids.len()), dev)?;
     let mut out = Vec::new();
-    let mut stopped_at_eos = false;
-    while out.len() < cfg.max_new_tokens
-        && cache.len() + input.dim(1)? <= model.shape().max_positions
-    {
-        let logits = model
-            .forward_cached(&input, &mut cache)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let next = pick(&logits, cfg.sampling, &mut rng)?;
-        if eos.contains(&next) {
-            stopped_at_eos = true;
-            break;
+    let stopped_at_eos = on_host_workers(dev, || -> Result<bool> {
+        while out.len() < cfg.max_new_tokens
+            && cache.len() + input.dim(1)? <= model.shape().max_positions
+        {
+            let logits = model
+                .forward_cached(&input, &mut cache)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let next = pick(&logits, cfg.sampling, &mut rng)?;
+            if eos.contains(&next) {
+                return Ok(true);
+            }
+            out.push(next);
+            input = Tensor::from_vec(vec![next], (1, 1), dev)?;
         }
-        out.push(next);
-        input = Tensor::from_vec(vec![next], (1, 1), dev)?;
-    }
+        Ok(false)
+    })?;
     let text = tokenizer
         .decode(&out, true)
         .map_err(|e| Error::Invalid(format!("decode failed: {e}")))?;

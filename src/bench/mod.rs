@@ -18,6 +18,7 @@ use crate::generate::{Sampling, pick};
 use crate::model::fixture::BenchShape;
 use crate::model::{KvCache, Llama, LoraConfig, Mode};
 use crate::rng::Rng;
+use crate::thread_tuning::on_host_workers;
 use crate::train::loss_scale::LossScaler;
 use crate::train::optim::AdamWParams;
 use crate::train::step::Updater;
@@ -76,17 +77,25 @@ impl StepBench {
     }
 
     /// The forward alone: logits (b, s, v) in evaluation mode, synchronised to the host.
+    /// Runs where evaluation runs it ([`on_host_workers`]).
     pub fn forward(&self) -> Result<()> {
         let b = &self.batch;
-        let logits = self
-            .model
-            .forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
-        sync(&logits)
+        on_host_workers(self.model.device(), || {
+            let logits =
+                self.model
+                    .forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
+            sync(&logits)
+        })
     }
 
     /// Greedy generation with the KV cache: a `prompt`-token prompt, then `new` tokens one by
     /// one. Returns the seconds spent on the new tokens.
+    /// Runs where `generate` runs it ([`on_host_workers`]).
     pub fn generate(&self, prompt: usize, new: usize) -> Result<f64> {
+        on_host_workers(self.model.device(), || self.generate_here(prompt, new))
+    }
+
+    fn generate_here(&self, prompt: usize, new: usize) -> Result<f64> {
         let ids = self.batch.input_ids.narrow(0, 0, 1)?.narrow(1, 0, prompt)?;
         let mut cache = KvCache::new();
         let logits = self.model.forward_cached(&ids, &mut cache)?;

@@ -11,6 +11,7 @@ use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 use crate::model::{Llama, Mode};
 use crate::progress;
+use crate::thread_tuning::on_host_workers;
 use crate::world::{Single, World};
 
 /// Summed loss and target count of each micro-batch of `batch_size` rows, planned in file
@@ -45,9 +46,12 @@ pub fn batch_loss_sums_on(
         .map(|micro| {
             let rows = batching::collate(encoder, micro, examples);
             let b = Batch::from_rows(&rows, model.device())?;
-            let l = model.batch_loss_sum(&b, &mut Mode::Eval)?;
+            let pair = on_host_workers(model.device(), || -> Result<_> {
+                let l = model.batch_loss_sum(&b, &mut Mode::Eval)?;
+                Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
+            })?;
             task.advance(micro.examples() as u64);
-            Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
+            Ok(pair)
         })
         .collect();
     task.finish();
