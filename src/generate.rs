@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::model::llama::KvCache;
 use crate::rng::Rng;
-use crate::thread_tuning::on_host_workers;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -198,7 +197,7 @@ pub fn generate_ids(
     let mut cache = KvCache::new();
     let mut input = Tensor::from_vec(ids.clone(), (1, ids.len()), dev)?;
     let mut out = Vec::new();
-    let stopped_at_eos = on_host_workers(dev, || -> Result<bool> {
+    let stopped_at_eos = dev.with_context(|| -> Result<bool> {
         while out.len() < cfg.max_new_tokens
             && cache.len() + input.dim(1)? <= model.shape().max_positions
         {

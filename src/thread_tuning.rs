@@ -80,23 +80,6 @@ pub unsafe fn share_cores_between_ranks(launched_ranks: usize) -> Option<usize> 
     Some(n)
 }
 
-/// Runs `work` on a worker of rayon's global pool (inline when already on one) when `device`
-/// is the CPU, else here: for a CPU forward or backward made of many parallel kernels. From the main thread each kernel's
-/// parallel loop would wake the workers and put the caller to sleep until they finish; from a
-/// worker the caller takes its own share and only the other workers are woken. Kernels split
-/// their work by index, never by thread, so the results are the same bits either way.
-/// Measured with `examples/profile_step` (SmolLM2, 2 threads, 8 steps): 124,401 context switches
-/// become 48,944.
-pub fn on_host_workers<R: Send>(
-    device: &candle_core::Device,
-    work: impl FnOnce() -> R + Send,
-) -> R {
-    match device {
-        candle_core::Device::Cpu => rayon::scope(|_| work()),
-        _ => work(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,15 +107,5 @@ mod tests {
         assert_eq!(spin_limit_to_set(None), Some(SPIN_LIMIT));
         assert_eq!(spin_limit_to_set(Some(OsStr::new(""))), Some(SPIN_LIMIT));
         assert_eq!(spin_limit_to_set(Some(OsStr::new("25000"))), None);
-    }
-
-    #[test]
-    fn host_work_runs_on_a_pool_worker_and_returns_its_result() {
-        assert_eq!(rayon::current_thread_index(), None);
-        let (on_worker, v) = on_host_workers(&candle_core::Device::Cpu, || {
-            (rayon::current_thread_index().is_some(), 7)
-        });
-        assert!(on_worker);
-        assert_eq!(v, 7);
     }
 }

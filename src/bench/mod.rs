@@ -18,7 +18,6 @@ use crate::generate::{Sampling, pick};
 use crate::model::fixture::BenchShape;
 use crate::model::{KvCache, Llama, LoraConfig, Mode};
 use crate::rng::Rng;
-use crate::thread_tuning::on_host_workers;
 use crate::train::loss_scale::LossScaler;
 use crate::train::optim::AdamWParams;
 use crate::train::step::Updater;
@@ -77,10 +76,10 @@ impl StepBench {
     }
 
     /// The forward alone: logits (b, s, v) in evaluation mode, synchronised to the host.
-    /// Runs where evaluation runs it ([`on_host_workers`]).
+    /// Runs where evaluation runs it (`Device::with_context`).
     pub fn forward(&self) -> Result<()> {
         let b = &self.batch;
-        on_host_workers(self.model.device(), || {
+        self.model.device().with_context(|| {
             let logits =
                 self.model
                     .forward(&b.input_ids, Some(&b.attention_mask), &mut Mode::Eval)?;
@@ -90,9 +89,11 @@ impl StepBench {
 
     /// Greedy generation with the KV cache: a `prompt`-token prompt, then `new` tokens one by
     /// one. Returns the seconds spent on the new tokens.
-    /// Runs where `generate` runs it ([`on_host_workers`]).
+    /// Runs where `generate` runs it (`Device::with_context`).
     pub fn generate(&self, prompt: usize, new: usize) -> Result<f64> {
-        on_host_workers(self.model.device(), || self.generate_here(prompt, new))
+        self.model
+            .device()
+            .with_context(|| self.generate_here(prompt, new))
     }
 
     fn generate_here(&self, prompt: usize, new: usize) -> Result<f64> {

@@ -11,7 +11,6 @@ use crate::data::encode::{Encoder, Example};
 use crate::error::Result;
 use crate::model::{Llama, Mode};
 use crate::progress;
-use crate::thread_tuning::on_host_workers;
 use crate::world::{Single, World};
 
 /// Summed loss and target count of each micro-batch of `batch_size` rows, planned in file
@@ -46,7 +45,7 @@ pub fn batch_loss_sums_on(
         .map(|micro| {
             let rows = batching::collate(encoder, micro, examples);
             let b = Batch::from_rows(&rows, model.device())?;
-            let pair = on_host_workers(model.device(), || -> Result<_> {
+            let pair = model.device().with_context(|| -> Result<_> {
                 let l = model.batch_loss_sum(&b, &mut Mode::Eval)?;
                 Ok((l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, l.tokens))
             })?;
