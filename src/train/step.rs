@@ -159,8 +159,8 @@ pub fn forward_backward_on(
         let mut r = rng.jumped(before);
         // On the CPU the forward and backward run inside candle's thread pool: from the main
         // thread each kernel's parallel loop would wake the workers and put the caller to sleep
-        // until they finish (144,824 context switches in a run of 8 SmolLM2 steps at 2 threads; 35,449
-        // inside the pool). Kernels split work by index, not by thread: the bits are the same.
+        // until they finish (144,824 context switches in a run of 8 SmolLM2 steps at 2 threads;
+        // 35,449 inside the pool). Kernels split work by index, not by thread: same bits.
         let (l, grads) = model.device().with_context(|| -> Result<_> {
             let l = model.batch_loss_sum(b, &mut Mode::Train(&mut r))?;
             if l.tokens == 0 {
