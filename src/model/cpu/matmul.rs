@@ -68,11 +68,49 @@ pub fn gemm_rows_f32(
     k: usize,
     rhs_is_nk: bool,
 ) {
-    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == n * k);
+    assert!(dst.len() == m * n);
+    // SAFETY: `dst` is m*n writable elements, borrowed for the call.
+    unsafe { gemm_rows_into(SendPtr(dst.as_mut_ptr()), lhs, rhs, (m, n, k), rhs_is_nk) }
+}
+
+/// [`gemm_rows_f32`] into a new vector that is never zero-filled first. `gemm` called with
+/// `read_dst` off writes every output element without reading it (its microkernels and its
+/// matrix-vector paths alike), so the fill was wasted: it took 3% of a one-thread SmolLM2
+/// step, most of it on these outputs.
+pub fn gemm_rows_f32_new(
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    rhs_is_nk: bool,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: the capacity holds m*n elements and the product writes every one of them before
+    // the length is set; nothing reads them before.
+    unsafe {
+        gemm_rows_into(SendPtr(out.as_mut_ptr()), lhs, rhs, (m, n, k), rhs_is_nk);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// The body of [`gemm_rows_f32`] on a raw output.
+///
+/// # Safety
+/// `dst` must point to m*n writable f32 slots (initialised or not) that no one else touches
+/// during the call.
+unsafe fn gemm_rows_into(
+    dst: SendPtr,
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+    rhs_is_nk: bool,
+) {
+    assert!(lhs.len() == m * k && rhs.len() == n * k);
     if m == 0 || n == 0 {
         return;
     }
-    let out = SendPtr(dst.as_mut_ptr());
     let run = |j0: usize, j1: usize| {
         // rhs (k, n) view of the block: transposed (n, k) rows j0.., or columns j0.. of (k, n).
         let (rhs_ptr, rhs_cs, rhs_rs) = if rhs_is_nk {
@@ -80,9 +118,9 @@ pub fn gemm_rows_f32(
         } else {
             (rhs[j0..].as_ptr(), 1, n as isize)
         };
-        // SAFETY: `dst` holds m*n elements and each call writes only columns j0..j1 of it,
+        // SAFETY: `dst` holds m*n slots and each call writes only columns j0..j1 of it,
         // disjoint across calls; `lhs` and `rhs` are read-only and sized as asserted above.
-        unsafe { gemm_cols(out, lhs, (rhs_ptr, rhs_cs, rhs_rs), (m, n, k), j0..j1) }
+        unsafe { gemm_cols(dst, lhs, (rhs_ptr, rhs_cs, rhs_rs), (m, n, k), j0..j1) }
     };
     for_col_slices(n, k, run);
 }

@@ -14,7 +14,7 @@ use candle_core::{
 use crate::model::cpu::kernels::{
     self, HeadsLayout, Rotation, rms_norm_bwd, rms_norm_fwd, swiglu_bwd, swiglu_fwd,
 };
-use crate::model::cpu::matmul::gemm_rows_f32;
+use crate::model::cpu::matmul::gemm_rows_f32_new;
 use crate::model::cpu::quant::gemm_rows_quant;
 use crate::model::frozen::Frozen;
 
@@ -56,9 +56,9 @@ pub struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    /// `dst (rows, out) = x (rows, in) @ w^T` when `transpose`, else
-    /// `dst (rows, in) = x (rows, out) @ w`.
-    fn product(&self, dst: &mut [f32], x: &[f32], rows: usize, transpose: bool) -> Result<()> {
+    /// `x (rows, in) @ w^T` into a new (rows, out) vector when `transpose`, else
+    /// `x (rows, out) @ w` into a new (rows, in) one.
+    fn product(&self, x: &[f32], rows: usize, transpose: bool) -> Result<Vec<f32>> {
         match &self.w {
             Frozen::Dense(w) => {
                 let (out_f, in_f) = w.dims2()?;
@@ -67,11 +67,14 @@ impl FrozenLinear {
                 } else {
                     (in_f, out_f)
                 };
-                read(w, |w| gemm_rows_f32(dst, x, w, rows, n, k, transpose))
+                read(w, |w| gemm_rows_f32_new(x, w, rows, n, k, transpose))
             }
             Frozen::Quant(q) => {
-                gemm_rows_quant(dst, x, q, rows, transpose);
-                Ok(())
+                let (out_f, in_f) = self.dims()?;
+                let n = if transpose { out_f } else { in_f };
+                let mut dst = vec![0f32; rows * n];
+                gemm_rows_quant(&mut dst, x, q, rows, transpose);
+                Ok(dst)
             }
         }
     }
@@ -97,18 +100,16 @@ impl CustomOp1 for FrozenLinear {
             );
         }
         let rows = x.len() / in_f;
-        let mut y = vec![0f32; rows * out_f];
-        self.product(&mut y, x, rows, true)?;
+        let y = self.product(x, rows, true)?;
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = out_f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let (out_f, in_f) = self.dims()?;
+        let (out_f, _) = self.dims()?;
         let rows = g.elem_count() / out_f;
-        let mut dx = vec![0f32; rows * in_f];
-        read(g, |g| self.product(&mut dx, g, rows, false))??;
+        let dx = read(g, |g| self.product(g, rows, false))??;
         Ok(Some(host(dx, x.shape())?))
     }
 }

@@ -1,0 +1,78 @@
+//! The frozen products of a SmolLM2-135M step on their own, one thread: what `gemm` reaches at
+//! the step's shapes, as a share of the core's FMA peak (`lorasft bench`'s loop). It bounds
+//! the step's efficiency: the step can run no closer to the peak than its products do.
+//!
+//! `RAYON_NUM_THREADS=1 cargo run --release --example gemm_shapes`
+//!
+//! Each product cycles through 30 distinct weights (one per layer, as the model holds them), so
+//! the weights come from memory as they do in the step, not from a warm cache.
+
+use std::time::Instant;
+
+use lorasft::bench::fma_peak;
+use lorasft::model::cpu::matmul::gemm_rows_f32;
+
+/// Best seconds of 5 timed runs of `f`, after one untimed.
+fn best_of(mut f: impl FnMut()) -> f64 {
+    f();
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Values in [0, 1) from a seed, cheap and reproducible.
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i.wrapping_mul(7919) + seed * 104_729) % 1000) as f32 * 1e-3)
+        .collect()
+}
+
+fn main() {
+    let peak = fma_peak();
+    let widest = peak.widest().unwrap_or(f64::NAN);
+    println!(
+        "one core's FMA peak: {:.1} GFLOP/s at 256 bits, {:.1} at 512 bits",
+        peak.avx2.unwrap_or(f64::NAN),
+        peak.avx512.unwrap_or(f64::NAN)
+    );
+    println!("| product | rows | out × in | ms per weight | GFLOP/s | share of the widest peak |");
+    println!("|---|---:|---|---:|---:|---:|");
+    let layers = 30;
+    let shapes = [
+        ("q_proj, o_proj", 256, 576, 576, layers),
+        ("k_proj, v_proj", 256, 192, 576, layers),
+        ("gate_proj, up_proj", 256, 1536, 576, layers),
+        ("down_proj", 256, 576, 1536, layers),
+        ("lm_head (one chunk)", 128, 49152, 576, 1),
+    ];
+    for (name, rows, out_f, in_f, copies) in shapes {
+        let weights: Vec<Vec<f32>> = (0..copies).map(|s| values(out_f * in_f, s)).collect();
+        let x = values(rows * in_f, 99);
+        let g = values(rows * out_f, 98);
+        let mut y = vec![0f32; rows * out_f];
+        let mut dx = vec![0f32; rows * in_f];
+        let flop = 2.0 * (rows * out_f * in_f) as f64 * copies as f64;
+        let fwd = best_of(|| {
+            for w in &weights {
+                gemm_rows_f32(&mut y, &x, w, rows, out_f, in_f, true);
+            }
+        });
+        let bwd = best_of(|| {
+            for w in &weights {
+                gemm_rows_f32(&mut dx, &g, w, rows, in_f, out_f, false);
+            }
+        });
+        for (dir, secs) in [("x Wᵀ", fwd), ("g W", bwd)] {
+            let gflops = flop / secs / 1e9;
+            println!(
+                "| {name}: {dir} | {rows} | {out_f} × {in_f} | {:.2} | {gflops:.1} | {:.0}% |",
+                secs * 1e3 / copies as f64,
+                100.0 * gflops / widest
+            );
+        }
+    }
+}
