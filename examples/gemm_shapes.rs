@@ -1,8 +1,9 @@
-//! The frozen products of a SmolLM2-135M step on their own, one thread: what `gemm` reaches at
-//! the step's shapes, as a share of the core's FMA peak (`lorasft bench`'s loop). It bounds
-//! the step's efficiency: the step can run no closer to the peak than its products do.
+//! The frozen products of a SmolLM2-135M step on their own, split over the threads as the step
+//! splits them: what `gemm` reaches at the step's shapes, as a share of threads × one core's
+//! FMA peak (`lorasft bench`'s loop). It bounds the step: the step can run no closer to the
+//! peak, and gain no more from a second thread, than its products do.
 //!
-//! `RAYON_NUM_THREADS=1 cargo run --release --example gemm_shapes`
+//! `RAYON_NUM_THREADS=1 cargo run --release --example gemm_shapes` (and `=2`)
 //!
 //! Each product cycles through 30 distinct weights (one per layer, as the model holds them), so
 //! the weights come from memory as they do in the step, not from a warm cache.
@@ -33,13 +34,17 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
 
 fn main() {
     let peak = fma_peak();
-    let widest = peak.widest().unwrap_or(f64::NAN);
+    let threads = candle_core::utils::get_num_threads();
+    let widest = peak.widest().unwrap_or(f64::NAN) * threads as f64;
+    println!("threads: {threads}");
     println!(
         "one core's FMA peak: {:.1} GFLOP/s at 256 bits, {:.1} at 512 bits",
         peak.avx2.unwrap_or(f64::NAN),
         peak.avx512.unwrap_or(f64::NAN)
     );
-    println!("| product | rows | out × in | ms per weight | GFLOP/s | share of the widest peak |");
+    println!(
+        "| product | rows | out × in | ms per weight | GFLOP/s | share of threads × the widest peak |"
+    );
     println!("|---|---:|---|---:|---:|---:|");
     let layers = 30;
     let shapes = [
