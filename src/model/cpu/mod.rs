@@ -3,7 +3,10 @@
 //! Each fused op equals a composed form built from candle primitives; `model::ops` takes the
 //! fused op for contiguous f32 tensors on the CPU and the composed form everywhere else (other
 //! devices, half precision, f64). Rows are independent and reduced in a fixed order, so results
-//! do not depend on the thread count. The table lists each op, what it equals, and the test
+//! do not depend on the thread count, nor on which threads run them: training, evaluation and
+//! generation run their forwards and backwards inside candle's pool (`Device::with_context`),
+//! so each kernel's parallel loop starts from a pool worker instead of waking the pool from the
+//! main thread. The table lists each op, what it equals, and the test
 //! that pins it (all in `tests/ops.rs` unless named otherwise):
 //!
 //! | fused op | equals (composed form) | pinned by |
