@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use lorasft::bench::fma_peak;
 use lorasft::model::cpu::matmul::gemm_rows_f32;
+use lorasft::rng::Rng;
 
 /// Best seconds of 5 timed runs of `f`, after one untimed.
 fn best_of(mut f: impl FnMut()) -> f64 {
@@ -25,11 +26,10 @@ fn best_of(mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Values in [0, 1) from a seed, cheap and reproducible.
-fn values(n: usize, seed: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i.wrapping_mul(7919) + seed * 104_729) % 1000) as f32 * 1e-3)
-        .collect()
+/// `n` values in [0, 1) from the project's seeded generator.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.next_f64() as f32).collect()
 }
 
 fn main() {
@@ -52,10 +52,16 @@ fn main() {
         ("k_proj, v_proj", 256, 192, 576, layers),
         ("gate_proj, up_proj", 256, 1536, 576, layers),
         ("down_proj", 256, 576, 1536, layers),
+        // One lm_head chunk at the sizes the chunk bound gives 256 rows: 8M logits (128 rows),
+        // the former 4M (85 rows), and the whole batch.
+        ("lm_head (one chunk)", 85, 49152, 576, 1),
         ("lm_head (one chunk)", 128, 49152, 576, 1),
+        ("lm_head (one chunk)", 256, 49152, 576, 1),
     ];
     for (name, rows, out_f, in_f, copies) in shapes {
-        let weights: Vec<Vec<f32>> = (0..copies).map(|s| values(out_f * in_f, s)).collect();
+        let weights: Vec<Vec<f32>> = (0..copies as u64)
+            .map(|s| values(out_f * in_f, s))
+            .collect();
         let x = values(rows * in_f, 99);
         let g = values(rows * out_f, 98);
         let mut y = vec![0f32; rows * out_f];

@@ -8,7 +8,8 @@
 //! With one compute thread, every thread also shares glibc's main arena. The forward and
 //! backward run on a worker of candle's pool, and a worker's own arena hands big freed buffers
 //! back to the kernel whatever the trim threshold says: 73,909 page faults in 16 tiny steps at
-//! 1 thread, 2 with one arena (`perf stat -e page-faults`). This build against its parent,
+//! 1 thread, 2 with one arena (`RAYON_NUM_THREADS=1 perf stat -e page-faults -D 3000 --
+//! target/release/examples/profile_step tiny 16`). This build against its parent,
 //! alternated with `examples/profile_step` (3 rounds, 1 thread): 0.98× the tiny step, 0.97× the
 //! SmolLM2 step. `MALLOC_ARENA_MAX=1` at 2 threads measured 1.04× (tiny) and 0.99× (SmolLM2):
 //! several threads keep their arenas, which spare them a shared lock.

@@ -59,19 +59,15 @@ impl FrozenLinear {
     /// `x (rows, in) @ w^T` into a new (rows, out) vector when `transpose`, else
     /// `x (rows, out) @ w` into a new (rows, in) one.
     fn product(&self, x: &[f32], rows: usize, transpose: bool) -> Result<Vec<f32>> {
+        let (out_f, in_f) = self.dims()?;
+        let (n, k) = if transpose {
+            (out_f, in_f)
+        } else {
+            (in_f, out_f)
+        };
         match &self.w {
-            Frozen::Dense(w) => {
-                let (out_f, in_f) = w.dims2()?;
-                let (n, k) = if transpose {
-                    (out_f, in_f)
-                } else {
-                    (in_f, out_f)
-                };
-                read(w, |w| gemm_rows_f32_new(x, w, rows, n, k, transpose))
-            }
+            Frozen::Dense(w) => read(w, |w| gemm_rows_f32_new(x, w, rows, n, k, transpose)),
             Frozen::Quant(q) => {
-                let (out_f, in_f) = self.dims()?;
-                let n = if transpose { out_f } else { in_f };
                 let mut dst = vec![0f32; rows * n];
                 gemm_rows_quant(&mut dst, x, q, rows, transpose);
                 Ok(dst)
